@@ -1,0 +1,36 @@
+# Two commands: `make run` starts the app, `make test` runs every test. Both set themselves up.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+CHROMIUM ?= /usr/bin/chromium
+
+.PHONY: run test bench clean deps
+
+$(VENV)/.deps-app: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+$(VENV)/.deps-dev: $(VENV)/.deps-app requirements-dev.txt
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq
+	$(SUDO) apt-get install -y -qq chromium
+
+deps: $(VENV)/.deps-dev
+
+run: $(VENV)/.deps-app
+	$(PY) app.py $(ARGS)
+
+test: $(VENV)/.deps-dev $(CHROMIUM)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: $(VENV)/.deps-dev
+	$(PY) -m benchmarks.dataset_prep
+
+clean:
+	rm -rf $(VENV) .pytest_cache

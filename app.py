@@ -1,0 +1,85 @@
+"""FLUX Finetune Studio: dataset → fine-tune → compare, in one Gradio app.
+
+Run ``python app.py`` (or ``make run``). In a notebook::
+
+    from app import create_app
+    create_app().launch()
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+import gradio as gr
+
+from components import dataset_tab
+from services.config import Settings
+from services.dataset import DatasetStore
+from services.errors import ConfigError
+
+TITLE = "FLUX Finetune Studio"
+CSS = """
+#dataset-report ul { max-height: 14rem; overflow-y: auto; }
+"""
+
+
+def create_app(settings: Settings | None = None) -> gr.Blocks:
+    """Build the whole app. Pass ``settings`` to point it at another data dir or service."""
+    settings = settings or Settings.from_env()
+    datasets = DatasetStore(settings.datasets_dir, settings)
+    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+        gr.Markdown(f"# {TITLE}\nTurn a folder of photos into your own fine-tuned FLUX model, and see what it learned.")
+        with gr.Tabs():
+            with gr.Tab("1 · Dataset", id="dataset"):
+                dataset_tab.build(datasets, settings)
+    # Polling ticks are cheap and must never wait behind uploads; heavy events set their own limits.
+    demo.queue(default_concurrency_limit=4, max_size=64)
+    demo.studio_settings = settings  # type: ignore[attr-defined]
+    return demo
+
+
+def launch_options(settings: Settings) -> dict:
+    """Arguments for ``Blocks.launch`` that every way of starting the app shares."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return {
+        # Only the data dir is served; Gradio's own temp dir is allowed implicitly.
+        "allowed_paths": [str(settings.data_dir.resolve())],
+        "max_file_size": settings.max_upload_bytes,
+        "theme": gr.themes.Soft(),
+        "css": CSS,
+    }
+
+
+def parse_auth(raw: str) -> tuple[str, str] | None:
+    if not raw:
+        return None
+    user, sep, password = raw.partition(":")
+    if not sep or not user or not password:
+        raise ConfigError("--auth / FLUX_STUDIO_AUTH must look like user:password.")
+    return user, password
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=TITLE)
+    parser.add_argument("--share", action="store_true", help="create a public gradio.live link")
+    parser.add_argument("--auth", default=None, help="user:password required to open the app (or FLUX_STUDIO_AUTH)")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", os.environ.get("GRADIO_SERVER_PORT", 7860))))
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings.from_env()
+    try:
+        auth = parse_auth(args.auth if args.auth is not None else settings.auth)
+    except ConfigError as exc:
+        sys.exit(str(exc))
+    app = demo if settings == demo.studio_settings else create_app(settings)
+    app.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth, **launch_options(settings))
+
+
+demo = create_app()
+
+if __name__ == "__main__":
+    main()

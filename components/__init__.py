@@ -1,0 +1,1 @@
+"""Gradio UI: one module per tab. Handlers are plain functions over services."""

@@ -1,0 +1,252 @@
+"""The Dataset tab: upload, look, label, fix, export."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from components.feedback import progress_callback, shows_errors
+from services import dataset as ds_service
+from services.config import Settings
+from services.dataset import Dataset, DatasetStore
+from services.errors import InputError
+
+COLUMNS = ["file", "caption", "width", "height", "notes"]
+
+
+@dataclass
+class DatasetTab:
+    dataset: gr.Dropdown
+    new_name: gr.Textbox
+    upload: gr.File
+    report: gr.Markdown
+    gallery: gr.Gallery
+    selected: gr.State
+    trigger: gr.Textbox
+    table: gr.Dataframe
+    warnings: gr.Markdown
+    export_file: gr.File
+    export_info: gr.Markdown
+
+
+# ---------------------------------------------------------------- views (plain functions)
+
+
+def captions_frame(ds: Dataset | None) -> pd.DataFrame:
+    rows = [[i.file, i.caption, i.width, i.height, i.notes] for i in ds.items] if ds else []
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def gallery_items(ds: Dataset | None) -> list[tuple[str, str]]:
+    if not ds:
+        return []
+    return [(str(ds.image_path(i.file)), f"{i.file}: {i.caption}" if i.caption else i.file) for i in ds.items]
+
+
+def warnings_markdown(ds: Dataset | None, settings: Settings) -> str:
+    if ds is None:
+        return "Pick a saved dataset or upload images to start a new one."
+    found = ds_service.dataset_warnings(ds, settings)
+    head = f"**{ds.name}**: {len(ds.items)} image(s), {sum(1 for i in ds.items if i.caption.strip())} captioned."
+    if not found:
+        return head + "\n\nReady to export: no problems found."
+    return head + "\n\n" + "\n".join(f"- ⚠️ {w}" for w in found)
+
+
+def report_markdown(report: ds_service.ImportReport) -> str:
+    lines = report.lines()
+    return "\n".join([f"**{lines[0]}**"] + [f"- {line}" for line in lines[1:]])
+
+
+def human_size(n: int) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def table_captions(table: pd.DataFrame | None) -> dict[str, str]:
+    if table is None or len(table) == 0 or "file" not in table or "caption" not in table:
+        return {}
+    return {str(f): "" if pd.isna(c) else str(c) for f, c in zip(table["file"], table["caption"]) if str(f)}
+
+
+# ---------------------------------------------------------------- build
+
+
+def build(store: DatasetStore, settings: Settings) -> DatasetTab:
+    gr.Markdown(
+        "Upload photos of your subject (JPG, PNG or WebP), or one .zip with images and optional "
+        "same-name `.txt` captions. Images are rotated upright, converted to RGB and scaled down to "
+        f"at most {settings.target_megapixels:g} megapixel. Aim for {settings.recommended_min_images}–"
+        f"{settings.max_images} varied images."
+    )
+    with gr.Row():
+        dataset = gr.Dropdown(
+            choices=store.list_names(), value=None, label="Dataset", info="Saved datasets; reopen one any time.",
+            elem_id="dataset-picker", scale=3,
+        )
+        new_name = gr.Textbox(label="New dataset name", placeholder="my-product", scale=2, elem_id="dataset-new-name")
+        new_btn = gr.Button("New dataset", scale=1, elem_id="dataset-new")
+        refresh_btn = gr.Button("↻ Refresh list", scale=1, size="sm")
+    upload = gr.File(
+        label="Images or .zip (drop many at once)", file_count="multiple", type="filepath", elem_id="dataset-upload",
+    )
+    add_btn = gr.Button("Add to dataset", variant="primary", elem_id="dataset-add")
+    report = gr.Markdown(elem_id="dataset-report")
+    gallery = gr.Gallery(label="Images", columns=6, height=360, object_fit="cover", elem_id="dataset-gallery")
+    selected = gr.State(value=None)
+    with gr.Row():
+        remove_btn = gr.Button("Remove selected image", size="sm", variant="stop", elem_id="dataset-remove")
+    with gr.Row():
+        trigger = gr.Textbox(
+            label="Trigger word", placeholder="TOK", scale=2, elem_id="dataset-trigger",
+            info="A rare word that will stand for your subject in prompts.",
+        )
+        trigger_btn = gr.Button("Put trigger word first in every caption", scale=2, elem_id="dataset-trigger-first")
+    with gr.Accordion("Bulk caption edits", open=False):
+        with gr.Row():
+            find = gr.Textbox(label="Find", scale=2)
+            replace = gr.Textbox(label="Replace with", scale=2)
+            replace_btn = gr.Button("Replace in all captions", scale=1)
+        with gr.Row():
+            prefix = gr.Textbox(label="Prefix", scale=2)
+            suffix = gr.Textbox(label="Suffix", scale=2)
+            affix_btn = gr.Button("Add to all captions", scale=1)
+        clear_btn = gr.Button("Clear all captions", variant="stop", size="sm")
+    table = gr.Dataframe(
+        value=captions_frame(None), headers=COLUMNS, label="Captions (click a caption to edit; saved as you type)",
+        interactive=True, static_columns=[0, 2, 3, 4], wrap=True, elem_id="dataset-table",
+        column_widths=["18%", "52%", "8%", "8%", "14%"],
+    )
+    warnings = gr.Markdown(warnings_markdown(None, settings), elem_id="dataset-warnings")
+    with gr.Row():
+        export_btn = gr.Button("Export training zip", variant="primary", elem_id="dataset-export")
+        export_file = gr.File(label="Training zip", interactive=False, elem_id="dataset-export-file")
+    export_info = gr.Markdown(elem_id="dataset-export-info")
+
+    tab = DatasetTab(dataset, new_name, upload, report, gallery, selected, trigger, table, warnings, export_file, export_info)
+    _wire(tab, store, settings, new_btn, refresh_btn, add_btn, remove_btn, trigger_btn,
+          find, replace, replace_btn, prefix, suffix, affix_btn, clear_btn, export_btn)
+    return tab
+
+
+def _view(ds: Dataset | None, settings: Settings):
+    """Outputs shared by most events: gallery, table, warnings, trigger word."""
+    return gallery_items(ds), captions_frame(ds), warnings_markdown(ds, settings), (ds.trigger_word if ds else "")
+
+
+def _wire(tab: DatasetTab, store: DatasetStore, settings: Settings, new_btn, refresh_btn, add_btn, remove_btn,
+          trigger_btn, find, replace, replace_btn, prefix, suffix, affix_btn, clear_btn, export_btn) -> None:
+    view = [tab.gallery, tab.table, tab.warnings, tab.trigger]
+
+    def require(name: str | None) -> str:
+        if not name:
+            raise InputError("No dataset is selected.", hint="Pick one from the Dataset list or upload images first.")
+        return name
+
+    @shows_errors
+    def on_pick(name: str | None):
+        ds = store.open(name) if name else None
+        return (*_view(ds, settings), None, "")
+
+    @shows_errors
+    def on_new(name: str):
+        if not (name or "").strip():
+            raise InputError("The new dataset needs a name.", hint="Type one next to the button, e.g. my-product.")
+        ds = store.create(name)
+        return gr.update(choices=store.list_names(), value=ds.name), ""
+
+    def on_refresh(current: str | None):
+        names = store.list_names()
+        return gr.update(choices=names, value=current if current in names else None)
+
+    @shows_errors
+    def on_add(files: list[str] | None, name: str | None, progress=gr.Progress()):
+        if not files:
+            raise InputError("No files were uploaded.", hint="Drop images (JPG, PNG, WebP) or a .zip on the upload box first.")
+        if not name:
+            first = Path(files[0])
+            base = first.stem if first.suffix.lower() == ".zip" else f"dataset-{time.strftime('%Y%m%d-%H%M')}"
+            name = store.create(base).name
+        ds, report = store.add_files(name, files, progress=progress_callback(progress))
+        if report.rejected:
+            gr.Warning(f"{len(report.rejected)} file(s) could not be used; see the import report for why.")
+        return (gr.update(choices=store.list_names(), value=ds.name), None, report_markdown(report), *_view(ds, settings))
+
+    @shows_errors
+    def on_table_edit(table: pd.DataFrame, name: str | None):
+        ds = store.set_captions(require(name), table_captions(table))
+        return gallery_items(ds), warnings_markdown(ds, settings)
+
+    @shows_errors
+    def on_trigger_saved(word: str, name: str | None):
+        if not name or not (word or "").strip():
+            return gr.update()
+        ds = store.set_trigger_word(name, word)
+        return warnings_markdown(ds, settings)
+
+    @shows_errors
+    def on_trigger_first(word: str, name: str | None):
+        ds = store.set_trigger_word(require(name), word)
+        ds = store.map_captions(ds.name, lambda c: ds_service.trigger_first(c, ds.trigger_word))
+        return _view(ds, settings)
+
+    @shows_errors
+    def on_replace(f: str, r: str, name: str | None):
+        if not f:
+            raise InputError("Nothing to find.", hint="Type the text to replace in 'Find'.")
+        return _view(store.map_captions(require(name), lambda c: ds_service.find_replace(c, f, r)), settings)
+
+    @shows_errors
+    def on_affix(p: str, s: str, name: str | None):
+        if not p and not s:
+            raise InputError("Prefix and suffix are both empty.", hint="Type a prefix, a suffix or both.")
+        return _view(store.map_captions(require(name), lambda c: ds_service.add_affixes(c, p, s)), settings)
+
+    @shows_errors
+    def on_clear(name: str | None):
+        return _view(store.map_captions(require(name), lambda c: ""), settings)
+
+    def on_select(name: str | None, evt: gr.SelectData):
+        if not name or evt is None:
+            return None
+        ds = store.open(name)
+        return ds.items[evt.index].file if 0 <= evt.index < len(ds.items) else None
+
+    @shows_errors
+    def on_remove(name: str | None, file: str | None):
+        if not file:
+            raise InputError("No image is selected.", hint="Click an image in the gallery, then Remove.")
+        ds = store.remove_images(require(name), [file])
+        gr.Info(f"Removed {file}.")
+        return (*_view(ds, settings), None)
+
+    @shows_errors
+    def on_export(name: str | None):
+        result = store.export_zip(require(name))
+        ratio = f" ({result.size_bytes / result.source_bytes:.0%} of the {human_size(result.source_bytes)} uploaded)" if result.source_bytes else ""
+        info = (f"**{result.path.name}**: {result.image_count} images, {result.caption_count} captions, "
+                f"{human_size(result.size_bytes)}{ratio}.")
+        return str(result.path), info
+
+    tab.dataset.change(on_pick, [tab.dataset], [*view, tab.export_file, tab.export_info])
+    new_btn.click(on_new, [tab.new_name], [tab.dataset, tab.new_name])
+    tab.new_name.submit(on_new, [tab.new_name], [tab.dataset, tab.new_name])
+    refresh_btn.click(on_refresh, [tab.dataset], [tab.dataset])
+    add_btn.click(on_add, [tab.upload, tab.dataset], [tab.dataset, tab.upload, tab.report, *view],
+                  concurrency_limit=2, api_name="add_images")
+    tab.table.input(on_table_edit, [tab.table, tab.dataset], [tab.gallery, tab.warnings], trigger_mode="always_last")
+    tab.trigger.blur(on_trigger_saved, [tab.trigger, tab.dataset], [tab.warnings])
+    tab.trigger.submit(on_trigger_saved, [tab.trigger, tab.dataset], [tab.warnings])
+    trigger_btn.click(on_trigger_first, [tab.trigger, tab.dataset], view)
+    replace_btn.click(on_replace, [find, replace, tab.dataset], view)
+    affix_btn.click(on_affix, [prefix, suffix, tab.dataset], view)
+    clear_btn.click(on_clear, [tab.dataset], view, js="(n) => { if (!confirm('Clear every caption in this dataset?')) throw new Error('cancelled'); return n; }")
+    tab.gallery.select(on_select, [tab.dataset], [tab.selected])
+    remove_btn.click(on_remove, [tab.dataset, tab.selected], [*view, tab.selected])
+    export_btn.click(on_export, [tab.dataset], [tab.export_file, tab.export_info], api_name="export_zip")

@@ -1,0 +1,50 @@
+"""Turning service errors into messages the person sees."""
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import TypeVar
+
+import gradio as gr
+
+from services.errors import StudioError
+
+log = logging.getLogger("flux_studio.ui")
+F = TypeVar("F", bound=Callable)
+
+
+def shows_errors(fn: F) -> F:
+    """Wrap a handler: a StudioError becomes a gr.Error toast with its message.
+
+    Anything else is a bug: log it and say so without leaking internals.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except StudioError as exc:
+            raise gr.Error(exc.user_message(), print_exception=False) from None
+        except Exception:
+            log.exception("Unexpected error in %s", fn.__name__)
+            raise gr.Error(
+                "Something went wrong on our side. Your data is unchanged; try again, "
+                "and if it keeps happening, check the app's log.",
+                print_exception=False,
+            ) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def progress_callback(progress: gr.Progress | None):
+    """Adapt gr.Progress to the services' ``(done, total, message)`` callback."""
+    if progress is None:
+        return None
+
+    def report(done: int, total: int, message: str) -> None:
+        progress((done, total), desc=message)
+
+    return report

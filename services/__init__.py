@@ -1,0 +1,1 @@
+"""Everything that does work. Nothing in this package imports gradio."""

@@ -1,0 +1,152 @@
+"""All settings, read from environment variables in one place.
+
+Nothing else in the project reads ``os.environ`` for settings: build a ``Settings``
+with ``Settings.from_env()`` (or construct one directly in tests) and pass it down.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Mapping
+
+from services.errors import ConfigError
+
+
+class Secret:
+    """A string that never shows itself in reprs, logs or tracebacks.
+
+    Call ``reveal()`` at the single place that must send it (an HTTP header).
+    """
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str | None) -> None:
+        self._value = (value or "").strip()
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __repr__(self) -> str:
+        return "Secret('********')" if self._value else "Secret('')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __reduce__(self):  # pickling would write the key to disk or a pipe
+        raise TypeError("Secret values cannot be pickled")
+
+
+def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, got {raw!r}.", hint="Fix or unset it.") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {value}.", hint="Fix or unset it.")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}.", hint="Fix or unset it.") from None
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in {"1", "true", "yes", "on"}:
+        return True
+    if raw in {"0", "false", "no", "off"}:
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}.", hint="Fix or unset it.")
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Where datasets, jobs, results and exports live. On a Space, point it at a mounted bucket.
+    data_dir: Path = Path("data")
+
+    # Dataset rules. The hosted service caps images at 1 MP and takes 1-20 images (>5 recommended).
+    target_megapixels: float = 1.0
+    min_images: int = 1
+    recommended_min_images: int = 5
+    max_images: int = 20
+    min_short_side: int = 512
+    # Images above this pixel count are refused before decoding (decompression bombs).
+    max_image_pixels: int = 120_000_000
+    max_zip_bytes: int = 500 * 1024 * 1024
+    # Upper bound on what a zip may inflate to, so a zip bomb cannot fill the disk.
+    max_unzipped_bytes: int = 2 * 1024 * 1024 * 1024
+    max_upload_bytes: int = 600 * 1024 * 1024
+    # Worker processes for image preparation; 0 = one per CPU core.
+    workers: int = 0
+
+    # CometAPI.
+    cometapi_base_url: str = "https://api.cometapi.com"
+    cometapi_key: Secret = field(default_factory=lambda: Secret(""))
+    caption_model: str = "gpt-4o-mini"
+    caption_concurrency: int = 4
+
+    # Local engine.
+    local_model: str = ""
+
+    # Hosting.
+    auth: str = ""  # "user:pass" for a shared password; empty = none
+    hosted: bool = False
+    space_id: str = ""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if env is None else env
+        d = cls()
+        return cls(
+            data_dir=Path(env.get("FLUX_STUDIO_DATA_DIR", "").strip() or d.data_dir),
+            target_megapixels=_float(env, "FLUX_STUDIO_TARGET_MEGAPIXELS", d.target_megapixels),
+            max_images=_int(env, "FLUX_STUDIO_MAX_IMAGES", d.max_images, minimum=1),
+            min_short_side=_int(env, "FLUX_STUDIO_MIN_SHORT_SIDE", d.min_short_side),
+            max_image_pixels=_int(env, "FLUX_STUDIO_MAX_IMAGE_PIXELS", d.max_image_pixels, minimum=1),
+            max_zip_bytes=_int(env, "FLUX_STUDIO_MAX_ZIP_MB", d.max_zip_bytes // 2**20, minimum=1) * 2**20,
+            max_upload_bytes=_int(env, "FLUX_STUDIO_MAX_UPLOAD_MB", d.max_upload_bytes // 2**20, minimum=1) * 2**20,
+            workers=_int(env, "FLUX_STUDIO_WORKERS", d.workers),
+            cometapi_base_url=(env.get("COMETAPI_BASE_URL", "").strip() or d.cometapi_base_url).rstrip("/"),
+            cometapi_key=Secret(env.get("COMETAPI_KEY")),
+            caption_model=env.get("COMETAPI_CAPTION_MODEL", "").strip() or d.caption_model,
+            caption_concurrency=_int(env, "COMETAPI_CAPTION_CONCURRENCY", d.caption_concurrency, minimum=1),
+            local_model=env.get("FLUX_LOCAL_MODEL", "").strip(),
+            auth=env.get("FLUX_STUDIO_AUTH", "").strip(),
+            hosted=_bool(env, "FLUX_STUDIO_HOSTED", False) or bool(env.get("SPACE_ID", "").strip()),
+            space_id=env.get("SPACE_ID", "").strip(),
+        )
+
+    def with_(self, **changes) -> "Settings":
+        return replace(self, **changes)
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.data_dir / "datasets"
+
+    @property
+    def exports_dir(self) -> Path:
+        return self.data_dir / "exports"
+
+    @property
+    def worker_count(self) -> int:
+        return self.workers or (os.cpu_count() or 1)

@@ -1,0 +1,662 @@
+"""Datasets on disk: import uploads, keep captions, check the set, export the training zip.
+
+Layout under the data dir::
+
+    datasets/<name>/dataset.json     captions, trigger word and per-image metadata
+    datasets/<name>/images/<file>    prepared images (RGB, <= 1 MP)
+    datasets/<name>/export/<name>.zip  the last exported training zip
+
+``dataset.json`` is replaced atomically on every change, so a crash never leaves a
+half-written manifest, and nothing a user added is lost by a failed import.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import time
+import unicodedata
+import zipfile
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+
+from services.config import Settings
+from services.errors import DatasetError, InputError
+from services.images import Prepared, Source, prepare_image, sha256_of
+
+ProgressFn = Callable[[int, int, str], None]
+
+MANIFEST = "dataset.json"
+MAX_CAPTION_BYTES = 64 * 1024
+_NAME_RE = re.compile(r"[^A-Za-z0-9._-]+")
+_TRIGGER_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,39}$")
+
+
+# ---------------------------------------------------------------- records
+
+
+@dataclass
+class DatasetItem:
+    file: str
+    caption: str = ""
+    width: int = 0
+    height: int = 0
+    notes: str = ""
+    sha256: str = ""
+    source: str = ""
+    source_bytes: int = 0
+
+
+@dataclass
+class Dataset:
+    name: str
+    path: Path
+    trigger_word: str = ""
+    items: list[DatasetItem] = field(default_factory=list)
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+    @property
+    def images_dir(self) -> Path:
+        return self.path / "images"
+
+    def image_path(self, file: str) -> Path:
+        return self.images_dir / file
+
+    def item(self, file: str) -> DatasetItem:
+        for it in self.items:
+            if it.file == file:
+                return it
+        raise DatasetError(f"'{file}' is not in dataset '{self.name}'.", hint="Refresh the page and try again.")
+
+    def content_hash(self) -> str:
+        """Identifies exactly what would be trained on: images, captions and trigger word."""
+        parts = [self.trigger_word] + [f"{i.file}\0{i.sha256}\0{i.caption}" for i in self.items]
+        return sha256_of("\n".join(parts).encode("utf-8"))
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "trigger_word": self.trigger_word,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "items": [asdict(i) for i in self.items],
+        }
+
+
+@dataclass
+class FileMessage:
+    source: str
+    message: str
+
+
+@dataclass
+class ImportReport:
+    added: list[DatasetItem] = field(default_factory=list)
+    rejected: list[FileMessage] = field(default_factory=list)  # could not be used, with why
+    skipped: list[FileMessage] = field(default_factory=list)  # left out on purpose (metadata, duplicates)
+    notes: list[FileMessage] = field(default_factory=list)  # used, with something worth knowing
+    captions_paired: int = 0
+
+    def lines(self) -> list[str]:
+        out = [f"Added {len(self.added)} image(s)" + (f", {self.captions_paired} with captions." if self.captions_paired else ".")]
+        out += [f"Rejected {m.source}: {m.message}" for m in self.rejected]
+        out += [f"Skipped {m.source}: {m.message}" for m in self.skipped]
+        out += [f"Note {m.source}: {m.message}" for m in self.notes]
+        return out
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    size_bytes: int
+    image_count: int
+    caption_count: int
+    source_bytes: int
+
+
+# ---------------------------------------------------------------- names
+
+
+def safe_name(raw: str, *, fallback: str = "image", max_len: int = 64) -> str:
+    """ASCII, filesystem- and zip-safe version of a user-supplied name.
+
+    Accents are folded (``café`` → ``cafe``); anything else outside ``[A-Za-z0-9._-]``
+    becomes ``_``. A name with nothing usable left (all CJK, say) gets ``fallback``.
+    """
+    folded = unicodedata.normalize("NFKD", raw)
+    folded = "".join(c for c in folded if not unicodedata.combining(c))
+    cleaned = _NAME_RE.sub("_", folded).strip("._-")
+    cleaned = re.sub(r"_+", "_", cleaned)[:max_len].strip("._-")
+    return cleaned or fallback
+
+
+def validate_trigger_word(word: str) -> str:
+    word = (word or "").strip()
+    if not word:
+        raise InputError("The trigger word is empty.", hint="Type a short unique word such as TOK or MYDOG.")
+    if not _TRIGGER_RE.match(word):
+        raise InputError(
+            f"The trigger word {word!r} can't be used.",
+            hint="Use 1-40 letters, digits, _ or -, no spaces (for example TOK or my_dog).",
+        )
+    return word
+
+
+def _decode_zip_name(info: zipfile.ZipInfo) -> str:
+    """Zip names without the UTF-8 flag are cp437 by spec, but many tools write UTF-8 anyway."""
+    if info.flag_bits & 0x800:
+        return info.filename
+    try:
+        return info.filename.encode("cp437").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return info.filename
+
+
+def _unsafe_zip_path(name: str) -> bool:
+    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
+        return True
+    parts = re.split(r"[\\/]+", name)
+    return any(p == ".." for p in parts)
+
+
+def _is_hidden_or_metadata(name: str) -> bool:
+    parts = [p for p in re.split(r"[\\/]+", name) if p]
+    return any(p == "__MACOSX" or p.startswith(".") for p in parts) or (parts and parts[-1] in {"Thumbs.db", "desktop.ini"})
+
+
+def _read_caption(data: bytes) -> str:
+    for enc in ("utf-8-sig", "utf-16", "latin-1"):
+        try:
+            text = data.decode(enc)
+            break
+        except UnicodeDecodeError:
+            continue
+    return " ".join(text.split())
+
+
+# ---------------------------------------------------------------- collecting sources
+
+
+@dataclass
+class _Candidate:
+    source: Source
+    group: str  # folder key used to pair captions: "<upload>|<folder>"
+    stem: str
+
+
+@dataclass
+class _Collected:
+    candidates: list[_Candidate] = field(default_factory=list)
+    captions: dict[tuple[str, str], str] = field(default_factory=dict)
+    caption_sources: dict[tuple[str, str], str] = field(default_factory=dict)
+    rejected: list[FileMessage] = field(default_factory=list)
+    skipped: list[FileMessage] = field(default_factory=list)
+
+
+def _human_mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MB"
+
+
+def _collect(paths: Sequence[Path], original_names: Sequence[str], settings: Settings) -> _Collected:
+    out = _Collected()
+    for path, shown in zip(paths, original_names):
+        try:
+            size = path.stat().st_size
+        except OSError:
+            out.rejected.append(FileMessage(shown, "the upload could not be found; upload it again"))
+            continue
+        ext = Path(shown).suffix.lower()
+        if ext == ".zip" or (size and ext not in (".txt",) and zipfile.is_zipfile(path)):
+            _collect_zip(path, shown, size, settings, out)
+            continue
+        if _is_hidden_or_metadata(shown):
+            out.skipped.append(FileMessage(shown, "hidden or system file"))
+            continue
+        stem = Path(shown).stem
+        if ext == ".txt":
+            if size > MAX_CAPTION_BYTES:
+                out.rejected.append(FileMessage(shown, f"caption file is too large ({size:,} bytes)"))
+                continue
+            out.captions[("upload|", stem)] = _read_caption(path.read_bytes())
+            out.caption_sources[("upload|", stem)] = shown
+            continue
+        if size == 0:
+            out.rejected.append(FileMessage(shown, "empty file (0 bytes)"))
+            continue
+        out.candidates.append(_Candidate(Source(shown, str(path)), "upload|", stem))
+    return out
+
+
+def _collect_zip(path: Path, shown: str, size: int, settings: Settings, out: _Collected) -> None:
+    if size == 0:
+        out.rejected.append(FileMessage(shown, "empty zip (0 bytes)"))
+        return
+    if size > settings.max_zip_bytes:
+        out.rejected.append(FileMessage(
+            shown,
+            f"zip is {_human_mb(size)}, over the {_human_mb(settings.max_zip_bytes)} limit; "
+            "split it into smaller zips or upload the images directly",
+        ))
+        return
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError):
+        out.rejected.append(FileMessage(shown, "not a valid zip (corrupt or truncated); re-create it and upload again"))
+        return
+    with zf:
+        inflated = 0
+        for info in zf.infolist():
+            if info.is_dir():
+                continue
+            name = _decode_zip_name(info)
+            label = f"{shown}:{name}"
+            if _unsafe_zip_path(name):
+                out.rejected.append(FileMessage(label, "unsafe path in zip (absolute or '..'); skipped"))
+                continue
+            if _is_hidden_or_metadata(name):
+                out.skipped.append(FileMessage(label, "hidden or macOS metadata file"))
+                continue
+            if info.flag_bits & 0x1:
+                out.rejected.append(FileMessage(label, "encrypted zip entry; zip it again without a password"))
+                continue
+            inflated += info.file_size
+            if inflated > settings.max_unzipped_bytes:
+                out.rejected.append(FileMessage(
+                    label,
+                    f"the zip expands to more than {_human_mb(settings.max_unzipped_bytes)}; "
+                    "this and the remaining entries were not read",
+                ))
+                return
+            pure = PurePosixPath(name.replace("\\", "/"))
+            group = f"{shown}|{pure.parent}"
+            if pure.suffix.lower() == ".txt":
+                if info.file_size > MAX_CAPTION_BYTES:
+                    out.rejected.append(FileMessage(label, f"caption file is too large ({info.file_size:,} bytes)"))
+                    continue
+                out.captions[(group, pure.stem)] = _read_caption(zf.read(info))
+                out.caption_sources[(group, pure.stem)] = label
+                continue
+            if info.file_size == 0:
+                out.rejected.append(FileMessage(label, "empty file (0 bytes)"))
+                continue
+            out.candidates.append(_Candidate(Source(label, str(path), info.filename), group, pure.stem))
+
+
+# ---------------------------------------------------------------- preparing
+
+
+def _unique_stems(candidates: list[_Candidate], taken: set[str]) -> list[str]:
+    stems = []
+    used = {s.lower() for s in taken}
+    for c in candidates:
+        base = safe_name(c.stem)
+        stem, n = base, 2
+        while stem.lower() in used:
+            stem, n = f"{base}-{n}", n + 1
+        used.add(stem.lower())
+        stems.append(stem)
+    return stems
+
+
+def prepare_all(
+    jobs: list[tuple[Source, str]],
+    out_dir: Path,
+    settings: Settings,
+    progress: ProgressFn | None = None,
+) -> list[Prepared]:
+    """Prepare many images with a pool of workers; results in input order.
+
+    Threads, not processes: Pillow releases the GIL while decoding, resampling and
+    encoding, so threads use every core without pickling or process start-up (see
+    benchmarks/dataset_prep.py). Each worker holds one image at a time.
+    """
+    total = len(jobs)
+    results: list[Prepared | None] = [None] * total
+    max_pixels = int(settings.target_megapixels * 1_000_000)
+
+    def run(i: int) -> tuple[int, Prepared]:
+        src, stem = jobs[i]
+        return i, prepare_image(src, str(out_dir), stem, max_pixels=max_pixels, max_source_pixels=settings.max_image_pixels)
+
+    workers = max(1, min(settings.worker_count, total))
+    done = 0
+    if progress:
+        progress(0, total, "Preparing images")
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="prep") as pool:
+        for fut in as_completed([pool.submit(run, i) for i in range(total)]):
+            i, res = fut.result()
+            results[i] = res
+            done += 1
+            if progress:
+                progress(done, total, f"Prepared {res.source}")
+    return [r for r in results if r is not None]
+
+
+# ---------------------------------------------------------------- caption edits
+
+
+def trigger_first(caption: str, trigger: str) -> str:
+    """Put the trigger word at the start: ``"TOK, a man on a bike"``; idempotent."""
+    caption = caption.strip()
+    if caption == trigger or caption.startswith(trigger + ",") or caption.startswith(trigger + " "):
+        return caption
+    rest = re.sub(rf"(?<![\w-]){re.escape(trigger)}(?![\w-])", "", caption)
+    rest = re.sub(r"\s+([,.;:])", r"\1", rest)
+    rest = re.sub(r"\s{2,}", " ", rest).strip(" ,;")
+    return f"{trigger}, {rest}" if rest else trigger
+
+
+def find_replace(caption: str, find: str, replace: str) -> str:
+    return caption.replace(find, replace) if find else caption
+
+
+def add_affixes(caption: str, prefix: str, suffix: str) -> str:
+    caption = caption.strip()
+    if prefix and not caption.startswith(prefix):
+        caption = f"{prefix}{caption}"
+    if suffix and not caption.endswith(suffix):
+        caption = f"{caption}{suffix}"
+    return caption
+
+
+def contains_trigger(caption: str, trigger: str) -> bool:
+    return bool(re.search(rf"(?<![\w-]){re.escape(trigger)}(?![\w-])", caption))
+
+
+# ---------------------------------------------------------------- checks
+
+
+def dataset_warnings(ds: Dataset, settings: Settings) -> list[str]:
+    """Everything worth fixing before training, as short sentences."""
+    out: list[str] = []
+    n = len(ds.items)
+    if n == 0:
+        return ["The dataset is empty. Upload images or a .zip to start."]
+    if n < settings.recommended_min_images:
+        out.append(f"Only {n} image(s): {settings.recommended_min_images} or more are recommended for a good fine-tune.")
+    if n > settings.max_images:
+        out.append(
+            f"{n} images: the hosted service takes at most {settings.max_images}. "
+            "Remove some, or train with the local engine."
+        )
+    small = [i.file for i in ds.items if min(i.width, i.height) < settings.min_short_side]
+    if small:
+        out.append(f"{len(small)} image(s) under {settings.min_short_side} px on the short side: {_few(small)}. "
+                   "Use larger photos if you have them.")
+    empty = [i.file for i in ds.items if not i.caption.strip()]
+    if empty:
+        out.append(f"{len(empty)} empty caption(s): {_few(empty)}. Add captions or use auto-captions.")
+    if ds.trigger_word:
+        missing = [i.file for i in ds.items if i.caption.strip() and not contains_trigger(i.caption, ds.trigger_word)]
+        if missing:
+            out.append(f"{len(missing)} caption(s) without the trigger word '{ds.trigger_word}': {_few(missing)}. "
+                       "Use 'Put trigger word first'.")
+    else:
+        out.append("No trigger word set. Pick a short unique word (such as TOK) that will stand for your subject.")
+    return out
+
+
+def _few(names: list[str], k: int = 3) -> str:
+    shown = ", ".join(names[:k])
+    return shown + (f" and {len(names) - k} more" if len(names) > k else "")
+
+
+# ---------------------------------------------------------------- the store
+
+
+class DatasetStore:
+    """All datasets of one owner under one root folder."""
+
+    def __init__(self, root: Path, settings: Settings, *, clock: Callable[[], float] = time.time) -> None:
+        self.root = Path(root)
+        self.settings = settings
+        self._clock = clock
+        self._lock = threading.RLock()
+
+    # -- paths and manifest
+
+    def _dir(self, name: str) -> Path:
+        if not name or safe_name(name, fallback="") != name:
+            raise DatasetError(f"'{name}' is not a valid dataset name.", hint="Pick a dataset from the list.")
+        path = (self.root / name).resolve()
+        if not path.is_relative_to(self.root.resolve()):
+            raise DatasetError(f"'{name}' is not a valid dataset name.", hint="Pick a dataset from the list.")
+        return path
+
+    def _write(self, ds: Dataset) -> None:
+        ds.updated_at = self._clock()
+        ds.path.mkdir(parents=True, exist_ok=True)
+        tmp = ds.path / f".{MANIFEST}.{threading.get_ident()}.tmp"
+        tmp.write_text(json.dumps(ds.to_json(), ensure_ascii=False, indent=1), encoding="utf-8")
+        os.replace(tmp, ds.path / MANIFEST)
+
+    def list_names(self) -> list[str]:
+        """Saved datasets, most recently changed first."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for child in self.root.iterdir():
+            manifest = child / MANIFEST
+            if manifest.is_file():
+                found.append((manifest.stat().st_mtime, child.name))
+        return [name for _, name in sorted(found, reverse=True)]
+
+    def exists(self, name: str) -> bool:
+        try:
+            return (self._dir(name) / MANIFEST).is_file()
+        except DatasetError:
+            return False
+
+    def create(self, name: str) -> Dataset:
+        base = safe_name(name, fallback="dataset")
+        with self._lock:
+            candidate, n = base, 2
+            while self.exists(candidate):
+                candidate, n = f"{base}-{n}", n + 1
+            now = self._clock()
+            ds = Dataset(name=candidate, path=self._dir(candidate), created_at=now, updated_at=now)
+            ds.images_dir.mkdir(parents=True, exist_ok=True)
+            self._write(ds)
+            return ds
+
+    def open(self, name: str) -> Dataset:
+        path = self._dir(name)
+        manifest = path / MANIFEST
+        try:
+            raw = json.loads(manifest.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise DatasetError(f"Dataset '{name}' was not found.", hint="Pick one from the list or create a new one.") from None
+        except (OSError, ValueError) as exc:
+            raise DatasetError(
+                f"Dataset '{name}' has an unreadable {MANIFEST} ({exc.__class__.__name__}).",
+                hint=f"Its images are still in {path / 'images'}; create a new dataset and upload them again.",
+            ) from None
+        known = DatasetItem.__dataclass_fields__
+        items = [DatasetItem(**{k: v for k, v in it.items() if k in known}) for it in raw.get("items", [])]
+        return Dataset(
+            name=name,
+            path=path,
+            trigger_word=raw.get("trigger_word", ""),
+            items=items,
+            created_at=raw.get("created_at", 0.0),
+            updated_at=raw.get("updated_at", 0.0),
+        )
+
+    def delete(self, name: str) -> None:
+        import shutil
+
+        path = self._dir(name)
+        with self._lock:
+            if path.is_dir():
+                shutil.rmtree(path)
+
+    # -- importing
+
+    def add_files(
+        self,
+        name: str,
+        paths: Sequence[Path | str],
+        original_names: Sequence[str] | None = None,
+        progress: ProgressFn | None = None,
+    ) -> tuple[Dataset, ImportReport]:
+        """Add uploaded images, caption files and zips to a dataset; never raises for a bad file."""
+        if not paths:
+            raise InputError("No files were uploaded.", hint="Choose images (JPG, PNG, WebP) or a .zip, then try again.")
+        paths = [Path(p) for p in paths]
+        names = list(original_names) if original_names else [p.name for p in paths]
+        total_size = sum(p.stat().st_size for p in paths if p.exists())
+        if total_size > self.settings.max_upload_bytes:
+            raise InputError(
+                f"The upload is {_human_mb(total_size)}, over the {_human_mb(self.settings.max_upload_bytes)} limit.",
+                hint="Upload fewer files at a time.",
+            )
+        collected = _collect(paths, names, self.settings)
+        report = ImportReport(rejected=collected.rejected, skipped=collected.skipped)
+
+        with self._lock:
+            ds = self.open(name)
+            existing = {Path(i.file).stem for i in ds.items}
+            stems = _unique_stems(collected.candidates, existing)
+            staging = ds.path / ".staging"
+            staging.mkdir(parents=True, exist_ok=True)
+            try:
+                results = prepare_all(
+                    [(c.source, s) for c, s in zip(collected.candidates, stems)], staging, self.settings, progress
+                )
+                self._merge(ds, collected, stems, results, staging, report)
+                self._write(ds)
+            finally:
+                for leftover in staging.iterdir():
+                    leftover.unlink(missing_ok=True)
+                staging.rmdir()
+        if not collected.candidates and not report.rejected and not report.skipped:
+            report.rejected.append(FileMessage("upload", "no images found; upload JPG, PNG or WebP files or a .zip of them"))
+        return ds, report
+
+    def _merge(
+        self,
+        ds: Dataset,
+        collected: _Collected,
+        stems: list[str],
+        results: list[Prepared],
+        staging: Path,
+        report: ImportReport,
+    ) -> None:
+        seen = {i.sha256: i.file for i in ds.items}
+        used_captions: set[tuple[str, str]] = set()
+        ds.images_dir.mkdir(parents=True, exist_ok=True)
+        for cand, stem, res in zip(collected.candidates, stems, results):
+            if not res.ok:
+                report.rejected.append(FileMessage(res.source, res.reason))
+                continue
+            if res.sha256 in seen:
+                (staging / res.file).unlink(missing_ok=True)
+                report.skipped.append(FileMessage(res.source, f"exact duplicate of {seen[res.sha256]}; dropped"))
+                continue
+            os.replace(staging / res.file, ds.images_dir / res.file)
+            seen[res.sha256] = res.file
+            notes = list(res.notes)
+            if stem != cand.stem:
+                notes.append(f"saved as {res.file} (name sanitised or already taken)")
+            key = (cand.group, cand.stem)
+            caption = collected.captions.get(key, "")
+            if key in collected.captions:
+                used_captions.add(key)
+                report.captions_paired += 1
+            item = DatasetItem(
+                file=res.file,
+                caption=caption,
+                width=res.width,
+                height=res.height,
+                notes="; ".join(notes),
+                sha256=res.sha256,
+                source=res.source,
+                source_bytes=res.source_bytes,
+            )
+            ds.items.append(item)
+            report.added.append(item)
+            if notes:
+                report.notes.append(FileMessage(res.source, "; ".join(notes)))
+        for key, label in collected.caption_sources.items():
+            if key not in used_captions:
+                report.skipped.append(FileMessage(label, "caption file with no matching image"))
+
+    # -- editing
+
+    def set_captions(self, name: str, captions: dict[str, str]) -> Dataset:
+        """Save captions by file name; names not in the dataset are ignored."""
+        with self._lock:
+            ds = self.open(name)
+            for item in ds.items:
+                if item.file in captions:
+                    item.caption = " ".join(str(captions[item.file] or "").split())
+            self._write(ds)
+            return ds
+
+    def map_captions(self, name: str, fn: Callable[[str], str]) -> Dataset:
+        with self._lock:
+            ds = self.open(name)
+            for item in ds.items:
+                item.caption = fn(item.caption)
+            self._write(ds)
+            return ds
+
+    def set_trigger_word(self, name: str, word: str) -> Dataset:
+        word = validate_trigger_word(word)
+        with self._lock:
+            ds = self.open(name)
+            ds.trigger_word = word
+            self._write(ds)
+            return ds
+
+    def remove_images(self, name: str, files: Iterable[str]) -> Dataset:
+        drop = set(files)
+        with self._lock:
+            ds = self.open(name)
+            keep = [i for i in ds.items if i.file not in drop]
+            if len(keep) == len(ds.items):
+                raise InputError("No image was selected to remove.", hint="Click an image in the gallery first.")
+            ds.items = keep
+            self._write(ds)  # manifest first: a crash after this leaves an orphan file, not a broken entry
+            for f in drop:
+                (ds.images_dir / f).unlink(missing_ok=True)
+            return ds
+
+    # -- export
+
+    def export_zip(self, name: str) -> ExportResult:
+        """Write the training zip (image + same-name .txt caption) and return where it is."""
+        with self._lock:
+            ds = self.open(name)
+            if not ds.items:
+                raise InputError("The dataset has no images to export.", hint="Upload images first.")
+            out_dir = ds.path / "export"
+            out_dir.mkdir(parents=True, exist_ok=True)
+            out = out_dir / f"{ds.name}.zip"
+            tmp = out.with_suffix(".zip.part")
+            captions = 0
+            with zipfile.ZipFile(tmp, "w") as zf:
+                for item in ds.items:
+                    src = ds.image_path(item.file)
+                    if not src.is_file():
+                        raise DatasetError(
+                            f"Image {item.file} is missing from the dataset folder.",
+                            hint="Remove it from the dataset or upload it again.",
+                        )
+                    # Images are already compressed; deflating them only costs time.
+                    zf.write(src, item.file, compress_type=zipfile.ZIP_STORED)
+                    if item.caption.strip():
+                        zf.writestr(f"{Path(item.file).stem}.txt", item.caption.strip(), compress_type=zipfile.ZIP_DEFLATED)
+                        captions += 1
+            os.replace(tmp, out)
+            return ExportResult(
+                path=out,
+                size_bytes=out.stat().st_size,
+                image_count=len(ds.items),
+                caption_count=captions,
+                source_bytes=sum(i.source_bytes for i in ds.items),
+            )

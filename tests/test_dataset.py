@@ -1,0 +1,380 @@
+"""The dataset service: processing rules, every bad input, captions, persistence, export."""
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from services.config import Settings
+from services.dataset import (
+    DatasetStore,
+    add_affixes,
+    dataset_warnings,
+    find_replace,
+    safe_name,
+    trigger_first,
+    validate_trigger_word,
+)
+from services.errors import DatasetError, InputError
+from services.images import target_size
+from tests import imagefactory as fx
+
+
+def _messages(report, kind: str) -> dict[str, str]:
+    return {m.source: m.message for m in getattr(report, kind)}
+
+
+def _files_under(root: Path) -> set[Path]:
+    return {p.resolve() for p in root.rglob("*") if p.is_file()}
+
+
+# ---------------------------------------------------------------- processing rules
+
+
+def test_target_size_caps_pixels_keeps_aspect_never_upscales():
+    assert target_size(800, 600, 1_000_000) == (800, 600)
+    w, h = target_size(4000, 3000, 1_000_000)
+    assert w * h <= 1_000_000 and w * h > 990_000
+    assert abs(w / h - 4 / 3) < 0.01
+    w, h = target_size(1000, 8000, 1_000_000)
+    assert w * h <= 1_000_000 and abs(h / w - 8) < 0.05
+
+
+def test_large_jpeg_downscaled_to_one_megapixel(store, tmp_path):
+    src = tmp_path / "big.jpg"
+    src.write_bytes(fx.jpeg_bytes(fx.photo(4032, 3024)))
+    ds, report = store.add_files(store.create("s").name, [src])
+    item = ds.items[0]
+    assert item.width * item.height <= 1_000_000
+    assert item.width * item.height > 950_000
+    assert abs(item.width / item.height - 4032 / 3024) < 0.01
+    with Image.open(ds.image_path(item.file)) as img:
+        assert img.size == (item.width, item.height) and img.mode == "RGB"
+    assert "downscaled from 4032x3024" in item.notes
+
+
+def test_small_image_not_upscaled(store, tmp_path):
+    src = tmp_path / "small.jpg"
+    src.write_bytes(fx.jpeg_bytes(fx.photo(300, 200)))
+    ds, _ = store.add_files(store.create("s").name, [src])
+    assert (ds.items[0].width, ds.items[0].height) == (300, 200)
+
+
+def test_exif_orientation_applied(store, tmp_path):
+    src = tmp_path / "rot.jpg"
+    src.write_bytes(fx.jpeg_bytes(fx.photo(1200, 800), exif_orientation=6))  # 90° clockwise
+    ds, _ = store.add_files(store.create("s").name, [src])
+    assert (ds.items[0].width, ds.items[0].height) == (800, 1200)
+    assert "rotated per EXIF" in ds.items[0].notes
+
+
+def test_transparency_flattened_on_white(store, tmp_path):
+    src = tmp_path / "logo.png"
+    img = Image.new("RGBA", (600, 600), (0, 0, 0, 0))
+    img.paste((255, 0, 0, 255), (200, 200, 400, 400))
+    img.save(src)
+    ds, _ = store.add_files(store.create("s").name, [src])
+    with Image.open(ds.image_path(ds.items[0].file)) as out:
+        assert out.mode == "RGB"
+        assert out.getpixel((10, 10)) == (255, 255, 255)
+        assert out.getpixel((300, 300)) == (255, 0, 0)
+
+
+def test_exact_duplicates_dropped_with_note(store, tmp_path):
+    data = fx.jpeg_bytes(fx.photo(800, 600))
+    (tmp_path / "a.jpg").write_bytes(data)
+    (tmp_path / "copy_of_a.jpg").write_bytes(data)
+    name = store.create("s").name
+    ds, report = store.add_files(name, [tmp_path / "a.jpg", tmp_path / "copy_of_a.jpg"])
+    assert [i.file for i in ds.items] == ["a.jpg"]
+    assert "duplicate of a.jpg" in _messages(report, "skipped")["copy_of_a.jpg"]
+    # Uploading it again later is also caught.
+    ds, report = store.add_files(name, [tmp_path / "copy_of_a.jpg"])
+    assert len(ds.items) == 1 and report.skipped
+
+
+def test_same_name_captions_pair_up_and_names_kept(store, tmp_path):
+    (tmp_path / "dog 1.jpg").write_bytes(fx.jpeg_bytes(fx.photo(700, 700, seed=1)))
+    (tmp_path / "dog 1.txt").write_text("TOK dog on a sofa\n")
+    ds, report = store.add_files(store.create("s").name, [tmp_path / "dog 1.jpg", tmp_path / "dog 1.txt"])
+    assert ds.items[0].file == "dog_1.jpg"
+    assert ds.items[0].caption == "TOK dog on a sofa"
+    assert report.captions_paired == 1
+
+
+# ---------------------------------------------------------------- bad input, one test each
+
+
+@pytest.fixture
+def bad(tmp_path) -> dict[str, Path]:
+    return fx.bad_set(tmp_path / "bad")
+
+
+def _add_one(store, path: Path):
+    return store.add_files(store.create("s").name, [path])
+
+
+def test_corrupt_image_rejected(store, bad):
+    ds, report = _add_one(store, bad["corrupt"])
+    assert ds.items == []
+    assert "corrupt" in _messages(report, "rejected")["corrupt.jpg"]
+
+
+def test_truncated_image_rejected(store, bad):
+    ds, report = _add_one(store, bad["truncated"])
+    assert ds.items == []
+    assert "truncated" in _messages(report, "rejected")["truncated.jpg"]
+
+
+def test_non_image_renamed_jpg_rejected(store, bad):
+    ds, report = _add_one(store, bad["not_image"])
+    assert ds.items == []
+    assert "not a readable image" in _messages(report, "rejected")["notes.jpg"]
+
+
+def test_zero_byte_file_rejected(store, bad):
+    ds, report = _add_one(store, bad["zero"])
+    assert _messages(report, "rejected")["empty.jpg"] == "empty file (0 bytes)"
+
+
+def test_decompression_bomb_refused_before_decoding(store, bad):
+    ds, report = _add_one(store, bad["bomb"])
+    assert ds.items == []
+    assert "too large to open safely" in _messages(report, "rejected")["bomb.png"]
+
+
+def test_unsupported_format_named(store, bad):
+    ds, report = _add_one(store, bad["bmp"])
+    assert "unsupported image format BMP" in _messages(report, "rejected")["old.bmp"]
+
+
+def test_unicode_name_sanitised(store, bad):
+    ds, report = _add_one(store, bad["unicode"])
+    assert ds.items[0].file == "cafe.jpg"
+    assert ds.items[0].source == "café_日本.jpg"
+
+
+def test_all_non_latin_name_gets_fallback(store, tmp_path):
+    p = tmp_path / "日本.jpg"
+    p.write_bytes(fx.jpeg_bytes(fx.photo(600, 600)))
+    ds, _ = _add_one(store, p)
+    assert ds.items[0].file == "image.jpg"
+
+
+def test_cmyk_converted(store, bad):
+    ds, _ = _add_one(store, bad["cmyk"])
+    with Image.open(ds.image_path(ds.items[0].file)) as img:
+        assert img.mode == "RGB"
+    assert "CMYK" in ds.items[0].notes
+
+
+def test_sixteen_bit_scaled_not_clipped(store, bad):
+    ds, _ = _add_one(store, bad["sixteen"])
+    with Image.open(ds.image_path(ds.items[0].file)) as img:
+        assert img.mode == "RGB"
+        lo, hi = img.convert("L").getextrema()
+        # A naive convert clips 16-bit values to 255: an all-white picture.
+        assert lo < 30 and hi > 220
+    assert "16-bit" in ds.items[0].notes
+
+
+@pytest.mark.parametrize("key,name", [("gif", "anim.gif"), ("webp", "anim.webp")])
+def test_animated_first_frame_with_note(store, bad, key, name):
+    ds, _ = _add_one(store, bad[key])
+    item = ds.items[0]
+    assert "animated (3 frames): used the first frame" in item.notes
+    with Image.open(ds.image_path(item.file)) as img:
+        r, g, b = img.convert("RGB").getpixel((320, 320))
+        assert r > 200 and g < 60 and b < 60  # the first frame is red
+
+
+def test_empty_upload_refused(store):
+    with pytest.raises(InputError, match="No files were uploaded"):
+        store.add_files(store.create("s").name, [])
+
+
+def test_zip_over_size_limit_refused(tmp_path, bad):
+    settings = Settings(data_dir=tmp_path / "d", max_zip_bytes=1024)
+    store = DatasetStore(settings.datasets_dir, settings)
+    ds, report = store.add_files(store.create("s").name, [bad["zip_tricky"]])
+    assert ds.items == []
+    assert "over the" in _messages(report, "rejected")["tricky.zip"]
+
+
+def test_zip_bomb_stops_reading(tmp_path):
+    settings = Settings(data_dir=tmp_path / "d", max_unzipped_bytes=2 * 2**20)
+    store = DatasetStore(settings.datasets_dir, settings)
+    z = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(z, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("huge.jpg", b"\0" * (8 * 2**20))
+    ds, report = store.add_files(store.create("s").name, [z])
+    assert ds.items == []
+    assert "expands to more than" in " ".join(m.message for m in report.rejected)
+
+
+def test_corrupt_zip_rejected(store, tmp_path):
+    z = tmp_path / "broken.zip"
+    z.write_bytes(b"PK\x03\x04 this is not really a zip")
+    ds, report = _add_one(store, z)
+    assert "not a valid zip" in _messages(report, "rejected")["broken.zip"]
+
+
+def test_tricky_zip(store, bad, settings, tmp_path):
+    before = _files_under(tmp_path)
+    ds, report = _add_one(store, bad["zip_tricky"])
+    rejected, skipped = _messages(report, "rejected"), _messages(report, "skipped")
+    # Path traversal entries are refused, and nothing is written outside the data dir.
+    assert "unsafe path" in rejected["tricky.zip:../escape.jpg"]
+    assert "unsafe path" in rejected["tricky.zip:/abs/evil.jpg"]
+    new_files = _files_under(tmp_path) - before
+    data_dir = settings.data_dir.resolve()
+    assert new_files and all(p.is_relative_to(data_dir) for p in new_files)
+    assert not (tmp_path / "bad" / "escape.jpg").exists()
+    # macOS metadata and hidden files are skipped quietly with a reason.
+    assert "macOS metadata" in skipped["tricky.zip:__MACOSX/._a.jpg"]
+    assert "tricky.zip:set/.DS_Store" in skipped and "tricky.zip:set/.hidden.jpg" in skipped
+    # Same name in two folders: both kept under unique names, each with its own caption.
+    captions = {i.file: i.caption for i in ds.items}
+    assert captions["img.jpg"] == "a red ball on grass"
+    assert captions["img-2.jpg"] == "a blue ball on sand"
+    # c/img.jpg has the same bytes as a/img.jpg.
+    assert "duplicate of img.jpg" in skipped["tricky.zip:c/img.jpg"]
+    # Unicode folder and file names inside the zip.
+    assert "facade.jpg" in captions
+    assert "no matching image" in skipped["tricky.zip:orphan.txt"]
+    assert sorted(captions) == ["facade.jpg", "img-2.jpg", "img.jpg"]
+
+
+def test_whole_bad_set_at_once_keeps_the_good(store, bad):
+    ds, report = store.add_files(store.create("s").name, list(bad.values()))
+    assert len(ds.items) == 10  # 7 loose + 3 from the zip (its duplicate dropped)
+    assert len(report.rejected) == 8
+    for item in ds.items:
+        with Image.open(ds.image_path(item.file)) as img:
+            img.load()
+            assert img.mode == "RGB" and img.width * img.height <= 1_000_000
+
+
+def test_failed_import_loses_nothing(store, tmp_path):
+    good = fx.good_set(tmp_path / "g", count=2, size=(640, 480))
+    name = store.create("s").name
+    store.add_files(name, good)
+    store.set_captions(name, {"photo_00.jpg": "keep me"})
+    junk = tmp_path / "junk.jpg"
+    junk.write_bytes(b"junk")
+    ds, report = store.add_files(name, [junk])
+    assert [i.file for i in ds.items] == ["photo_00.jpg", "photo_01.jpg"]
+    assert ds.items[0].caption == "keep me"
+    assert not (ds.path / ".staging").exists()
+
+
+# ---------------------------------------------------------------- captions and checks
+
+
+def test_trigger_first_is_idempotent_and_moves_word():
+    assert trigger_first("a photo of TOK on a bike", "TOK") == "TOK, a photo of on a bike"
+    assert trigger_first("TOK, a man", "TOK") == "TOK, a man"
+    assert trigger_first("", "TOK") == "TOK"
+    assert trigger_first("TOKEN ring", "TOK") == "TOK, TOKEN ring"
+    once = trigger_first("red car", "TOK")
+    assert trigger_first(once, "TOK") == once == "TOK, red car"
+
+
+def test_find_replace_and_affixes():
+    assert find_replace("a red car", "red", "blue") == "a blue car"
+    assert find_replace("a red car", "", "x") == "a red car"
+    assert add_affixes("car", "photo of ", ", 4k") == "photo of car, 4k"
+    assert add_affixes("photo of car, 4k", "photo of ", ", 4k") == "photo of car, 4k"
+
+
+@pytest.mark.parametrize("word", ["", "two words", "x" * 41, "bad!"])
+def test_trigger_word_validation(word):
+    with pytest.raises(InputError):
+        validate_trigger_word(word)
+
+
+def test_warnings_cover_every_rule(store, tmp_path, settings):
+    paths = fx.good_set(tmp_path / "g", count=3, size=(640, 400))
+    name = store.create("s").name
+    ds, _ = store.add_files(name, paths)
+    store.set_trigger_word(name, "TOK")
+    ds = store.set_captions(name, {"photo_00.jpg": "TOK, a cup", "photo_01.jpg": "a cup"})
+    text = " ".join(dataset_warnings(ds, settings))
+    assert "Only 3 image(s)" in text
+    assert "under 512 px" in text
+    assert "1 empty caption" in text and "photo_02.jpg" in text
+    assert "without the trigger word 'TOK': photo_01.jpg" in text
+    many = Settings(data_dir=settings.data_dir, max_images=2)
+    assert any("at most 2" in w for w in dataset_warnings(ds, many))
+
+
+def test_no_warnings_for_a_good_set(store, tmp_path, settings):
+    name = store.create("s").name
+    ds, _ = store.add_files(name, fx.good_set(tmp_path / "g", count=6, size=(800, 800)))
+    store.set_trigger_word(name, "TOK")
+    ds = store.map_captions(name, lambda c: trigger_first("a mug", "TOK"))
+    assert dataset_warnings(ds, settings) == []
+
+
+# ---------------------------------------------------------------- persistence and export
+
+
+def test_reopen_after_restart(settings, tmp_path):
+    store = DatasetStore(settings.datasets_dir, settings)
+    name = store.create("Product shots").name
+    store.add_files(name, fx.good_set(tmp_path / "g", count=2, size=(640, 480)))
+    store.set_trigger_word(name, "MUG")
+    store.set_captions(name, {"photo_01.jpg": "MUG on a desk"})
+    again = DatasetStore(settings.datasets_dir, settings)  # a new process would build this
+    assert again.list_names() == ["Product_shots"]
+    ds = again.open("Product_shots")
+    assert ds.trigger_word == "MUG"
+    assert {i.file: i.caption for i in ds.items} == {"photo_00.jpg": "", "photo_01.jpg": "MUG on a desk"}
+    manifest = json.loads((ds.path / "dataset.json").read_text())
+    assert manifest["items"][1]["caption"] == "MUG on a desk"
+
+
+def test_dataset_names_cannot_escape(store):
+    for bad_name in ["../x", "/etc", "a/b", ".."]:
+        with pytest.raises(DatasetError):
+            store.open(bad_name)
+    assert safe_name("../../etc/passwd") == "etc_passwd"
+    assert store.create("../../evil").path.resolve().is_relative_to(store.root.resolve())
+
+
+def test_create_never_overwrites(store):
+    assert store.create("a").name == "a"
+    assert store.create("a").name == "a-2"
+
+
+def test_remove_image(store, tmp_path):
+    name = store.create("s").name
+    ds, _ = store.add_files(name, fx.good_set(tmp_path / "g", count=2, size=(640, 480)))
+    ds = store.remove_images(name, ["photo_00.jpg"])
+    assert [i.file for i in ds.items] == ["photo_01.jpg"]
+    assert not (ds.images_dir / "photo_00.jpg").exists()
+    with pytest.raises(InputError):
+        store.remove_images(name, ["nope.jpg"])
+
+
+def test_export_zip_pairs_captions(store, tmp_path):
+    name = store.create("s").name
+    store.add_files(name, fx.good_set(tmp_path / "g", count=3, size=(2000, 1500)))
+    store.set_captions(name, {"photo_00.jpg": "TOK, one", "photo_02.jpg": "TOK, three"})
+    result = store.export_zip(name)
+    with zipfile.ZipFile(result.path) as zf:
+        names = sorted(zf.namelist())
+        assert names == ["photo_00.jpg", "photo_00.txt", "photo_01.jpg", "photo_02.jpg", "photo_02.txt"]
+        assert zf.read("photo_02.txt").decode() == "TOK, three"
+        assert zf.testzip() is None
+    assert result.image_count == 3 and result.caption_count == 2
+    assert result.size_bytes == result.path.stat().st_size
+    assert result.size_bytes < result.source_bytes
+
+
+def test_export_empty_dataset_refused(store):
+    with pytest.raises(InputError, match="no images"):
+        store.export_zip(store.create("s").name)
