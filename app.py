@@ -34,7 +34,8 @@ def create_app(settings: Settings | None = None) -> gr.Blocks:
         gr.Markdown(f"# {TITLE}\nTurn a folder of photos into your own fine-tuned FLUX model, and see what it learned.")
         with gr.Tabs():
             with gr.Tab("1 · Dataset", id="dataset"):
-                dataset_tab.build(datasets, settings)
+                data = dataset_tab.build(datasets, settings)
+        demo.load(data.refresh, [data.dataset], [data.dataset], show_progress="hidden")
     # Polling ticks are cheap and must never wait behind uploads; heavy events set their own limits.
     demo.queue(default_concurrency_limit=4, max_size=64)
     demo.studio_settings = settings  # type: ignore[attr-defined]

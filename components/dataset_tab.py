@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,8 @@ class DatasetTab:
     warnings: gr.Markdown
     export_file: gr.File
     export_info: gr.Markdown
+    # Called on page load so a new visitor sees datasets created since the app started.
+    refresh: Callable
 
 
 # ---------------------------------------------------------------- views (plain functions)
@@ -98,7 +101,7 @@ def build(store: DatasetStore, settings: Settings) -> DatasetTab:
     )
     add_btn = gr.Button("Add to dataset", variant="primary", elem_id="dataset-add")
     report = gr.Markdown(elem_id="dataset-report")
-    gallery = gr.Gallery(label="Images", columns=6, height=360, object_fit="cover", elem_id="dataset-gallery")
+    gallery = gr.Gallery(label="Images", columns=6, height=360, object_fit="cover", fit_columns=False, elem_id="dataset-gallery")
     selected = gr.State(value=None)
     with gr.Row():
         remove_btn = gr.Button("Remove selected image", size="sm", variant="stop", elem_id="dataset-remove")
@@ -129,10 +132,17 @@ def build(store: DatasetStore, settings: Settings) -> DatasetTab:
         export_file = gr.File(label="Training zip", interactive=False, elem_id="dataset-export-file")
     export_info = gr.Markdown(elem_id="dataset-export-info")
 
-    tab = DatasetTab(dataset, new_name, upload, report, gallery, selected, trigger, table, warnings, export_file, export_info)
-    _wire(tab, store, settings, new_btn, refresh_btn, add_btn, remove_btn, trigger_btn,
+    tab = DatasetTab(dataset, new_name, upload, report, gallery, selected, trigger, table, warnings, export_file,
+                     export_info, refresh=lambda current=None: _refresh(store, current))
+    refresh_btn.click(tab.refresh, [tab.dataset], [tab.dataset])
+    _wire(tab, store, settings, new_btn, add_btn, remove_btn, trigger_btn,
           find, replace, replace_btn, prefix, suffix, affix_btn, clear_btn, export_btn)
     return tab
+
+
+def _refresh(store: DatasetStore, current: str | None):
+    names = store.list_names()
+    return gr.update(choices=names, value=current if current in names else None)
 
 
 def _view(ds: Dataset | None, settings: Settings):
@@ -140,7 +150,7 @@ def _view(ds: Dataset | None, settings: Settings):
     return gallery_items(ds), captions_frame(ds), warnings_markdown(ds, settings), (ds.trigger_word if ds else "")
 
 
-def _wire(tab: DatasetTab, store: DatasetStore, settings: Settings, new_btn, refresh_btn, add_btn, remove_btn,
+def _wire(tab: DatasetTab, store: DatasetStore, settings: Settings, new_btn, add_btn, remove_btn,
           trigger_btn, find, replace, replace_btn, prefix, suffix, affix_btn, clear_btn, export_btn) -> None:
     view = [tab.gallery, tab.table, tab.warnings, tab.trigger]
 
@@ -160,10 +170,6 @@ def _wire(tab: DatasetTab, store: DatasetStore, settings: Settings, new_btn, ref
             raise InputError("The new dataset needs a name.", hint="Type one next to the button, e.g. my-product.")
         ds = store.create(name)
         return gr.update(choices=store.list_names(), value=ds.name), ""
-
-    def on_refresh(current: str | None):
-        names = store.list_names()
-        return gr.update(choices=names, value=current if current in names else None)
 
     @shows_errors
     def on_add(files: list[str] | None, name: str | None, progress=gr.Progress()):
@@ -237,7 +243,6 @@ def _wire(tab: DatasetTab, store: DatasetStore, settings: Settings, new_btn, ref
     tab.dataset.change(on_pick, [tab.dataset], [*view, tab.export_file, tab.export_info])
     new_btn.click(on_new, [tab.new_name], [tab.dataset, tab.new_name])
     tab.new_name.submit(on_new, [tab.new_name], [tab.dataset, tab.new_name])
-    refresh_btn.click(on_refresh, [tab.dataset], [tab.dataset])
     add_btn.click(on_add, [tab.upload, tab.dataset], [tab.dataset, tab.upload, tab.report, *view],
                   concurrency_limit=2, api_name="add_images")
     tab.table.input(on_table_edit, [tab.table, tab.dataset], [tab.gallery, tab.warnings], trigger_mode="always_last")

@@ -1,0 +1,77 @@
+"""The app as a whole: factory, launch options, flags, and its API driven by gradio_client."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from gradio_client import Client, handle_file
+
+import app as app_module
+from services.errors import ConfigError
+from tests import imagefactory as fx
+from tests.browser import running_app
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_parse_auth():
+    assert app_module.parse_auth("") is None
+    assert app_module.parse_auth("ann:s3cret:x") == ("ann", "s3cret:x")
+    for bad in ("nopassword", ":x", "user:"):
+        with pytest.raises(ConfigError):
+            app_module.parse_auth(bad)
+
+
+def test_launch_options_serve_only_the_data_dir(settings):
+    opts = app_module.launch_options(settings)
+    assert opts["allowed_paths"] == [str(settings.data_dir.resolve())]
+    assert opts["max_file_size"] == settings.max_upload_bytes
+
+
+def test_cli_help_lists_flags():
+    out = subprocess.run([sys.executable, "app.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0
+    for flag in ("--share", "--auth", "--port"):
+        assert flag in out.stdout
+
+
+def test_api_add_images_and_export(settings, tmp_path):
+    photos = fx.good_set(tmp_path / "g", count=3, size=(1200, 900))
+    junk = tmp_path / "junk.jpg"
+    junk.write_bytes(b"not a photo")
+    with running_app(settings) as url:
+        client = Client(url, verbose=False)
+        try:
+            result = client.predict(
+                [handle_file(str(p)) for p in [*photos, junk]], None, api_name="/add_images"
+            )
+            picker, _upload, report, gallery, table, warnings, _trigger = result
+            assert "Added 3 image(s)" in report
+            assert "junk.jpg: not a readable image" in report
+            assert len(gallery) == 3
+            assert [r[0] for r in table["data"]] == ["photo_00.jpg", "photo_01.jpg", "photo_02.jpg"]
+            assert "Only 3 image(s)" in warnings
+            name = picker["value"]  # the picker comes back as an update with the new choices
+            zip_path, info = client.predict(name, api_name="/export_zip")
+            assert "3 images, 0 captions" in info
+            with zipfile.ZipFile(zip_path) as zf:
+                assert sorted(zf.namelist()) == ["photo_00.jpg", "photo_01.jpg", "photo_02.jpg"]
+        finally:
+            client.close()
+
+
+def test_api_errors_are_clear_messages(settings):
+    from gradio_client.exceptions import AppError
+
+    with running_app(settings) as url:
+        client = Client(url, verbose=False)
+        try:
+            with pytest.raises(AppError, match="No files were uploaded"):
+                client.predict([], None, api_name="/add_images")
+            with pytest.raises(AppError, match="No dataset is selected"):
+                client.predict(None, api_name="/export_zip")
+        finally:
+            client.close()

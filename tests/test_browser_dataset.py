@@ -1,0 +1,75 @@
+"""The Dataset tab in a real browser: bad inputs and a photo set in, clean dataset out."""
+from __future__ import annotations
+
+import re
+import zipfile
+
+import pytest
+
+from services.dataset import DatasetStore
+from tests import imagefactory as fx
+from tests.browser import chromium, running_app
+
+pytestmark = pytest.mark.browser
+
+
+def _cell(page, row: int, col: int):
+    return page.locator(f'#dataset-table [data-testid="cell-{row}-{col}"]')
+
+
+def test_dataset_tab_end_to_end(settings, tmp_path):
+    good = fx.good_set(tmp_path / "good", count=6, size=(1600, 1200))
+    bad = fx.bad_set(tmp_path / "bad")
+    uploads = [str(p) for p in good] + [str(bad[k]) for k in ("not_image", "zero", "bomb", "truncated", "zip_tricky", "cmyk")]
+
+    with chromium() as browser:
+        with running_app(settings) as url:
+            page = browser.new_page()
+            page.goto(url)
+            page.locator("#dataset-upload input[type=file]").set_input_files(uploads)
+            page.wait_for_timeout(500)
+            page.click("#dataset-add")
+            report = page.locator("#dataset-report")
+            report.get_by_text("Added 10 image(s)").wait_for(timeout=60_000)
+            text = report.inner_text()
+            # Every bad file has its own reason, and the page keeps working.
+            assert "notes.jpg: not a readable image" in text
+            assert "empty.jpg: empty file (0 bytes)" in text
+            assert "bomb.png: image is too large to open safely" in text
+            assert "truncated.jpg: corrupt or truncated image" in text
+            assert "tricky.zip:../escape.jpg: unsafe path" in text
+            assert "tricky.zip:c/img.jpg: exact duplicate of img.jpg" in text
+            assert page.locator("#dataset-gallery img").count() >= 10
+
+            # Trigger word first, then edit one caption by hand in the table.
+            page.fill("#dataset-trigger textarea, #dataset-trigger input", "TOK")
+            page.click("#dataset-trigger-first")
+            _cell(page, 0, 1).get_by_text("TOK").wait_for(timeout=15_000)
+            _cell(page, 0, 1).dblclick()
+            page.keyboard.press("Control+A")
+            page.keyboard.type("TOK, a product photo on white")
+            page.keyboard.press("Enter")
+            page.wait_for_timeout(1500)
+
+            page.click("#dataset-export")
+            info = page.locator("#dataset-export-info")
+            info.get_by_text("images").wait_for(timeout=30_000)
+            assert re.search(r"10 images, 10 captions, [\d.]+ (KB|MB)", info.inner_text())
+
+            name = page.locator("#dataset-picker input").input_value()
+            store = DatasetStore(settings.datasets_dir, settings)
+            ds = store.open(name)
+            assert ds.trigger_word == "TOK"
+            assert ds.items[0].caption == "TOK, a product photo on white"
+            assert all(i.caption.startswith("TOK") for i in ds.items)
+            with zipfile.ZipFile(ds.path / "export" / f"{name}.zip") as zf:
+                assert len([n for n in zf.namelist() if n.endswith(".txt")]) == 10
+
+        # Restart: a new app over the same data dir reopens the dataset with its captions.
+        with running_app(settings) as url:
+            page = browser.new_page()
+            page.goto(url)
+            page.click("#dataset-picker input")
+            page.get_by_role("option", name=name).click()
+            _cell(page, 0, 1).get_by_text("a product photo on white").wait_for(timeout=15_000)
+            assert "10 image(s), 10 captioned" in page.locator("#dataset-warnings").inner_text()
