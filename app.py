@@ -15,10 +15,14 @@ from collections.abc import Sequence
 
 import gradio as gr
 
-from components import dataset_tab
+from components import dataset_tab, train_tab
+from services.cometapi_provider import CometAPIProvider
 from services.config import Settings
-from services.dataset import DatasetStore
+from services.dataset import DatasetStores
 from services.errors import ConfigError
+from services.jobs import JobStore
+from services.providers import Provider
+from services.training import Tracker, TrainingService
 
 TITLE = "FLUX Finetune Studio"
 CSS = """
@@ -26,19 +30,43 @@ CSS = """
 """
 
 
-def create_app(settings: Settings | None = None) -> gr.Blocks:
-    """Build the whole app. Pass ``settings`` to point it at another data dir or service."""
+def default_providers(settings: Settings) -> dict[str, Provider]:
+    return {"cometapi": CometAPIProvider.from_settings(settings)}
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    providers: dict[str, Provider] | None = None,
+    track_interval: float = 3.0,
+) -> gr.Blocks:
+    """Build the whole app. Pass ``settings`` to point it at another data dir or service,
+    ``providers`` to plug in other training back-ends (tests pass one wired to a fake)."""
     settings = settings or Settings.from_env()
-    datasets = DatasetStore(settings.datasets_dir, settings)
+    datasets = DatasetStores(settings)
+    providers = providers if providers is not None else default_providers(settings)
+    training = TrainingService(
+        JobStore.from_settings(settings), providers, datasets,
+        max_images={key: getattr(p, "max_images", 0) for key, p in providers.items()},
+    )
+    default_provider = next(iter(providers))
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
         gr.Markdown(f"# {TITLE}\nTurn a folder of photos into your own fine-tuned FLUX model, and see what it learned.")
         with gr.Tabs():
             with gr.Tab("1 · Dataset", id="dataset"):
                 data = dataset_tab.build(datasets, settings)
+            with gr.Tab("2 · Train", id="train"):
+                train = train_tab.build(training, datasets, settings, default_provider)
         demo.load(data.refresh, [data.dataset], [data.dataset], show_progress="hidden")
+        demo.load(train.on_load, [train.provider, train.dataset],
+                  [train.banner, train.dataset, train.jobs, train.timer, train.seen], show_progress="hidden")
     # Polling ticks are cheap and must never wait behind uploads; heavy events set their own limits.
     demo.queue(default_concurrency_limit=4, max_size=64)
+    training.resume_on_start()
+    tracker = Tracker(training, interval=track_interval).start()
     demo.studio_settings = settings  # type: ignore[attr-defined]
+    demo.studio_training = training  # type: ignore[attr-defined]
+    demo.studio_tracker = tracker  # type: ignore[attr-defined]
     return demo
 
 

@@ -10,6 +10,7 @@ import gradio as gr
 import pandas as pd
 
 from components.feedback import progress_callback, shows_errors
+from components.identity import owner_for
 from services import dataset as ds_service
 from services.config import Settings
 from services.dataset import Dataset, DatasetStore
@@ -81,7 +82,7 @@ def table_captions(table: pd.DataFrame | None) -> dict[str, str]:
 # ---------------------------------------------------------------- build
 
 
-def build(store: DatasetStore, settings: Settings) -> DatasetTab:
+def build(stores: Callable[[str], DatasetStore], settings: Settings) -> DatasetTab:
     gr.Markdown(
         "Upload photos of your subject (JPG, PNG or WebP), or one .zip with images and optional "
         "same-name `.txt` captions. Images are rotated upright, converted to RGB and scaled down to "
@@ -90,7 +91,7 @@ def build(store: DatasetStore, settings: Settings) -> DatasetTab:
     )
     with gr.Row():
         dataset = gr.Dropdown(
-            choices=store.list_names(), value=None, label="Dataset", info="Saved datasets; reopen one any time.",
+            choices=[], value=None, label="Dataset", info="Saved datasets; reopen one any time.",
             elem_id="dataset-picker", scale=3,
         )
         new_name = gr.Textbox(label="New dataset name", placeholder="my-product", scale=2, elem_id="dataset-new-name")
@@ -133,15 +134,15 @@ def build(store: DatasetStore, settings: Settings) -> DatasetTab:
     export_info = gr.Markdown(elem_id="dataset-export-info")
 
     tab = DatasetTab(dataset, new_name, upload, report, gallery, selected, trigger, table, warnings, export_file,
-                     export_info, refresh=lambda current=None: _refresh(store, current))
+                     export_info, refresh=lambda current=None, request=None: _refresh(stores, settings, current, request))
     refresh_btn.click(tab.refresh, [tab.dataset], [tab.dataset])
-    _wire(tab, store, settings, new_btn, add_btn, remove_btn, trigger_btn,
+    _wire(tab, stores, settings, new_btn, add_btn, remove_btn, trigger_btn,
           find, replace, replace_btn, prefix, suffix, affix_btn, clear_btn, export_btn)
     return tab
 
 
-def _refresh(store: DatasetStore, current: str | None):
-    names = store.list_names()
+def _refresh(stores, settings: Settings, current: str | None, request: gr.Request | None):
+    names = stores(owner_for(request, settings)).list_names()
     return gr.update(choices=names, value=current if current in names else None)
 
 
@@ -150,7 +151,7 @@ def _view(ds: Dataset | None, settings: Settings):
     return gallery_items(ds), captions_frame(ds), warnings_markdown(ds, settings), (ds.trigger_word if ds else "")
 
 
-def _wire(tab: DatasetTab, store: DatasetStore, settings: Settings, new_btn, add_btn, remove_btn,
+def _wire(tab: DatasetTab, stores: Callable[[str], DatasetStore], settings: Settings, new_btn, add_btn, remove_btn,
           trigger_btn, find, replace, replace_btn, prefix, suffix, affix_btn, clear_btn, export_btn) -> None:
     view = [tab.gallery, tab.table, tab.warnings, tab.trigger]
 
@@ -160,19 +161,22 @@ def _wire(tab: DatasetTab, store: DatasetStore, settings: Settings, new_btn, add
         return name
 
     @shows_errors
-    def on_pick(name: str | None):
+    def on_pick(name: str | None, request: gr.Request = None):
+        store = stores(owner_for(request, settings))
         ds = store.open(name) if name else None
         return (*_view(ds, settings), None, "")
 
     @shows_errors
-    def on_new(name: str):
+    def on_new(name: str, request: gr.Request = None):
+        store = stores(owner_for(request, settings))
         if not (name or "").strip():
             raise InputError("The new dataset needs a name.", hint="Type one next to the button, e.g. my-product.")
         ds = store.create(name)
         return gr.update(choices=store.list_names(), value=ds.name), ""
 
     @shows_errors
-    def on_add(files: list[str] | None, name: str | None, progress=gr.Progress()):
+    def on_add(files: list[str] | None, name: str | None, progress=gr.Progress(), request: gr.Request = None):
+        store = stores(owner_for(request, settings))
         if not files:
             raise InputError("No files were uploaded.", hint="Drop images (JPG, PNG, WebP) or a .zip on the upload box first.")
         if not name:
@@ -185,47 +189,55 @@ def _wire(tab: DatasetTab, store: DatasetStore, settings: Settings, new_btn, add
         return (gr.update(choices=store.list_names(), value=ds.name), None, report_markdown(report), *_view(ds, settings))
 
     @shows_errors
-    def on_table_edit(table: pd.DataFrame, name: str | None):
+    def on_table_edit(table: pd.DataFrame, name: str | None, request: gr.Request = None):
+        store = stores(owner_for(request, settings))
         ds = store.set_captions(require(name), table_captions(table))
         return gallery_items(ds), warnings_markdown(ds, settings)
 
     @shows_errors
-    def on_trigger_saved(word: str, name: str | None):
+    def on_trigger_saved(word: str, name: str | None, request: gr.Request = None):
+        store = stores(owner_for(request, settings))
         if not name or not (word or "").strip():
             return gr.update()
         ds = store.set_trigger_word(name, word)
         return warnings_markdown(ds, settings)
 
     @shows_errors
-    def on_trigger_first(word: str, name: str | None):
+    def on_trigger_first(word: str, name: str | None, request: gr.Request = None):
+        store = stores(owner_for(request, settings))
         ds = store.set_trigger_word(require(name), word)
         ds = store.map_captions(ds.name, lambda c: ds_service.trigger_first(c, ds.trigger_word))
         return _view(ds, settings)
 
     @shows_errors
-    def on_replace(f: str, r: str, name: str | None):
+    def on_replace(f: str, r: str, name: str | None, request: gr.Request = None):
+        store = stores(owner_for(request, settings))
         if not f:
             raise InputError("Nothing to find.", hint="Type the text to replace in 'Find'.")
         return _view(store.map_captions(require(name), lambda c: ds_service.find_replace(c, f, r)), settings)
 
     @shows_errors
-    def on_affix(p: str, s: str, name: str | None):
+    def on_affix(p: str, s: str, name: str | None, request: gr.Request = None):
+        store = stores(owner_for(request, settings))
         if not p and not s:
             raise InputError("Prefix and suffix are both empty.", hint="Type a prefix, a suffix or both.")
         return _view(store.map_captions(require(name), lambda c: ds_service.add_affixes(c, p, s)), settings)
 
     @shows_errors
-    def on_clear(name: str | None):
+    def on_clear(name: str | None, request: gr.Request = None):
+        store = stores(owner_for(request, settings))
         return _view(store.map_captions(require(name), lambda c: ""), settings)
 
-    def on_select(name: str | None, evt: gr.SelectData):
+    def on_select(name: str | None, evt: gr.SelectData, request: gr.Request = None):
+        store = stores(owner_for(request, settings))
         if not name or evt is None:
             return None
         ds = store.open(name)
         return ds.items[evt.index].file if 0 <= evt.index < len(ds.items) else None
 
     @shows_errors
-    def on_remove(name: str | None, file: str | None):
+    def on_remove(name: str | None, file: str | None, request: gr.Request = None):
+        store = stores(owner_for(request, settings))
         if not file:
             raise InputError("No image is selected.", hint="Click an image in the gallery, then Remove.")
         ds = store.remove_images(require(name), [file])
@@ -233,7 +245,8 @@ def _wire(tab: DatasetTab, store: DatasetStore, settings: Settings, new_btn, add
         return (*_view(ds, settings), None)
 
     @shows_errors
-    def on_export(name: str | None):
+    def on_export(name: str | None, request: gr.Request = None):
+        store = stores(owner_for(request, settings))
         result = store.export_zip(require(name))
         ratio = f" ({result.size_bytes / result.source_bytes:.0%} of the {human_size(result.source_bytes)} uploaded)" if result.source_bytes else ""
         info = (f"**{result.path.name}**: {result.image_count} images, {result.caption_count} captions, "

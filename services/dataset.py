@@ -660,3 +660,31 @@ class DatasetStore:
                 caption_count=captions,
                 source_bytes=sum(i.source_bytes for i in ds.items),
             )
+
+
+class DatasetStores:
+    """One ``DatasetStore`` per owner, so every request for an owner shares the same lock.
+
+    The local owner keeps the plain ``datasets/`` layout; hosted visitors each get
+    ``owners/<owner>/datasets/``, so one visitor can never list or open another's.
+    """
+
+    def __init__(self, settings: Settings, *, local_owner: str = "local") -> None:
+        self.settings = settings
+        self.local_owner = local_owner
+        self._stores: dict[str, DatasetStore] = {}
+        self._lock = threading.Lock()
+
+    def root_for(self, owner: str) -> Path:
+        if owner == self.local_owner:
+            return self.settings.datasets_dir
+        if safe_name(owner, fallback="") != owner:
+            raise DatasetError("This session has no valid identity.", hint="Reload the page.")
+        return self.settings.data_dir / "owners" / owner / "datasets"
+
+    def __call__(self, owner: str) -> DatasetStore:
+        with self._lock:
+            store = self._stores.get(owner)
+            if store is None:
+                store = self._stores[owner] = DatasetStore(self.root_for(owner), self.settings)
+            return store

@@ -1,0 +1,279 @@
+"""The Train tab: launch a fine-tune through a provider and track it until it is ready."""
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import gradio as gr
+import pandas as pd
+
+from components.feedback import shows_errors
+from components.identity import owner_for
+from services import providers as P
+from services.config import Settings
+from services.dataset import DatasetStore
+from services.errors import InputError
+from services.jobs import Job
+from services.training import TrainingService
+
+JOB_COLUMNS = ["job", "name", "provider", "dataset", "status", "progress", "elapsed", "created"]
+TICK_SECONDS = 2.0
+
+
+@dataclass
+class TrainTab:
+    banner: gr.Markdown
+    provider: gr.Radio
+    dataset: gr.Dropdown
+    mode: gr.Radio
+    trigger: gr.Textbox
+    name: gr.Textbox
+    iterations: gr.Slider
+    learning_rate: gr.Textbox
+    lora_rank: gr.Radio
+    finetune_type: gr.Radio
+    priority: gr.Radio
+    captioning: gr.Checkbox
+    launch: gr.Button
+    launch_result: gr.Markdown
+    jobs: gr.Dataframe
+    detail: gr.Markdown
+    selected: gr.State
+    timer: gr.Timer
+    seen: gr.State
+    on_load: Callable
+
+
+# ---------------------------------------------------------------- views
+
+
+def fmt_elapsed(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def jobs_frame(jobs: list[Job], now: float | None = None) -> pd.DataFrame:
+    now = now or time.time()
+    rows = []
+    for j in jobs:
+        end = j.finished_at or now
+        rows.append([
+            j.id[:8], j.name, j.provider, j.dataset_name, j.status,
+            "" if j.progress is None else f"{j.progress:.0%}",
+            fmt_elapsed(end - j.created_at),
+            dt.datetime.fromtimestamp(j.created_at).strftime("%Y-%m-%d %H:%M"),
+        ])
+    return pd.DataFrame(rows, columns=JOB_COLUMNS)
+
+
+def job_markdown(job: Job | None, now: float | None = None) -> str:
+    if job is None:
+        return "Select a job in the table to see its details."
+    now = now or time.time()
+    lines = [f"### {job.name}", f"**Status:** {job.status}" + (f" ({job.progress:.0%})" if job.progress is not None else "")]
+    if job.message:
+        lines.append(f"**Latest:** {job.message}")
+    if job.error:
+        lines.append(f"**Error:** {job.error}")
+    if job.eta_s:
+        lines.append(f"**ETA:** {fmt_elapsed(job.eta_s)}")
+    lines.append(f"**Elapsed:** {fmt_elapsed((job.finished_at or now) - job.created_at)}")
+    lines.append(f"**Provider:** {job.provider}" + (f", id `{job.remote_id}`" if job.remote_id else ""))
+    lines.append(f"**Dataset:** {job.dataset_name} (hash `{job.dataset_hash[:12]}`)")
+    if job.result:
+        lines.append("**Result:** " + ", ".join(f"{k} `{v}`" for k, v in job.result.items()))
+    params = {k: v for k, v in job.params.items() if v not in (None, "")}
+    lines.append("**Settings:** " + ", ".join(f"{k}={v}" for k, v in params.items()))
+    return "\n\n".join(lines)
+
+
+def banner_markdown(service: TrainingService, provider_key: str) -> str:
+    provider = service.providers.get(provider_key)
+    if provider is None:
+        return ""
+    ready, why = provider.readiness()
+    notice = service.notices.get(provider_key)
+    if not ready:
+        return f"⚠️ **{provider.label} can't be used yet.** {why}"
+    if notice:
+        return f"⚠️ **{provider.label}: {notice}**"
+    return f"✅ {provider.label} is configured."
+
+
+def parse_learning_rate(raw: str) -> float | None:
+    raw = (raw or "").strip()
+    if not raw:
+        return None
+    try:
+        return float(raw)
+    except ValueError:
+        raise InputError(f"Learning rate {raw!r} is not a number.",
+                         hint="Type a number such as 0.0001 or 1e-4, or leave it empty for the default.") from None
+
+
+# ---------------------------------------------------------------- build
+
+
+def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore], settings: Settings,
+          default_provider: str) -> TrainTab:
+    banner = gr.Markdown(elem_id="train-banner")
+    with gr.Row():
+        provider = gr.Radio(
+            choices=[(p.label, key) for key, p in service.providers.items()], value=default_provider,
+            label="Provider", elem_id="train-provider", scale=1,
+        )
+        dataset = gr.Dropdown(choices=[], value=None, label="Dataset", elem_id="train-dataset", scale=2,
+                              info="Saved on the Dataset tab.")
+        refresh = gr.Button("↻", size="sm", scale=0, min_width=40)
+    dataset_info = gr.Markdown(elem_id="train-dataset-info")
+    preset = P.PRESETS["character"]
+    with gr.Row():
+        mode = gr.Radio(list(P.MODES), value="character", label="Mode", elem_id="train-mode",
+                        info="Sets sensible defaults below.")
+        trigger = gr.Textbox(label="Trigger word", value="TOK", elem_id="train-trigger")
+        name = gr.Textbox(label="Fine-tune name", placeholder="my-product-v1", elem_id="train-name")
+    with gr.Row():
+        iterations = gr.Slider(*P.ITERATIONS_RANGE, value=preset["iterations"], step=10, label="Iterations",
+                               elem_id="train-iterations")
+        learning_rate = gr.Textbox(label="Learning rate", placeholder="empty = default (1e-4 LoRA, 1e-5 full)",
+                                   elem_id="train-lr")
+    with gr.Row():
+        lora_rank = gr.Radio(list(P.LORA_RANKS), value=preset["lora_rank"], label="LoRA rank")
+        finetune_type = gr.Radio(list(P.FINETUNE_TYPES), value=preset["finetune_type"], label="Fine-tune type")
+        priority = gr.Radio(list(P.PRIORITIES), value=preset["priority"], label="Priority")
+        captioning = gr.Checkbox(value=preset["captioning"], label="Server-side captioning",
+                                 info="Let the service caption images that have no caption.")
+    launch = gr.Button("Launch fine-tune", variant="primary", elem_id="train-launch")
+    launch_result = gr.Markdown(elem_id="train-launch-result")
+    gr.Markdown("### Jobs")
+    jobs = gr.Dataframe(value=jobs_frame([]), headers=JOB_COLUMNS, interactive=False, elem_id="train-jobs",
+                        label="History (click a row for details; click a header to sort)")
+    detail = gr.Markdown(job_markdown(None), elem_id="train-job-detail")
+    with gr.Row():
+        delete = gr.Button("Delete selected job", variant="stop", size="sm", elem_id="train-delete")
+    selected = gr.State(None)
+    seen = gr.State({})
+    timer = gr.Timer(TICK_SECONDS, active=False)
+
+    def dataset_choices(owner: str, current: str | None):
+        names = datasets_for(owner).list_names()
+        return gr.update(choices=names, value=current if current in names else (names[0] if names else None))
+
+    def on_load(provider_key: str, current: str | None, request: gr.Request = None):
+        owner = owner_for(request, settings)
+        owned = service.jobs.list(owner)
+        return (
+            banner_markdown(service, provider_key),
+            dataset_choices(owner, current),
+            jobs_frame(owned),
+            gr.Timer(active=any(j.is_active for j in owned)),
+            {j.id: j.status for j in owned},
+        )
+
+    tab = TrainTab(banner, provider, dataset, mode, trigger, name, iterations, learning_rate, lora_rank,
+                   finetune_type, priority, captioning, launch, launch_result, jobs, detail, selected, timer, seen,
+                   on_load=on_load)
+
+    # -- handlers
+
+    def on_provider(provider_key: str):
+        return banner_markdown(service, provider_key)
+
+    def on_refresh(current: str | None, request: gr.Request = None):
+        return dataset_choices(owner_for(request, settings), current)
+
+    @shows_errors
+    def on_dataset(name_: str | None, mode_: str, request: gr.Request = None):
+        if not name_:
+            return gr.update(), gr.update(), ""
+        ds = datasets_for(owner_for(request, settings)).open(name_)
+        captioned = sum(1 for i in ds.items if i.caption.strip())
+        info = f"{len(ds.items)} image(s), {captioned} captioned, trigger word `{ds.trigger_word or '—'}`."
+        return (ds.trigger_word or gr.update()), f"{ds.name}-{mode_}", info
+
+    def on_mode(mode_: str, dataset_: str | None):
+        p = P.PRESETS.get(mode_, P.PRESETS["general"])
+        return (p["iterations"], p["lora_rank"], p["finetune_type"], p["priority"], p["captioning"],
+                f"{dataset_}-{mode_}" if dataset_ else gr.update())
+
+    @shows_errors
+    def on_launch(provider_key, dataset_, mode_, trigger_, name_, iterations_, lr_, rank_, type_, priority_,
+                  captioning_, seen_, request: gr.Request = None, progress=gr.Progress()):
+        owner = owner_for(request, settings)
+        req = P.TrainRequest(
+            name=name_ or "", mode=mode_, trigger_word=(trigger_ or "").strip(), iterations=int(iterations_),
+            learning_rate=parse_learning_rate(lr_), lora_rank=int(rank_), finetune_type=type_,
+            priority=priority_, captioning=bool(captioning_),
+        )
+        progress(0, desc="Exporting dataset")
+
+        def uploaded(sent: int, total: int) -> None:
+            progress(sent / total if total else 1.0, desc=f"Uploading dataset ({sent / 2**20:.1f} of {total / 2**20:.1f} MB)")
+
+        job = service.launch(owner, provider_key, dataset_, req, on_upload=uploaded)
+        owned = service.jobs.list(owner)
+        if job.status == "failed":
+            msg = f"❌ Launch failed: {job.error}"
+        elif job.remote_id:
+            msg = f"🚀 Launched **{job.name}** on {job.provider} (id `{job.remote_id}`). Tracking it below."
+        else:
+            msg = f"⏳ {job.message}"
+        gr.Info(f"Launched {job.name}.")
+        return msg, jobs_frame(owned), job_markdown(job), job.id, gr.Timer(active=True), {**seen_, job.id: job.status}
+
+    def on_tick(selected_: str | None, seen_: dict, provider_key: str, request: gr.Request = None):
+        owner = owner_for(request, settings)
+        owned = service.jobs.list(owner)
+        for j in owned:
+            before = seen_.get(j.id)
+            if before is not None and before != j.status:
+                if j.status == "ready":
+                    gr.Info(f"Fine-tune '{j.name}' is ready. Try it on the Compare tab.")
+                elif j.status == "failed":
+                    gr.Warning(f"Fine-tune '{j.name}' failed: {j.error}")
+        current = next((j for j in owned if j.id == selected_), None)
+        return (
+            jobs_frame(owned),
+            job_markdown(current) if current else gr.update(),
+            gr.Timer(active=any(j.is_active for j in owned)),
+            {j.id: j.status for j in owned},
+            banner_markdown(service, provider_key),
+        )
+
+    def on_select(table: pd.DataFrame, evt: gr.SelectData, request: gr.Request = None):
+        owner = owner_for(request, settings)
+        row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+        short = str(table.iloc[row]["job"]) if table is not None and 0 <= row < len(table) else ""
+        job = next((j for j in service.jobs.list(owner) if j.id.startswith(short)), None) if short else None
+        return (job.id if job else None), job_markdown(job)
+
+    @shows_errors
+    def on_delete(selected_: str | None, request: gr.Request = None):
+        if not selected_:
+            raise InputError("No job is selected.", hint="Click a row in the jobs table first.")
+        owner = owner_for(request, settings)
+        job = service.delete(owner, selected_)
+        gr.Info(f"Deleted '{job.name}'.")
+        return jobs_frame(service.jobs.list(owner)), job_markdown(None), None
+
+    provider.change(on_provider, [provider], [banner])
+    refresh.click(on_refresh, [dataset], [dataset])
+    dataset.change(on_dataset, [dataset, mode], [trigger, name, dataset_info])
+    mode.change(on_mode, [mode, dataset], [iterations, lora_rank, finetune_type, priority, captioning, name])
+    launch.click(
+        on_launch,
+        [provider, dataset, mode, trigger, name, iterations, learning_rate, lora_rank, finetune_type, priority,
+         captioning, seen],
+        [launch_result, jobs, detail, selected, timer, seen],
+        concurrency_limit=4, api_name="launch_finetune",
+    )
+    timer.tick(on_tick, [selected, seen, provider], [jobs, detail, timer, seen, banner],
+               concurrency_limit=None, show_progress="hidden")
+    jobs.select(on_select, [jobs], [selected, detail])
+    delete.click(on_delete, [selected], [jobs, detail, selected],
+                 js="(s) => { if (!confirm('Delete this job? A finished fine-tune is deleted on the provider too.')) throw new Error('cancelled'); return s; }")
+    return tab

@@ -1,0 +1,157 @@
+"""The provider interface the tabs use, whoever trains and generates.
+
+A provider trains a fine-tune from a dataset zip and generates images with a base model
+or a fine-tune. CometAPI (``services.cometapi_provider``) is one; the local diffusers
+engine is another. The tabs only ever see the types in this module.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from services.errors import InputError
+
+MODES = ("character", "product", "style", "general")
+FINETUNE_TYPES = ("lora", "full")
+PRIORITIES = ("speed", "quality", "high_res_only")
+LORA_RANKS = (16, 32)
+ITERATIONS_RANGE = (100, 1000)
+LEARNING_RATE_RANGE = (1e-6, 5e-3)
+OUTPUT_FORMATS = ("jpeg", "png")
+ASPECT_RATIOS = ("21:9", "16:9", "3:2", "4:3", "1:1", "3:4", "2:3", "9:16", "9:21")
+
+# Per-mode starting points. They follow the hosted service's defaults (300 iterations,
+# rank 32) and common practice: styles need more steps and benefit from a lower rank.
+PRESETS: dict[str, dict] = {
+    "character": {"iterations": 300, "lora_rank": 32, "finetune_type": "lora", "priority": "quality", "captioning": True},
+    "product": {"iterations": 300, "lora_rank": 32, "finetune_type": "lora", "priority": "quality", "captioning": True},
+    "style": {"iterations": 500, "lora_rank": 16, "finetune_type": "lora", "priority": "quality", "captioning": True},
+    "general": {"iterations": 300, "lora_rank": 32, "finetune_type": "full", "priority": "quality", "captioning": True},
+}
+
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    name: str
+    mode: str
+    trigger_word: str = "TOK"
+    iterations: int = 300
+    learning_rate: float | None = None
+    lora_rank: int = 32
+    finetune_type: str = "lora"
+    priority: str = "quality"
+    captioning: bool = True
+
+    def problems(self) -> dict[str, str]:
+        """Every field that is wrong, with what to do, before anything is sent."""
+        p: dict[str, str] = {}
+        if not self.name.strip():
+            p["name"] = "Give the fine-tune a name so you can find it later."
+        elif len(self.name) > 100:
+            p["name"] = "Keep the name under 100 characters."
+        if self.mode not in MODES:
+            p["mode"] = f"Pick one of {', '.join(MODES)}."
+        from services.dataset import _TRIGGER_RE  # one rule for trigger words everywhere
+
+        if not _TRIGGER_RE.match(self.trigger_word or ""):
+            p["trigger_word"] = "Use 1-40 letters, digits, _ or -, no spaces (for example TOK)."
+        lo, hi = ITERATIONS_RANGE
+        if not isinstance(self.iterations, int) or not lo <= self.iterations <= hi:
+            p["iterations"] = f"Iterations must be a whole number from {lo} to {hi}."
+        if self.learning_rate is not None:
+            lo_lr, hi_lr = LEARNING_RATE_RANGE
+            if not lo_lr <= self.learning_rate <= hi_lr:
+                p["learning_rate"] = f"Learning rate must be between {lo_lr:g} and {hi_lr:g}, or empty for the default."
+        if self.lora_rank not in LORA_RANKS:
+            p["lora_rank"] = "LoRA rank must be 16 or 32."
+        if self.finetune_type not in FINETUNE_TYPES:
+            p["finetune_type"] = "Fine-tune type must be lora or full."
+        if self.priority not in PRIORITIES:
+            p["priority"] = f"Priority must be one of {', '.join(PRIORITIES)}."
+        return p
+
+    def validate(self) -> "TrainRequest":
+        problems = self.problems()
+        if problems:
+            lines = "; ".join(f"{k.replace('_', ' ')}: {v}" for k, v in problems.items())
+            raise InputError(f"Some settings need fixing before launch. {lines}")
+        return self
+
+    def effective_learning_rate(self) -> float:
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return 1e-4 if self.finetune_type == "lora" else 1e-5
+
+
+@dataclass(frozen=True)
+class TrainStatus:
+    """What a provider says about a training job right now."""
+
+    state: str  # "pending" | "running" | "ready" | "failed" | "cancelled"
+    progress: float | None = None  # 0..1 when the provider says
+    eta_s: float | None = None
+    step: int | None = None
+    loss: float | None = None
+    message: str = ""
+    samples: tuple[str, ...] = ()  # local image paths
+    result: dict = field(default_factory=dict)  # e.g. {"finetune_id": ...} or {"lora_path": ...}
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in ("ready", "failed", "cancelled")
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    prompt: str
+    seed: int = 42
+    width: int = 1024
+    height: int = 768
+    aspect_ratio: str = "16:9"
+    steps: int | None = None
+    guidance: float | None = None
+    safety_tolerance: int = 2
+    output_format: str = "jpeg"
+    strength: float = 1.2  # fine-tune strength; ignored by base models
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    path: Path
+    model: str
+    seed: int
+    latency_s: float
+    params: dict = field(default_factory=dict)
+
+
+@runtime_checkable
+class Provider(Protocol):
+    """What the Train and Compare tabs need from a provider."""
+
+    key: str  # short id stored in job rows: "cometapi", "local"
+    label: str  # shown to people
+
+    def readiness(self) -> tuple[bool, str]:
+        """(usable, message): message explains what is missing when not usable."""
+
+    def submit(self, zip_path: Path, request: TrainRequest, *, tag: str, on_upload: ProgressFn | None = None) -> str:
+        """Start training; returns the provider's id. ``tag`` is our job id, stored remotely when possible."""
+
+    def status(self, remote_id: str) -> TrainStatus: ...
+
+    def list_remote(self) -> list[str]: ...
+
+    def find_by_tag(self, tag: str) -> str | None:
+        """The remote id of a job submitted with ``tag``, if the provider can tell (restart recovery)."""
+
+    def cancel(self, remote_id: str) -> None: ...
+
+    def delete(self, remote_id: str) -> None: ...
+
+    def generate(self, request: GenerateRequest, out_dir: Path, *, finetune: str | None = None,
+                 model: str | None = None) -> GeneratedImage:
+        """Generate one image and save it under ``out_dir`` at once (provider URLs expire)."""

@@ -1,0 +1,273 @@
+"""Launching fine-tunes and tracking them until they are ready, through any provider.
+
+Two rules keep a user's money and work safe:
+
+* The job row is written *before* anything is sent, tagged with our job id, and the tag
+  travels with the submission (in the fine-tune's name). If the app dies or the network
+  drops mid-submit, the tracker looks the tag up on the provider instead of submitting
+  again, so a restart never creates a second paid job.
+* Tracking runs in a background thread over every unfinished job of every owner, so a job
+  finishes and is recorded even when no browser is open, and after a restart.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from services.dataset import DatasetStore
+from services.errors import (
+    EndpointUnavailableError,
+    InputError,
+    JobError,
+    NetworkError,
+    ProviderError,
+    RateLimitedError,
+    ServerError,
+    StudioError,
+    TaskNotFoundError,
+    WaitTimeoutError,
+)
+from services.jobs import Job, JobStore
+from services.providers import Provider, ProgressFn, TrainRequest, TrainStatus
+
+log = logging.getLogger("flux_studio.training")
+
+# Failures after which the provider may still have received the submission.
+_AMBIGUOUS = (NetworkError, ServerError, WaitTimeoutError)
+# Failures worth another look on the next tick rather than failing the job.
+_TRANSIENT = (NetworkError, ServerError, RateLimitedError, WaitTimeoutError)
+RECONCILE_GIVE_UP_S = 600.0
+
+
+def job_tag(job_id: str) -> str:
+    return f"fs-{job_id[:12]}"
+
+
+def remote_comment(name: str, job_id: str) -> str:
+    """The fine-tune name sent to the provider: the user's name plus our tag for recovery."""
+    return f"{name.strip()} [{job_tag(job_id)}]"
+
+
+@dataclass(frozen=True)
+class Transition:
+    """A job that changed state during a tracking pass (for toasts)."""
+
+    job: Job
+    previous: str
+
+
+class TrainingService:
+    def __init__(
+        self,
+        jobs: JobStore,
+        providers: dict[str, Provider],
+        datasets_for: Callable[[str], DatasetStore],
+        *,
+        clock: Callable[[], float] = time.time,
+        max_images: dict[str, int] | None = None,
+    ) -> None:
+        self.jobs = jobs
+        self.providers = providers
+        self.datasets_for = datasets_for
+        self._clock = clock
+        self._max_images = max_images or {}
+        self._lock = threading.Lock()
+        # Provider key -> a problem worth a banner (e.g. the fine-tune endpoint is switched off).
+        self.notices: dict[str, str] = {}
+
+    # ------------------------------------------------------------ launching
+
+    def provider(self, key: str) -> Provider:
+        try:
+            return self.providers[key]
+        except KeyError:
+            raise InputError(f"Unknown provider '{key}'.", hint=f"Pick one of: {', '.join(self.providers)}.") from None
+
+    def launch(
+        self,
+        owner: str,
+        provider_key: str,
+        dataset_name: str,
+        request: TrainRequest,
+        *,
+        on_upload: ProgressFn | None = None,
+    ) -> Job:
+        """Validate, export, record, submit. Returns the job, pending or failed."""
+        request.validate()
+        provider = self.provider(provider_key)
+        ready, why = provider.readiness()
+        if not ready:
+            raise InputError(why)
+        if not dataset_name:
+            raise InputError("No dataset is selected.", hint="Pick a saved dataset (make one on the Dataset tab).")
+        store = self.datasets_for(owner)
+        ds = store.open(dataset_name)
+        limit = self._max_images.get(provider_key)
+        if not ds.items:
+            raise InputError(f"Dataset '{ds.name}' has no images.", hint="Add images on the Dataset tab first.")
+        if limit and len(ds.items) > limit:
+            raise InputError(
+                f"Dataset '{ds.name}' has {len(ds.items)} images; {provider.label} takes at most {limit}.",
+                hint="Remove some on the Dataset tab, or train with the local engine.",
+            )
+        export = store.export_zip(ds.name)
+        job = self.jobs.create(
+            owner, provider.key, "finetune", request.name.strip(), ds.name, ds.content_hash(),
+            params={**asdict(request), "images": len(ds.items), "zip_bytes": export.size_bytes},
+        )
+        self.jobs.update(owner, job.id, message=f"Uploading {export.size_bytes / 2**20:.1f} MB to {provider.label}…")
+        try:
+            remote_id = provider.submit(export.path, request, tag=job.id, on_upload=on_upload)
+        except _AMBIGUOUS as exc:
+            # It may have arrived: keep the job "submitting" and let the tracker look it up by tag.
+            return self.jobs.update(
+                owner, job.id, message=f"Not sure {provider.label} received it; checking before anything is re-sent. {exc.user_message()}"
+            )
+        except StudioError as exc:
+            if isinstance(exc, EndpointUnavailableError):
+                self.notices[provider.key] = exc.user_message()
+            self.jobs.update(owner, job.id, status="failed", error=exc.user_message(), message="Launch failed.")
+            raise
+        self.notices.pop(provider.key, None)
+        return self.jobs.update(
+            owner, job.id, status="pending", remote_id=remote_id, progress=0.0,
+            message=f"Submitted to {provider.label}; waiting for it to start.",
+        )
+
+    # ------------------------------------------------------------ tracking
+
+    def track_once(self, owner: str | None = None) -> list[Transition]:
+        """Ask the providers about every unfinished job (of ``owner``, or everyone's)."""
+        changed: list[Transition] = []
+        with self._lock:  # one pass at a time, whoever calls
+            for job in self.jobs.active_jobs(owner):
+                before = job.status
+                try:
+                    after = self._track(job)
+                except Exception:  # one bad job must not stop the others being tracked
+                    log.exception("Tracking job %s failed", job.id)
+                    continue
+                if after.status != before:
+                    changed.append(Transition(after, before))
+        return changed
+
+    def _track(self, job: Job) -> Job:
+        provider = self.providers.get(job.provider)
+        if provider is None:
+            return self.jobs.update(job.owner, job.id, message=f"Provider '{job.provider}' is not configured in this app; "
+                                    "tracking resumes when it is.")
+        if not job.remote_id:
+            return self._reconcile(job, provider)
+        try:
+            status = provider.status(job.remote_id)
+        except _TRANSIENT as exc:
+            return self.jobs.update(job.owner, job.id, message=f"Could not check the job just now; will retry. ({exc.message})")
+        except TaskNotFoundError:
+            return self.jobs.update(job.owner, job.id, status="failed", error=(
+                f"{provider.label} no longer knows this job ({job.remote_id}). It may have expired or been deleted."))
+        except EndpointUnavailableError as exc:
+            self.notices[provider.key] = exc.user_message()
+            return self.jobs.update(job.owner, job.id, message=exc.user_message())
+        except ProviderError as exc:
+            return self.jobs.update(job.owner, job.id, status="failed", error=exc.user_message())
+        return self._apply(job, status)
+
+    def _apply(self, job: Job, status: TrainStatus) -> Job:
+        fields: dict = {"status": status.state, "message": status.message or _default_message(status)}
+        if status.progress is not None:
+            fields["progress"] = max(0.0, min(1.0, status.progress))
+        if status.eta_s is not None:
+            fields["eta_s"] = max(0.0, status.eta_s)
+        if status.state == "ready":
+            fields["progress"] = 1.0
+            fields["result"] = {**job.result, **status.result}
+        if status.state == "failed":
+            fields["error"] = status.message or "The provider reported an error without details."
+        if status.step is not None or status.loss is not None or status.samples:
+            self.jobs.record_event(job.owner, job.id, "step", {
+                "step": status.step, "loss": status.loss, "samples": list(status.samples),
+            })
+        return self.jobs.update(job.owner, job.id, **fields)
+
+    def _reconcile(self, job: Job, provider: Provider) -> Job:
+        """A job with no remote id: find it by tag, or decide it never arrived."""
+        try:
+            remote_id = provider.find_by_tag(job.id)
+        except ProviderError as exc:
+            return self.jobs.update(job.owner, job.id, message=f"Checking whether the submission arrived… ({exc.message})")
+        if remote_id:
+            return self.jobs.update(job.owner, job.id, status="pending", remote_id=remote_id,
+                                    message="Found the submission on the service; tracking it.")
+        if self._clock() - job.created_at > RECONCILE_GIVE_UP_S:
+            return self.jobs.update(job.owner, job.id, status="failed", error=(
+                f"{provider.label} has no job tagged {job_tag(job.id)}, so the submission never arrived. "
+                "It is safe to launch again."))
+        return self.jobs.update(job.owner, job.id, message="Checking whether the submission arrived…")
+
+    def resume_on_start(self) -> list[Job]:
+        """Called once when the app starts: every unfinished job, for logs and a first pass."""
+        active = self.jobs.active_jobs(None)
+        if active:
+            log.info("Resuming tracking of %d unfinished job(s)", len(active))
+        return active
+
+    # ------------------------------------------------------------ managing
+
+    def delete(self, owner: str, job_id: str) -> Job:
+        job = self.jobs.get(owner, job_id)
+        provider = self.providers.get(job.provider)
+        if job.remote_id and provider is not None:
+            try:
+                if job.is_active:
+                    provider.cancel(job.remote_id)
+                provider.delete(job.remote_id)
+            except TaskNotFoundError:
+                pass  # already gone remotely: deleting locally is what the user wants
+            except ProviderError as exc:
+                raise JobError(f"Could not delete '{job.name}' on {provider.label}: {exc.message}",
+                               hint="Nothing was changed here; try again in a moment.") from None
+        return self.jobs.mark_deleted(owner, job_id)
+
+
+def _default_message(status: TrainStatus) -> str:
+    return {
+        "pending": "Queued at the provider.",
+        "running": "Training…",
+        "ready": "Ready: use it on the Compare tab.",
+        "failed": "Failed.",
+        "cancelled": "Cancelled.",
+    }.get(status.state, status.state)
+
+
+class Tracker:
+    """A daemon thread that calls ``track_once`` every ``interval`` seconds until stopped."""
+
+    def __init__(self, service: TrainingService, interval: float = 3.0) -> None:
+        self.service = service
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> "Tracker":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="job-tracker", daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.service.track_once()
+            except Exception:
+                log.exception("Tracking pass failed")
+            self._stop.wait(self.interval)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None

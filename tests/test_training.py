@@ -1,0 +1,207 @@
+"""Launching and tracking fine-tunes through CometAPI, against the fake over loopback HTTP."""
+from __future__ import annotations
+
+import pytest
+
+from services.cometapi_provider import CometAPIProvider
+from services.config import Secret
+from services.dataset import DatasetStores
+from services.errors import EndpointUnavailableError, InputError
+from services.jobs import JobStore
+from services.providers import TrainRequest
+from services.training import RECONCILE_GIVE_UP_S, TrainingService, job_tag
+from tests import imagefactory as fx
+from tests.conftest import FAKE_COMETAPI_KEY
+
+OWNER = "local"
+
+
+def _provider(fake, key: str = FAKE_COMETAPI_KEY) -> CometAPIProvider:
+    return CometAPIProvider(lambda: _client(fake, key), has_key=bool(key))
+
+
+def _client(fake, key):
+    from services.cometapi import CometAPIClient
+
+    return CometAPIClient(fake.url, Secret(key), sleep=lambda s: None, rand=lambda: 0.5)
+
+
+class Clock:
+    def __init__(self, t: float = 1_800_000_000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _service(settings, fake, clock=None, key: str = FAKE_COMETAPI_KEY) -> TrainingService:
+    clock = clock or Clock()
+    return TrainingService(
+        JobStore(settings.data_dir / "jobs.sqlite3", clock=clock),
+        {"cometapi": _provider(fake, key)},
+        DatasetStores(settings),
+        clock=clock,
+        max_images={"cometapi": 20},
+    )
+
+
+@pytest.fixture
+def dataset(settings, tmp_path) -> str:
+    stores = DatasetStores(settings)
+    store = stores(OWNER)
+    name = store.create("mug").name
+    store.add_files(name, fx.good_set(tmp_path / "g", count=6, size=(800, 800)))
+    store.set_trigger_word(name, "MUG")
+    return name
+
+
+def _req(**kw) -> TrainRequest:
+    base = dict(name="mug-v1", mode="product", trigger_word="MUG", iterations=300, finetune_type="lora", lora_rank=16)
+    return TrainRequest(**{**base, **kw})
+
+
+def test_launch_then_track_until_ready(settings, fake_cometapi, dataset):
+    fake_cometapi.finetune_pending_polls = 2
+    service = _service(settings, fake_cometapi)
+    uploads = []
+    job = service.launch(OWNER, "cometapi", dataset, _req(), on_upload=lambda s, t: uploads.append((s, t)))
+    assert job.status == "pending" and job.remote_id
+    assert uploads and uploads[-1][0] == uploads[-1][1]  # the progress bar reaches 100%
+    sent = fake_cometapi.requests("/flux/v1/finetune")
+    assert len(sent) == 1
+    body = sent[0].json
+    assert body["mode"] == "product" and body["trigger_word"] == "MUG" and body["lora_rank"] == 16
+    assert f"[{job_tag(job.id)}]" in body["finetune_comment"]
+    statuses = []
+    for _ in range(6):
+        service.track_once()
+        statuses.append(service.jobs.get(OWNER, job.id).status)
+        if statuses[-1] == "ready":
+            break
+    assert statuses[-1] == "ready"
+    done = service.jobs.get(OWNER, job.id)
+    assert done.result["finetune_id"] == job.remote_id
+    assert done.progress == 1.0 and done.finished_at is not None
+
+
+def test_restart_mid_job_resumes_without_resubmitting(settings, fake_cometapi, dataset):
+    fake_cometapi.finetune_pending_polls = 3
+    first = _service(settings, fake_cometapi)
+    job = first.launch(OWNER, "cometapi", dataset, _req())
+    first.track_once()
+    first.jobs.close()  # the app stops
+    second = _service(settings, fake_cometapi)  # the app starts again over the same data dir
+    assert [j.id for j in second.resume_on_start()] == [job.id]
+    for _ in range(6):
+        second.track_once()
+    assert second.jobs.get(OWNER, job.id).status == "ready"
+    assert len(fake_cometapi.requests("/flux/v1/finetune")) == 1
+
+
+def test_lost_answer_on_submit_is_found_by_tag_not_resent(settings, fake_cometapi, dataset):
+    # The server gets the upload, but the connection drops before the answer arrives.
+    fake_cometapi.reset_next("/flux/v1/finetune")
+    service = _service(settings, fake_cometapi)
+    job = service.launch(OWNER, "cometapi", dataset, _req())
+    assert job.status == "submitting" and job.remote_id is None
+    assert "Not sure CometAPI received it" in job.message
+    service.track_once()
+    found = service.jobs.get(OWNER, job.id)
+    assert found.status == "pending" and found.remote_id
+    assert len(fake_cometapi.requests("/flux/v1/finetune")) == 1
+
+
+def test_submission_that_never_arrived_fails_after_grace_period(settings, fake_cometapi, dataset):
+    fake_cometapi.fail_next("/flux/v1/finetune", status=503)
+    clock = Clock()
+    service = _service(settings, fake_cometapi, clock)
+    job = service.launch(OWNER, "cometapi", dataset, _req())
+    assert job.status == "submitting"
+    service.track_once()
+    assert service.jobs.get(OWNER, job.id).status == "submitting"
+    clock.t += RECONCILE_GIVE_UP_S + 1
+    service.track_once()
+    failed = service.jobs.get(OWNER, job.id)
+    assert failed.status == "failed" and "safe to launch again" in failed.error
+
+
+@pytest.mark.parametrize("mode", ["404", "301", "html"])
+def test_finetune_unavailable_is_said_plainly(settings, fake_cometapi, dataset, mode):
+    fake_cometapi.finetune_unavailable = mode
+    service = _service(settings, fake_cometapi)
+    with pytest.raises(EndpointUnavailableError, match="temporarily unavailable"):
+        service.launch(OWNER, "cometapi", dataset, _req())
+    assert "Local engine" in service.notices["cometapi"]
+    [job] = service.jobs.list(OWNER)
+    assert job.status == "failed" and "unavailable" in job.error
+
+
+def test_client_side_validation_sends_nothing(settings, fake_cometapi, dataset):
+    service = _service(settings, fake_cometapi)
+    for bad in (dict(iterations=50), dict(lora_rank=8), dict(trigger_word="two words"), dict(name=" "),
+                dict(learning_rate=1.0), dict(mode="anime"), dict(priority="fast"), dict(finetune_type="half")):
+        with pytest.raises(InputError, match="need fixing"):
+            service.launch(OWNER, "cometapi", dataset, _req(**bad))
+    assert fake_cometapi.requests("/flux/v1/finetune") == []
+    assert service.jobs.list(OWNER) == []
+
+
+def test_no_key_is_refused_before_anything(settings, fake_cometapi, dataset):
+    service = _service(settings, fake_cometapi, key="")
+    with pytest.raises(InputError, match="No CometAPI key"):
+        service.launch(OWNER, "cometapi", dataset, _req())
+    assert fake_cometapi.requests() == []
+
+
+def test_too_many_images_for_the_service(settings, fake_cometapi, tmp_path):
+    store = DatasetStores(settings)(OWNER)
+    name = store.create("big").name
+    store.add_files(name, fx.good_set(tmp_path / "g", count=21, size=(300, 300)))
+    with pytest.raises(InputError, match="at most 20"):
+        _service(settings, fake_cometapi).launch(OWNER, "cometapi", name, _req())
+
+
+def test_polling_faults_keep_tracking(settings, fake_cometapi, dataset):
+    fake_cometapi.finetune_pending_polls = 1
+    service = _service(settings, fake_cometapi)
+    job = service.launch(OWNER, "cometapi", dataset, _req())
+    # More failures than the client's own retries: the job keeps its state and a message.
+    fake_cometapi.fail_next("/flux/v1/get_result", status=503, times=10)
+    service.track_once()
+    held = service.jobs.get(OWNER, job.id)
+    assert held.status == "pending" and "will retry" in held.message
+    fake_cometapi.clear_faults()
+    for _ in range(4):
+        service.track_once()
+    assert service.jobs.get(OWNER, job.id).status == "ready"
+
+
+def test_remote_error_and_unknown_job_fail_with_reason(settings, fake_cometapi, dataset):
+    service = _service(settings, fake_cometapi)
+    a = service.launch(OWNER, "cometapi", dataset, _req(name="a"))
+    b = service.launch(OWNER, "cometapi", dataset, _req(name="b"))
+    fake_cometapi.set_status(a.remote_id, "Error", "GPU fell over")
+    fake_cometapi.set_status(b.remote_id, "Task not found")
+    changes = service.track_once()
+    assert {t.job.id for t in changes} == {a.id, b.id}
+    assert "GPU fell over" in service.jobs.get(OWNER, a.id).error
+    assert "no longer knows" in service.jobs.get(OWNER, b.id).error
+
+
+def test_delete_removes_remote_and_hides_locally(settings, fake_cometapi, dataset):
+    fake_cometapi.finetune_pending_polls = 0
+    service = _service(settings, fake_cometapi)
+    job = service.launch(OWNER, "cometapi", dataset, _req())
+    service.track_once()
+    service.delete(OWNER, job.id)
+    assert fake_cometapi.finetune(job.remote_id) is None
+    assert service.jobs.list(OWNER) == []
+
+
+def test_other_owner_sees_nothing(settings, fake_cometapi, dataset):
+    service = _service(settings, fake_cometapi)
+    job = service.launch(OWNER, "cometapi", dataset, _req())
+    assert service.jobs.list("session-someoneelse") == []
+    with pytest.raises(Exception):
+        service.delete("session-someoneelse", job.id)
+    assert service.jobs.get(OWNER, job.id).status == "pending"
