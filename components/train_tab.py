@@ -14,7 +14,7 @@ from components.identity import owner_for
 from services import providers as P
 from services.config import Settings
 from services.dataset import DatasetStore
-from services.errors import InputError
+from services.errors import InputError, ProviderError
 from services.jobs import Job
 from services.training import TrainingService
 
@@ -214,16 +214,23 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
         def uploaded(sent: int, total: int) -> None:
             progress(sent / total if total else 1.0, desc=f"Uploading dataset ({sent / 2**20:.1f} of {total / 2**20:.1f} MB)")
 
-        job = service.launch(owner, provider_key, dataset_, req, on_upload=uploaded)
+        try:
+            job = service.launch(owner, provider_key, dataset_, req, on_upload=uploaded)
+        except ProviderError as exc:
+            # The job row records the failure; show it in place, not only as a toast.
+            gr.Warning(exc.user_message())
+            owned = service.jobs.list(owner)
+            failed = owned[0] if owned and owned[0].status == "failed" else None
+            return (f"❌ Launch failed: {exc.user_message()}", jobs_frame(owned), job_markdown(failed),
+                    failed.id if failed else None, gr.Timer(), seen_, banner_markdown(service, provider_key))
         owned = service.jobs.list(owner)
-        if job.status == "failed":
-            msg = f"❌ Launch failed: {job.error}"
-        elif job.remote_id:
+        if job.remote_id:
             msg = f"🚀 Launched **{job.name}** on {job.provider} (id `{job.remote_id}`). Tracking it below."
+            gr.Info(f"Launched {job.name}.")
         else:
             msg = f"⏳ {job.message}"
-        gr.Info(f"Launched {job.name}.")
-        return msg, jobs_frame(owned), job_markdown(job), job.id, gr.Timer(active=True), {**seen_, job.id: job.status}
+        return (msg, jobs_frame(owned), job_markdown(job), job.id, gr.Timer(active=True),
+                {**seen_, job.id: job.status}, banner_markdown(service, provider_key))
 
     def on_tick(selected_: str | None, seen_: dict, provider_key: str, request: gr.Request = None):
         owner = owner_for(request, settings)
@@ -268,7 +275,7 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
         on_launch,
         [provider, dataset, mode, trigger, name, iterations, learning_rate, lora_rank, finetune_type, priority,
          captioning, seen],
-        [launch_result, jobs, detail, selected, timer, seen],
+        [launch_result, jobs, detail, selected, timer, seen, banner],
         concurrency_limit=4, api_name="launch_finetune",
     )
     timer.tick(on_tick, [selected, seen, provider], [jobs, detail, timer, seen, banner],

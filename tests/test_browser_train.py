@@ -1,0 +1,82 @@
+"""The Train tab in a real browser against the fake CometAPI: launch, restart the app, see it finish."""
+from __future__ import annotations
+
+import pytest
+
+from services.config import Secret
+from services.dataset import DatasetStores
+from tests import imagefactory as fx
+from tests.browser import chromium, running_app
+from tests.conftest import FAKE_COMETAPI_KEY
+
+pytestmark = pytest.mark.browser
+
+
+def _open_train_tab(page, url: str) -> None:
+    page.goto(url)
+    page.get_by_role("tab", name="2 · Train").click()
+    page.locator("#train-launch").wait_for()
+
+
+def test_launch_restart_and_see_it_finish(settings, fake_cometapi, tmp_path):
+    settings = settings.with_(cometapi_base_url=fake_cometapi.url, cometapi_key=Secret(FAKE_COMETAPI_KEY))
+    store = DatasetStores(settings)("local")
+    name = store.create("mug").name
+    store.add_files(name, fx.good_set(tmp_path / "g", count=6, size=(800, 800)))
+    store.set_trigger_word(name, "MUG")
+    fake_cometapi.finetune_pending_polls = 4
+
+    with chromium() as browser:
+        # First run: the tracker looks once, then not for a minute, so the job is still pending at restart.
+        with running_app(settings, track_interval=60) as url:
+            page = browser.new_page()
+            _open_train_tab(page, url)
+            assert "CometAPI is configured" in page.locator("#train-banner").inner_text()
+            page.get_by_label("product").check()
+            page.locator("#train-name textarea, #train-name input").first.fill("mug-v1")
+            page.click("#train-launch")
+            page.locator("#train-launch-result").get_by_text("Launched").wait_for(timeout=30_000)
+            jobs = page.locator("#train-jobs [role=gridcell]")
+            jobs.filter(has_text="mug-v1").first.wait_for()
+            assert "ready" not in " ".join(jobs.all_inner_texts())
+            page.close()
+
+        assert len(fake_cometapi.requests("/flux/v1/finetune")) == 1
+        # Second run over the same data dir: tracking resumes and the job finishes.
+        with running_app(settings, track_interval=0.5) as url:
+            page = browser.new_page()
+            _open_train_tab(page, url)
+            cells = page.locator("#train-jobs [role=gridcell]")
+            cells.filter(has_text="ready").first.wait_for(timeout=30_000)
+            page.get_by_text("Fine-tune 'mug-v1' is ready").wait_for(timeout=10_000)
+            cells.filter(has_text="mug-v1").first.click()
+            detail = page.locator("#train-job-detail")
+            detail.get_by_text("finetune_id").wait_for()
+            assert "mode=product" in detail.inner_text()
+        assert len(fake_cometapi.requests("/flux/v1/finetune")) == 1
+
+
+def test_unavailable_endpoint_shows_banner_and_error(settings, fake_cometapi, tmp_path):
+    settings = settings.with_(cometapi_base_url=fake_cometapi.url, cometapi_key=Secret(FAKE_COMETAPI_KEY))
+    store = DatasetStores(settings)("local")
+    name = store.create("mug").name
+    store.add_files(name, fx.good_set(tmp_path / "g", count=5, size=(640, 640)))
+    fake_cometapi.finetune_unavailable = "html"
+    with chromium() as browser, running_app(settings) as url:
+        page = browser.new_page()
+        _open_train_tab(page, url)
+        page.locator("#train-name textarea, #train-name input").first.fill("mug-v1")
+        page.click("#train-launch")
+        result = page.locator("#train-launch-result")
+        result.get_by_text("Launch failed").wait_for(timeout=30_000)
+        assert "temporarily unavailable" in result.inner_text()
+        assert "Local engine" in page.locator("#train-banner").inner_text()
+        cells = page.locator("#train-jobs [role=gridcell]")
+        assert "failed" in " ".join(cells.all_inner_texts())
+
+
+def test_no_key_banner(settings):
+    with chromium() as browser, running_app(settings) as url:
+        page = browser.new_page()
+        _open_train_tab(page, url)
+        page.locator("#train-banner").get_by_text("No CometAPI key is set").wait_for(timeout=15_000)
