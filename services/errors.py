@@ -66,7 +66,15 @@ class ValidationError(ProviderError):
 
 
 class ModeratedError(ProviderError):
-    """The prompt or the output was blocked by the provider's safety filter."""
+    """The prompt or the output was blocked by the provider's safety filter.
+
+    ``kind`` is ``"request"`` (the prompt / input was refused) or ``"content"`` (the output
+    image was), or ``""`` when the provider did not say.
+    """
+
+    def __init__(self, message: str, *, hint: str = "", kind: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.kind = kind
 
 
 class TaskNotFoundError(ProviderError):
@@ -95,3 +103,13 @@ class JobError(StudioError):
 
 class EngineUnavailableError(ProviderError):
     """An optional engine (torch/diffusers) is not installed."""
+
+
+class WaitTimeoutError(ProviderError):
+    """A task was still not finished when the caller stopped waiting. It may still finish."""
+
+    retryable = True
+
+
+class ResultExpiredError(ProviderError):
+    """A result image link no longer works (signed URLs expire after about 10 minutes)."""
