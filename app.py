@@ -16,6 +16,8 @@ from collections.abc import Sequence
 import gradio as gr
 
 from components import dataset_tab, train_tab
+from services.captioning import Captioner
+from services.cometapi import CometAPIClient
 from services.cometapi_provider import CometAPIProvider
 from services.config import Settings
 from services.dataset import DatasetStores
@@ -32,6 +34,12 @@ CSS = """
 
 def default_providers(settings: Settings) -> dict[str, Provider]:
     return {"cometapi": CometAPIProvider.from_settings(settings)}
+
+
+def default_captioner(settings: Settings) -> Captioner | None:
+    if not settings.cometapi_key:
+        return None
+    return Captioner(lambda: CometAPIClient.from_settings(settings), settings.caption_model, settings.caption_concurrency)
 
 
 def create_app(
@@ -54,7 +62,7 @@ def create_app(
         gr.Markdown(f"# {TITLE}\nTurn a folder of photos into your own fine-tuned FLUX model, and see what it learned.")
         with gr.Tabs():
             with gr.Tab("1 · Dataset", id="dataset"):
-                data = dataset_tab.build(datasets, settings)
+                data = dataset_tab.build(datasets, settings, default_captioner(settings))
             with gr.Tab("2 · Train", id="train"):
                 train = train_tab.build(training, datasets, settings, default_provider)
         demo.load(data.refresh, [data.dataset], [data.dataset], show_progress="hidden")

@@ -14,6 +14,7 @@ from components.identity import owner_for
 from services import dataset as ds_service
 from services.config import Settings
 from services.dataset import Dataset, DatasetStore
+from services.captioning import Captioner
 from services.errors import InputError
 
 COLUMNS = ["file", "caption", "width", "height", "notes"]
@@ -82,7 +83,7 @@ def table_captions(table: pd.DataFrame | None) -> dict[str, str]:
 # ---------------------------------------------------------------- build
 
 
-def build(stores: Callable[[str], DatasetStore], settings: Settings) -> DatasetTab:
+def build(stores: Callable[[str], DatasetStore], settings: Settings, captioner: Captioner | None = None) -> DatasetTab:
     gr.Markdown(
         "Upload photos of your subject (JPG, PNG or WebP), or one .zip with images and optional "
         "same-name `.txt` captions. Images are rotated upright, converted to RGB and scaled down to "
@@ -122,6 +123,16 @@ def build(stores: Callable[[str], DatasetStore], settings: Settings) -> DatasetT
             suffix = gr.Textbox(label="Suffix", scale=2)
             affix_btn = gr.Button("Add to all captions", scale=1)
         clear_btn = gr.Button("Clear all captions", variant="stop", size="sm")
+    with gr.Accordion("Auto-caption with a vision model (CometAPI)", open=False):
+        gr.Markdown(
+            f"Captions each image with `{settings.caption_model}` through CometAPI, trigger word first. "
+            + ("" if captioner else "**Needs a CometAPI key:** set `COMETAPI_KEY` and restart the app.")
+        )
+        with gr.Row():
+            caption_mode = gr.Radio(["character", "product", "style", "general"], value="general",
+                                    label="What the dataset shows", elem_id="dataset-caption-mode")
+            only_empty = gr.Checkbox(value=True, label="Only fill empty captions", elem_id="dataset-caption-only-empty")
+            caption_btn = gr.Button("Auto-caption", elem_id="dataset-autocaption")
     table = gr.Dataframe(
         value=captions_frame(None), headers=COLUMNS, label="Captions (click a caption to edit; saved as you type)",
         interactive=True, static_columns=[0, 2, 3, 4], wrap=True, elem_id="dataset-table",
@@ -138,6 +149,7 @@ def build(stores: Callable[[str], DatasetStore], settings: Settings) -> DatasetT
     refresh_btn.click(tab.refresh, [tab.dataset], [tab.dataset])
     _wire(tab, stores, settings, new_btn, add_btn, remove_btn, trigger_btn,
           find, replace, replace_btn, prefix, suffix, affix_btn, clear_btn, export_btn)
+    _wire_captioning(tab, stores, settings, captioner, caption_mode, only_empty, caption_btn)
     return tab
 
 
@@ -268,3 +280,24 @@ def _wire(tab: DatasetTab, stores: Callable[[str], DatasetStore], settings: Sett
     tab.gallery.select(on_select, [tab.dataset], [tab.selected])
     remove_btn.click(on_remove, [tab.dataset, tab.selected], [*view, tab.selected])
     export_btn.click(on_export, [tab.dataset], [tab.export_file, tab.export_info], api_name="export_zip")
+
+
+def _wire_captioning(tab: DatasetTab, stores, settings: Settings, captioner: Captioner | None,
+                     mode: gr.Radio, only_empty: gr.Checkbox, button: gr.Button) -> None:
+    @shows_errors
+    def on_caption(name: str | None, mode_: str, only_empty_: bool, progress=gr.Progress(), request: gr.Request = None):
+        if captioner is None:
+            raise InputError("Auto-captioning needs a CometAPI key.",
+                             hint="Set COMETAPI_KEY and restart the app, or write captions in the table.")
+        if not name:
+            raise InputError("No dataset is selected.", hint="Pick one from the Dataset list or upload images first.")
+        store = stores(owner_for(request, settings))
+        report = captioner.caption_dataset(store, name, mode=mode_, only_empty=only_empty_,
+                                           progress=progress_callback(progress))
+        lines = [f"**{report.summary()}**"] + [f"- {f}: {why}" for f, why in report.failed.items()]
+        if report.failed:
+            gr.Warning(f"{len(report.failed)} image(s) could not be captioned; the others were saved.")
+        return ("\n".join(lines), *_view(store.open(name), settings))
+
+    button.click(on_caption, [tab.dataset, mode, only_empty], [tab.report, tab.gallery, tab.table, tab.warnings, tab.trigger],
+                 concurrency_limit=2, api_name="auto_caption")

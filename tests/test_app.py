@@ -75,3 +75,21 @@ def test_api_errors_are_clear_messages(settings):
                 client.predict(None, api_name="/export_zip")
         finally:
             client.close()
+
+
+def test_api_auto_caption_against_fake(settings, tmp_path, fake_cometapi):
+    from services.config import Secret
+    from tests.conftest import FAKE_COMETAPI_KEY
+
+    settings = settings.with_(cometapi_base_url=fake_cometapi.url, cometapi_key=Secret(FAKE_COMETAPI_KEY))
+    photos = fx.good_set(tmp_path / "g", count=2, size=(640, 480))
+    with running_app(settings) as url:
+        client = Client(url, verbose=False)
+        try:
+            picker, *_ = client.predict([handle_file(str(p)) for p in photos], None, api_name="/add_images")
+            report, _gallery, table, _warnings, _trigger = client.predict(
+                picker["value"], "product", True, api_name="/auto_caption")
+            assert "Captioned 2 image(s)" in report
+            assert all(row[1].startswith("TOK, ") for row in table["data"])
+        finally:
+            client.close()

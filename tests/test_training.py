@@ -205,3 +205,21 @@ def test_other_owner_sees_nothing(settings, fake_cometapi, dataset):
     with pytest.raises(Exception):
         service.delete("session-someoneelse", job.id)
     assert service.jobs.get(OWNER, job.id).status == "pending"
+
+
+def test_key_is_nowhere_on_disk_or_in_records(settings, fake_cometapi, dataset, caplog):
+    caplog.set_level("DEBUG")
+    fake_cometapi.finetune_pending_polls = 1
+    service = _service(settings, fake_cometapi)
+    job = service.launch(OWNER, "cometapi", dataset, _req())
+    fake_cometapi.fail_next("/flux/v1/get_result", status=503, times=2)
+    for _ in range(4):
+        service.track_once()
+    service.jobs.close()
+    key = FAKE_COMETAPI_KEY.encode()
+    for path in settings.data_dir.rglob("*"):
+        if path.is_file():
+            assert key not in path.read_bytes(), path
+    assert FAKE_COMETAPI_KEY not in caplog.text
+    assert FAKE_COMETAPI_KEY not in repr(service.providers["cometapi"]._client())
+    assert job.remote_id and FAKE_COMETAPI_KEY not in repr(job)
