@@ -96,7 +96,7 @@ class Settings:
     # Upper bound on what a zip may inflate to, so a zip bomb cannot fill the disk.
     max_unzipped_bytes: int = 2 * 1024 * 1024 * 1024
     max_upload_bytes: int = 600 * 1024 * 1024
-    # Worker processes for image preparation; 0 = one per CPU core.
+    # Worker threads for image preparation; 0 = one per CPU core.
     workers: int = 0
 
     # CometAPI.

@@ -14,9 +14,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import threading
 import time
 import unicodedata
+import uuid
 import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -302,6 +304,16 @@ def _unique_stems(candidates: list[_Candidate], taken: set[str]) -> list[str]:
     return stems
 
 
+def _free_name(file: str, taken: set[str]) -> str:
+    """``file``, or ``stem-N.ext`` if its stem is taken (captions pair by stem, so stems must be unique)."""
+    stem, ext = Path(file).stem, Path(file).suffix
+    taken_stems = {Path(t).stem.lower() for t in taken}
+    candidate, n = stem, 2
+    while candidate.lower() in taken_stems:
+        candidate, n = f"{stem}-{n}", n + 1
+    return candidate + ext
+
+
 def prepare_all(
     jobs: list[tuple[Source, str]],
     out_dir: Path,
@@ -487,8 +499,6 @@ class DatasetStore:
         )
 
     def delete(self, name: str) -> None:
-        import shutil
-
         path = self._dir(name)
         with self._lock:
             if path.is_dir():
@@ -517,22 +527,22 @@ class DatasetStore:
         collected = _collect(paths, names, self.settings)
         report = ImportReport(rejected=collected.rejected, skipped=collected.skipped)
 
-        with self._lock:
-            ds = self.open(name)
-            existing = {Path(i.file).stem for i in ds.items}
-            stems = _unique_stems(collected.candidates, existing)
-            staging = ds.path / ".staging"
-            staging.mkdir(parents=True, exist_ok=True)
-            try:
-                results = prepare_all(
-                    [(c.source, s) for c, s in zip(collected.candidates, stems)], staging, self.settings, progress
-                )
+        # Decoding takes seconds for a big upload: do it outside the store lock, in a staging
+        # dir of its own, so captions can be edited and other imports run meanwhile.
+        ds = self.open(name)
+        stems = _unique_stems(collected.candidates, {Path(i.file).stem for i in ds.items})
+        staging = ds.path / f".staging-{uuid.uuid4().hex[:8]}"
+        staging.mkdir(parents=True, exist_ok=True)
+        try:
+            results = prepare_all(
+                [(c.source, s) for c, s in zip(collected.candidates, stems)], staging, self.settings, progress
+            )
+            with self._lock:
+                ds = self.open(name)  # may have changed while we were decoding
                 self._merge(ds, collected, stems, results, staging, report)
                 self._write(ds)
-            finally:
-                for leftover in staging.iterdir():
-                    leftover.unlink(missing_ok=True)
-                staging.rmdir()
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         if not collected.candidates and not report.rejected and not report.skipped:
             report.rejected.append(FileMessage("upload", "no images found; upload JPG, PNG or WebP files or a .zip of them"))
         return ds, report
@@ -557,18 +567,19 @@ class DatasetStore:
                 (staging / res.file).unlink(missing_ok=True)
                 report.skipped.append(FileMessage(res.source, f"exact duplicate of {seen[res.sha256]}; dropped"))
                 continue
-            os.replace(staging / res.file, ds.images_dir / res.file)
-            seen[res.sha256] = res.file
+            final = _free_name(res.file, {i.file for i in ds.items})  # another import may have taken it
+            os.replace(staging / res.file, ds.images_dir / final)
+            seen[res.sha256] = final
             notes = list(res.notes)
-            if stem != cand.stem:
-                notes.append(f"saved as {res.file} (name sanitised or already taken)")
+            if stem != cand.stem or final != res.file:
+                notes.append(f"saved as {final} (name sanitised or already taken)")
             key = (cand.group, cand.stem)
             caption = collected.captions.get(key, "")
             if key in collected.captions:
                 used_captions.add(key)
                 report.captions_paired += 1
             item = DatasetItem(
-                file=res.file,
+                file=final,
                 caption=caption,
                 width=res.width,
                 height=res.height,

@@ -146,6 +146,26 @@ def test_decompression_bomb_refused_before_decoding(store, bad):
     assert "too large to open safely" in _messages(report, "rejected")["bomb.png"]
 
 
+def test_big_but_allowed_image_is_not_called_a_bomb(store):
+    # 90 MP is over Pillow's warning threshold but under our 120 MP limit: the header is fine,
+    # the (fake) pixel data is not, so the reason must be corruption, not size.
+    path = store.root.parent / "big.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(fx.bomb_png(10_000, 9_000))
+    ds, report = _add_one(store, path)
+    reason = _messages(report, "rejected")["big.png"]
+    assert "too large" not in reason and "corrupt" in reason
+
+
+def test_own_pixel_limit_applies(tmp_path):
+    settings = Settings(data_dir=tmp_path / "d", max_image_pixels=1_000_000)
+    store = DatasetStore(settings.datasets_dir, settings)
+    path = tmp_path / "a.jpg"
+    path.write_bytes(fx.jpeg_bytes(fx.photo(1200, 1000)))
+    ds, report = store.add_files(store.create("s").name, [path])
+    assert "1200x1000 = 1,200,000 pixels; the limit is 1,000,000" in _messages(report, "rejected")["a.jpg"]
+
+
 def test_unsupported_format_named(store, bad):
     ds, report = _add_one(store, bad["bmp"])
     assert "unsupported image format BMP" in _messages(report, "rejected")["old.bmp"]
@@ -268,7 +288,7 @@ def test_failed_import_loses_nothing(store, tmp_path):
     ds, report = store.add_files(name, [junk])
     assert [i.file for i in ds.items] == ["photo_00.jpg", "photo_01.jpg"]
     assert ds.items[0].caption == "keep me"
-    assert not (ds.path / ".staging").exists()
+    assert not list(ds.path.glob(".staging*"))
 
 
 # ---------------------------------------------------------------- captions and checks
@@ -378,3 +398,21 @@ def test_export_zip_pairs_captions(store, tmp_path):
 def test_export_empty_dataset_refused(store):
     with pytest.raises(InputError, match="no images"):
         store.export_zip(store.create("s").name)
+
+
+def test_concurrent_imports_never_clobber_each_other(store, tmp_path):
+    import threading
+
+    name = store.create("s").name
+    a = tmp_path / "a"
+    b = tmp_path / "b"
+    fx.good_set(a, count=3, size=(500, 500))
+    fx.good_set(b, count=3, size=(500, 500))  # same file names, different pixels
+    threads = [threading.Thread(target=store.add_files, args=(name, sorted(d.iterdir()))) for d in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ds = store.open(name)
+    assert len(ds.items) == 6 and len({i.file for i in ds.items}) == 6
+    assert sorted(p.name for p in ds.images_dir.iterdir()) == sorted(i.file for i in ds.items)
