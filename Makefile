@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: run test bench clean deps
+.PHONY: run test bench clean deps deploy
 
 $(VENV)/.deps-app: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ test: $(VENV)/.deps-dev $(CHROMIUM)
 
 bench: $(VENV)/.deps-dev
 	$(PY) -m benchmarks.dataset_prep
+
+deploy: $(VENV)/.deps-app
+	$(PY) -m services.deploy $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
