@@ -44,6 +44,13 @@ class Secret:
     def __reduce__(self):  # pickling would write the key to disk or a pipe
         raise TypeError("Secret values cannot be pickled")
 
+    # Immutable, so copies may share it (gr.State deep-copies values; that must not pickle).
+    def __copy__(self) -> "Secret":
+        return self
+
+    def __deepcopy__(self, memo) -> "Secret":
+        return self
+
 
 def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -> int:
     raw = env.get(name, "").strip()

@@ -78,6 +78,8 @@ class TrainingService:
         self._lock = threading.Lock()
         # Provider key -> a problem worth a banner (e.g. the fine-tune endpoint is switched off).
         self.notices: dict[str, str] = {}
+        # Job id -> the provider (with a visitor's own key) that launched it; memory only, by design.
+        self._job_providers: dict[str, Provider] = {}
 
     # ------------------------------------------------------------ launching
 
@@ -95,10 +97,15 @@ class TrainingService:
         request: TrainRequest,
         *,
         on_upload: ProgressFn | None = None,
+        provider: Provider | None = None,
     ) -> Job:
-        """Validate, export, record, submit. Returns the job, pending or failed."""
+        """Validate, export, record, submit. Returns the job, pending or failed.
+
+        ``provider`` overrides the app-wide one (a hosted visitor's own key); it is kept in
+        memory only, to track this job for as long as the process lives.
+        """
         request.validate()
-        provider = self.provider(provider_key)
+        provider = provider or self.provider(provider_key)
         ready, why = provider.readiness()
         if not ready:
             raise InputError(why)
@@ -119,6 +126,8 @@ class TrainingService:
             owner, provider.key, "finetune", request.name.strip(), ds.name, ds.content_hash(),
             params={**asdict(request), "images": len(ds.items), "zip_bytes": export.size_bytes},
         )
+        if provider is not self.providers.get(provider.key):
+            self._job_providers[job.id] = provider
         self.jobs.update(owner, job.id, message=f"Uploading {export.size_bytes / 2**20:.1f} MB to {provider.label}…")
         try:
             remote_id = provider.submit(export.path, request, tag=job.id, on_upload=on_upload)
@@ -153,13 +162,24 @@ class TrainingService:
                     continue
                 if after.status != before:
                     changed.append(Transition(after, before))
+                if not after.is_active:
+                    self._job_providers.pop(after.id, None)
         return changed
 
+    def adopt(self, owner: str, provider: Provider) -> None:
+        """Track ``owner``'s unfinished jobs on ``provider`` with it (a visitor entered their key again)."""
+        for job in self.jobs.active_jobs(owner):
+            if job.provider == provider.key:
+                self._job_providers[job.id] = provider
+
     def _track(self, job: Job) -> Job:
-        provider = self.providers.get(job.provider)
+        provider = self._job_providers.get(job.id) or self.providers.get(job.provider)
         if provider is None:
             return self.jobs.update(job.owner, job.id, message=f"Provider '{job.provider}' is not configured in this app; "
                                     "tracking resumes when it is.")
+        ready, why = provider.readiness()
+        if not ready:
+            return self.jobs.update(job.owner, job.id, message=f"Tracking paused: {why}")
         if not job.remote_id:
             return self._reconcile(job, provider)
         try:

@@ -223,3 +223,25 @@ def test_key_is_nowhere_on_disk_or_in_records(settings, fake_cometapi, dataset, 
     assert FAKE_COMETAPI_KEY not in caplog.text
     assert FAKE_COMETAPI_KEY not in repr(service.providers["cometapi"]._client())
     assert job.remote_id and FAKE_COMETAPI_KEY not in repr(job)
+
+
+def test_visitor_key_tracks_in_memory_only_and_can_be_adopted_again(settings, fake_cometapi, dataset):
+    fake_cometapi.finetune_pending_polls = 2
+    shared_without_key = _service(settings, fake_cometapi, key="")  # hosted app with no owner key
+    visitor = _provider(fake_cometapi)
+    job = shared_without_key.launch(OWNER, "cometapi", dataset, _req(), provider=visitor)
+    assert job.status == "pending"
+    shared_without_key.track_once()
+    assert shared_without_key.jobs.get(OWNER, job.id).progress is not None
+    shared_without_key.jobs.close()
+
+    # After a restart the visitor's key is gone (never written anywhere): tracking waits for it.
+    restarted = _service(settings, fake_cometapi, key="")
+    restarted.track_once()
+    paused = restarted.jobs.get(OWNER, job.id)
+    assert paused.status == "pending" and paused.message.startswith("Tracking paused: No CometAPI key")
+    restarted.adopt(OWNER, _provider(fake_cometapi))
+    for _ in range(4):
+        restarted.track_once()
+    assert restarted.jobs.get(OWNER, job.id).status == "ready"
+    assert restarted._job_providers == {}
