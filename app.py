@@ -15,11 +15,12 @@ from collections.abc import Sequence
 
 import gradio as gr
 
-from components import dataset_tab, train_tab
+from components import dataset_tab, session_panel, train_tab
+from services.access import ProviderAccess
 from services.captioning import Captioner
 from services.cometapi import CometAPIClient
 from services.cometapi_provider import CometAPIProvider
-from services.config import Settings
+from services.config import Secret, Settings
 from services.dataset import DatasetStores
 from services.errors import ConfigError
 from services.jobs import JobStore
@@ -36,10 +37,21 @@ def default_providers(settings: Settings) -> dict[str, Provider]:
     return {"cometapi": CometAPIProvider.from_settings(settings)}
 
 
-def default_captioner(settings: Settings) -> Captioner | None:
-    if not settings.cometapi_key:
-        return None
-    return Captioner(lambda: CometAPIClient.from_settings(settings), settings.caption_model, settings.caption_concurrency)
+def captioner_factory(settings: Settings, access: ProviderAccess):
+    """``(visitor key, owner) -> Captioner | None``: the visitor's key, else the shared one (rate-limited when hosted)."""
+
+    def make(key: Secret | None, owner: str) -> Captioner | None:
+        if key:
+            return Captioner(lambda: CometAPIClient(settings.cometapi_base_url, key), settings.caption_model,
+                             settings.caption_concurrency)
+        if not settings.cometapi_key:
+            return None
+        if settings.hosted:
+            access.limiter.check(owner)
+        return Captioner(lambda: CometAPIClient.from_settings(settings), settings.caption_model,
+                         settings.caption_concurrency)
+
+    return make
 
 
 def create_app(
@@ -58,15 +70,21 @@ def create_app(
         max_images={key: getattr(p, "max_images", 0) for key, p in providers.items()},
     )
     default_provider = next(iter(providers))
+
+    def cometapi_with_key(key: Secret) -> CometAPIProvider:
+        return CometAPIProvider.from_settings(settings, key=key)
+
+    access = ProviderAccess(settings, providers, cometapi_with_key)
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
         gr.Markdown(f"# {TITLE}\nTurn a folder of photos into your own fine-tuned FLUX model, and see what it learned.")
+        session_key = session_panel.build(settings, on_key=lambda owner, key: training.adopt(owner, cometapi_with_key(key)))
         with gr.Tabs():
             with gr.Tab("1 · Dataset", id="dataset"):
-                data = dataset_tab.build(datasets, settings, default_captioner(settings))
+                data = dataset_tab.build(datasets, settings, captioner_factory(settings, access), session_key)
             with gr.Tab("2 · Train", id="train"):
-                train = train_tab.build(training, datasets, settings, default_provider)
+                train = train_tab.build(training, datasets, settings, default_provider, access, session_key)
         demo.load(data.refresh, [data.dataset], [data.dataset], show_progress="hidden")
-        demo.load(train.on_load, [train.provider, train.dataset],
+        demo.load(train.on_load, [train.provider, train.dataset, session_key],
                   [train.banner, train.dataset, train.jobs, train.timer, train.seen], show_progress="hidden")
     # Polling ticks are cheap and must never wait behind uploads; heavy events set their own limits.
     demo.queue(default_concurrency_limit=4, max_size=64)

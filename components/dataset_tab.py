@@ -83,7 +83,9 @@ def table_captions(table: pd.DataFrame | None) -> dict[str, str]:
 # ---------------------------------------------------------------- build
 
 
-def build(stores: Callable[[str], DatasetStore], settings: Settings, captioner: Captioner | None = None) -> DatasetTab:
+def build(stores: Callable[[str], DatasetStore], settings: Settings,
+          captioner_for: Callable[..., Captioner | None] = lambda key, owner: None,
+          session_key: gr.State | None = None) -> DatasetTab:
     gr.Markdown(
         "Upload photos of your subject (JPG, PNG or WebP), or one .zip with images and optional "
         "same-name `.txt` captions. Images are rotated upright, converted to RGB and scaled down to "
@@ -126,7 +128,9 @@ def build(stores: Callable[[str], DatasetStore], settings: Settings, captioner: 
     with gr.Accordion("Auto-caption with a vision model (CometAPI)", open=False):
         gr.Markdown(
             f"Captions each image with `{settings.caption_model}` through CometAPI, trigger word first. "
-            + ("" if captioner else "**Needs a CometAPI key:** set `COMETAPI_KEY` and restart the app.")
+            + ("" if settings.cometapi_key else (
+                "**Needs a CometAPI key:** enter yours at the top of the page." if settings.hosted
+                else "**Needs a CometAPI key:** set `COMETAPI_KEY` and restart the app."))
         )
         with gr.Row():
             caption_mode = gr.Radio(["character", "product", "style", "general"], value="general",
@@ -149,7 +153,7 @@ def build(stores: Callable[[str], DatasetStore], settings: Settings, captioner: 
     refresh_btn.click(tab.refresh, [tab.dataset], [tab.dataset])
     _wire(tab, stores, settings, new_btn, add_btn, remove_btn, trigger_btn,
           find, replace, replace_btn, prefix, suffix, affix_btn, clear_btn, export_btn)
-    _wire_captioning(tab, stores, settings, captioner, caption_mode, only_empty, caption_btn)
+    _wire_captioning(tab, stores, settings, captioner_for, session_key, caption_mode, only_empty, caption_btn)
     return tab
 
 
@@ -282,10 +286,12 @@ def _wire(tab: DatasetTab, stores: Callable[[str], DatasetStore], settings: Sett
     export_btn.click(on_export, [tab.dataset], [tab.export_file, tab.export_info], api_name="export_zip")
 
 
-def _wire_captioning(tab: DatasetTab, stores, settings: Settings, captioner: Captioner | None,
+def _wire_captioning(tab: DatasetTab, stores, settings: Settings, captioner_for, session_key: gr.State | None,
                      mode: gr.Radio, only_empty: gr.Checkbox, button: gr.Button) -> None:
     @shows_errors
-    def on_caption(name: str | None, mode_: str, only_empty_: bool, progress=gr.Progress(), request: gr.Request = None):
+    def on_caption(name: str | None, mode_: str, only_empty_: bool, key=None, progress=gr.Progress(),
+                   request: gr.Request = None):
+        captioner = captioner_for(key, owner_for(request, settings))
         if captioner is None:
             raise InputError("Auto-captioning needs a CometAPI key.",
                              hint="Set COMETAPI_KEY and restart the app, or write captions in the table.")
@@ -299,5 +305,6 @@ def _wire_captioning(tab: DatasetTab, stores, settings: Settings, captioner: Cap
             gr.Warning(f"{len(report.failed)} image(s) could not be captioned; the others were saved.")
         return ("\n".join(lines), *_view(store.open(name), settings))
 
-    button.click(on_caption, [tab.dataset, mode, only_empty], [tab.report, tab.gallery, tab.table, tab.warnings, tab.trigger],
+    inputs = [tab.dataset, mode, only_empty] + ([session_key] if session_key is not None else [])
+    button.click(on_caption, inputs, [tab.report, tab.gallery, tab.table, tab.warnings, tab.trigger],
                  concurrency_limit=2, api_name="auto_caption")

@@ -15,6 +15,7 @@ from services import providers as P
 from services.config import Settings
 from services.dataset import DatasetStore
 from services.errors import InputError, ProviderError
+from services.access import ProviderAccess
 from services.jobs import Job
 from services.training import TrainingService
 
@@ -91,16 +92,24 @@ def job_markdown(job: Job | None, now: float | None = None) -> str:
     return "\n\n".join(lines)
 
 
-def banner_markdown(service: TrainingService, provider_key: str) -> str:
+def banner_markdown(service: TrainingService, provider_key: str, session_key=None, settings: Settings | None = None) -> str:
     provider = service.providers.get(provider_key)
     if provider is None:
         return ""
-    ready, why = provider.readiness()
     notice = service.notices.get(provider_key)
+    own_key = provider_key == "cometapi" and bool(session_key)
+    ready, why = (True, "") if own_key else provider.readiness()
     if not ready:
+        if settings is not None and settings.hosted and provider_key == "cometapi":
+            why = "Enter your CometAPI key at the top of the page (kept for this session only), or use the local engine."
         return f"⚠️ **{provider.label} can't be used yet.** {why}"
     if notice:
         return f"⚠️ **{provider.label}: {notice}**"
+    if own_key:
+        return f"✅ {provider.label}: using your own key for this session."
+    if settings is not None and settings.hosted and provider_key == "cometapi":
+        return (f"✅ {provider.label}: using this app's shared key, limited to {settings.shared_key_limit} paid "
+                "calls per hour per visitor. Enter your own key at the top for more.")
     return f"✅ {provider.label} is configured."
 
 
@@ -119,7 +128,7 @@ def parse_learning_rate(raw: str) -> float | None:
 
 
 def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore], settings: Settings,
-          default_provider: str) -> TrainTab:
+          default_provider: str, access: ProviderAccess, session_key: gr.State) -> TrainTab:
     banner = gr.Markdown(elem_id="train-banner")
     with gr.Row():
         provider = gr.Radio(
@@ -163,11 +172,11 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
         names = datasets_for(owner).list_names()
         return gr.update(choices=names, value=current if current in names else (names[0] if names else None))
 
-    def on_load(provider_key: str, current: str | None, request: gr.Request = None):
+    def on_load(provider_key: str, current: str | None, key=None, request: gr.Request = None):
         owner = owner_for(request, settings)
         owned = service.jobs.list(owner)
         return (
-            banner_markdown(service, provider_key),
+            banner_markdown(service, provider_key, key, settings),
             dataset_choices(owner, current),
             jobs_frame(owned),
             gr.Timer(active=any(j.is_active for j in owned)),
@@ -180,8 +189,8 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
 
     # -- handlers
 
-    def on_provider(provider_key: str):
-        return banner_markdown(service, provider_key)
+    def on_provider(provider_key: str, key):
+        return banner_markdown(service, provider_key, key, settings)
 
     def on_refresh(current: str | None, request: gr.Request = None):
         return dataset_choices(owner_for(request, settings), current)
@@ -202,8 +211,9 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
 
     @shows_errors
     def on_launch(provider_key, dataset_, mode_, trigger_, name_, iterations_, lr_, rank_, type_, priority_,
-                  captioning_, seen_, request: gr.Request = None, progress=gr.Progress()):
+                  captioning_, seen_, key, request: gr.Request = None, progress=gr.Progress()):
         owner = owner_for(request, settings)
+        provider = access.get(provider_key, owner, key, cost=1)
         req = P.TrainRequest(
             name=name_ or "", mode=mode_, trigger_word=(trigger_ or "").strip(), iterations=int(iterations_),
             learning_rate=parse_learning_rate(lr_), lora_rank=int(rank_), finetune_type=type_,
@@ -215,14 +225,14 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
             progress(sent / total if total else 1.0, desc=f"Uploading dataset ({sent / 2**20:.1f} of {total / 2**20:.1f} MB)")
 
         try:
-            job = service.launch(owner, provider_key, dataset_, req, on_upload=uploaded)
+            job = service.launch(owner, provider_key, dataset_, req, on_upload=uploaded, provider=provider)
         except ProviderError as exc:
             # The job row records the failure; show it in place, not only as a toast.
             gr.Warning(exc.user_message())
             owned = service.jobs.list(owner)
             failed = owned[0] if owned and owned[0].status == "failed" else None
             return (f"❌ Launch failed: {exc.user_message()}", jobs_frame(owned), job_markdown(failed),
-                    failed.id if failed else None, gr.Timer(), seen_, banner_markdown(service, provider_key))
+                    failed.id if failed else None, gr.Timer(), seen_, banner_markdown(service, provider_key, key, settings))
         owned = service.jobs.list(owner)
         if job.remote_id:
             msg = f"🚀 Launched **{job.name}** on {job.provider} (id `{job.remote_id}`). Tracking it below."
@@ -230,9 +240,9 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
         else:
             msg = f"⏳ {job.message}"
         return (msg, jobs_frame(owned), job_markdown(job), job.id, gr.Timer(active=True),
-                {**seen_, job.id: job.status}, banner_markdown(service, provider_key))
+                {**seen_, job.id: job.status}, banner_markdown(service, provider_key, key, settings))
 
-    def on_tick(selected_: str | None, seen_: dict, provider_key: str, request: gr.Request = None):
+    def on_tick(selected_: str | None, seen_: dict, provider_key: str, key=None, request: gr.Request = None):
         owner = owner_for(request, settings)
         owned = service.jobs.list(owner)
         for j in owned:
@@ -248,7 +258,7 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
             job_markdown(current) if current else gr.update(),
             gr.Timer(active=any(j.is_active for j in owned)),
             {j.id: j.status for j in owned},
-            banner_markdown(service, provider_key),
+            banner_markdown(service, provider_key, key, settings),
         )
 
     def on_select(table: pd.DataFrame, evt: gr.SelectData, request: gr.Request = None):
@@ -267,18 +277,18 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
         gr.Info(f"Deleted '{job.name}'.")
         return jobs_frame(service.jobs.list(owner)), job_markdown(None), None
 
-    provider.change(on_provider, [provider], [banner])
+    provider.change(on_provider, [provider, session_key], [banner])
     refresh.click(on_refresh, [dataset], [dataset])
     dataset.change(on_dataset, [dataset, mode], [trigger, name, dataset_info])
     mode.change(on_mode, [mode, dataset], [iterations, lora_rank, finetune_type, priority, captioning, name])
     launch.click(
         on_launch,
         [provider, dataset, mode, trigger, name, iterations, learning_rate, lora_rank, finetune_type, priority,
-         captioning, seen],
+         captioning, seen, session_key],
         [launch_result, jobs, detail, selected, timer, seen, banner],
         concurrency_limit=4, api_name="launch_finetune",
     )
-    timer.tick(on_tick, [selected, seen, provider], [jobs, detail, timer, seen, banner],
+    timer.tick(on_tick, [selected, seen, provider, session_key], [jobs, detail, timer, seen, banner],
                concurrency_limit=None, show_progress="hidden")
     jobs.select(on_select, [jobs], [selected, detail])
     delete.click(on_delete, [selected], [jobs, detail, selected],

@@ -117,6 +117,8 @@ class Settings:
 
     # Hosting.
     auth: str = ""  # "user:pass" for a shared password; empty = none
+    # Hosted mode: paid calls per visitor per hour on the app's own (shared) CometAPI key.
+    shared_key_limit: int = 20
     hosted: bool = False
     space_id: str = ""
 
@@ -139,6 +141,7 @@ class Settings:
             caption_concurrency=_int(env, "COMETAPI_CAPTION_CONCURRENCY", d.caption_concurrency, minimum=1),
             local_model=env.get("FLUX_LOCAL_MODEL", "").strip(),
             auth=env.get("FLUX_STUDIO_AUTH", "").strip(),
+            shared_key_limit=_int(env, "FLUX_STUDIO_SHARED_KEY_LIMIT", d.shared_key_limit, minimum=0),
             hosted=_bool(env, "FLUX_STUDIO_HOSTED", False) or bool(env.get("SPACE_ID", "").strip()),
             space_id=env.get("SPACE_ID", "").strip(),
         )
