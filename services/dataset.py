@@ -677,21 +677,21 @@ class DatasetStores:
     """One ``DatasetStore`` per owner, so every request for an owner shares the same lock.
 
     The local owner keeps the plain ``datasets/`` layout; hosted visitors each get
-    ``owners/<owner>/datasets/``, so one visitor can never list or open another's.
+    ``owners/<unguessable token>/datasets/`` (see services.owners), so one visitor can never
+    list, open or download another's.
     """
 
-    def __init__(self, settings: Settings, *, local_owner: str = "local") -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.local_owner = local_owner
         self._stores: dict[str, DatasetStore] = {}
         self._lock = threading.Lock()
 
     def root_for(self, owner: str) -> Path:
-        if owner == self.local_owner:
-            return self.settings.datasets_dir
-        if safe_name(owner, fallback="") != owner:
-            raise DatasetError("This session has no valid identity.", hint="Reload the page.")
-        return self.settings.data_dir / "owners" / owner / "datasets"
+        from services.owners import owner_dir
+
+        if not owner:
+            raise DatasetError("This session has no identity.", hint="Reload the page.")
+        return owner_dir(self.settings, owner) / "datasets"
 
     def __call__(self, owner: str) -> DatasetStore:
         with self._lock:

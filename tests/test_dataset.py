@@ -416,3 +416,19 @@ def test_concurrent_imports_never_clobber_each_other(store, tmp_path):
     ds = store.open(name)
     assert len(ds.items) == 6 and len({i.file for i in ds.items}) == 6
     assert sorted(p.name for p in ds.images_dir.iterdir()) == sorted(i.file for i in ds.items)
+
+
+def test_hosted_owners_get_separate_unguessable_roots(settings):
+    from services.dataset import DatasetStores
+
+    stores = DatasetStores(settings)
+    alice, bob, local = stores("user-alice"), stores("user-bob"), stores("local")
+    alice.create("mine")
+    assert bob.list_names() == [] and local.list_names() == []
+    assert alice.root != bob.root and "alice" not in str(alice.root)
+    assert alice.root.is_relative_to(settings.data_dir / "owners")
+    assert local.root == settings.datasets_dir
+    assert stores("user-alice") is alice  # one store (and lock) per owner
+    # The token is stable across restarts (the secret is kept in the data dir, mode 0600).
+    assert DatasetStores(settings)("user-alice").root == alice.root
+    assert oct((settings.data_dir / ".owner-secret").stat().st_mode & 0o777) == "0o600"
