@@ -92,6 +92,20 @@ def job_markdown(job: Job | None, now: float | None = None) -> str:
     return "\n\n".join(lines)
 
 
+def loss_frame(events: list[dict]) -> pd.DataFrame:
+    rows = [(e["data"].get("step"), e["data"].get("loss")) for e in events
+            if e["data"].get("step") is not None and e["data"].get("loss") is not None]
+    return pd.DataFrame(rows, columns=["step", "loss"])
+
+
+def sample_items(events: list[dict], limit: int = 12) -> list[tuple[str, str]]:
+    items = []
+    for e in events:
+        for path in e["data"].get("samples") or []:
+            items.append((path, f"step {e['data'].get('step')}"))
+    return items[-limit:]
+
+
 def banner_markdown(service: TrainingService, provider_key: str, session_key=None, settings: Settings | None = None) -> str:
     provider = service.providers.get(provider_key)
     if provider is None:
@@ -163,6 +177,13 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
                         label="History (click a row for details; click a header to sort)")
     detail = gr.Markdown(job_markdown(None), elem_id="train-job-detail")
     with gr.Row():
+        loss_plot = gr.LinePlot(loss_frame([]), x="step", y="loss", title="Training loss", height=240,
+                                elem_id="train-loss", scale=1)
+        samples = gr.Gallery(label="Samples during training (fixed seed)", columns=4, height=240,
+                             elem_id="train-samples", scale=1)
+    with gr.Row():
+        resume = gr.Button("Resume from last checkpoint", size="sm", elem_id="train-resume")
+        cancel = gr.Button("Cancel", size="sm", elem_id="train-cancel")
         delete = gr.Button("Delete selected job", variant="stop", size="sm", elem_id="train-delete")
     selected = gr.State(None)
     seen = gr.State({})
@@ -253,20 +274,47 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
                 elif j.status == "failed":
                     gr.Warning(f"Fine-tune '{j.name}' failed: {j.error}")
         current = next((j for j in owned if j.id == selected_), None)
+        plot, gallery = progress_views(owner, current)
         return (
             jobs_frame(owned),
             job_markdown(current) if current else gr.update(),
+            plot,
+            gallery,
             gr.Timer(active=any(j.is_active for j in owned)),
             {j.id: j.status for j in owned},
             banner_markdown(service, provider_key, key, settings),
         )
+
+    def progress_views(owner: str, job: Job | None):
+        if job is None:
+            return gr.update(), gr.update()
+        events = service.jobs.events(owner, job.id, "step")
+        return loss_frame(events), sample_items(events)
 
     def on_select(table: pd.DataFrame, evt: gr.SelectData, request: gr.Request = None):
         owner = owner_for(request, settings)
         row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
         short = str(table.iloc[row]["job"]) if table is not None and 0 <= row < len(table) else ""
         job = next((j for j in service.jobs.list(owner) if j.id.startswith(short)), None) if short else None
-        return (job.id if job else None), job_markdown(job)
+        return (job.id if job else None), job_markdown(job), *progress_views(owner, job)
+
+    @shows_errors
+    def on_resume(selected_: str | None, request: gr.Request = None):
+        if not selected_:
+            raise InputError("No job is selected.", hint="Click a row in the jobs table first.")
+        owner = owner_for(request, settings)
+        job = service.resume(owner, selected_)
+        gr.Info(f"Resuming '{job.name}' from its last checkpoint.")
+        return jobs_frame(service.jobs.list(owner)), job_markdown(job), gr.Timer(active=True)
+
+    @shows_errors
+    def on_cancel(selected_: str | None, request: gr.Request = None):
+        if not selected_:
+            raise InputError("No job is selected.", hint="Click a row in the jobs table first.")
+        owner = owner_for(request, settings)
+        job = service.cancel(owner, selected_)
+        gr.Info(f"Cancelling '{job.name}'; its last checkpoint is kept.")
+        return jobs_frame(service.jobs.list(owner)), job_markdown(job)
 
     @shows_errors
     def on_delete(selected_: str | None, request: gr.Request = None):
@@ -288,9 +336,11 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
         [launch_result, jobs, detail, selected, timer, seen, banner],
         concurrency_limit=4, api_name="launch_finetune",
     )
-    timer.tick(on_tick, [selected, seen, provider, session_key], [jobs, detail, timer, seen, banner],
+    timer.tick(on_tick, [selected, seen, provider, session_key], [jobs, detail, loss_plot, samples, timer, seen, banner],
                concurrency_limit=None, show_progress="hidden")
-    jobs.select(on_select, [jobs], [selected, detail])
+    jobs.select(on_select, [jobs], [selected, detail, loss_plot, samples])
+    resume.click(on_resume, [selected], [jobs, detail, timer])
+    cancel.click(on_cancel, [selected], [jobs, detail])
     delete.click(on_delete, [selected], [jobs, detail, selected],
                  js="(s) => { if (!confirm('Delete this job? A finished fine-tune is deleted on the provider too.')) throw new Error('cancelled'); return s; }")
     return tab

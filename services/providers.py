@@ -91,7 +91,7 @@ class TrainRequest:
 class TrainStatus:
     """What a provider says about a training job right now."""
 
-    state: str  # "pending" | "running" | "ready" | "failed" | "cancelled"
+    state: str  # "pending" | "running" | "ready" | "failed" | "cancelled" | "interrupted" (resumable)
     progress: float | None = None  # 0..1 when the provider says
     eta_s: float | None = None
     step: int | None = None
@@ -102,7 +102,7 @@ class TrainStatus:
 
     @property
     def terminal(self) -> bool:
-        return self.state in ("ready", "failed", "cancelled")
+        return self.state in ("ready", "failed", "cancelled", "interrupted")
 
 
 @dataclass(frozen=True)
@@ -149,6 +149,8 @@ class Provider(Protocol):
         """The remote id of a job submitted with ``tag``, if the provider can tell (restart recovery)."""
 
     def cancel(self, remote_id: str) -> None: ...
+
+    # Optional: ``resume(remote_id)`` for providers that keep checkpoints (the local engine).
 
     def delete(self, remote_id: str) -> None: ...
 

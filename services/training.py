@@ -197,7 +197,10 @@ class TrainingService:
         return self._apply(job, status)
 
     def _apply(self, job: Job, status: TrainStatus) -> Job:
-        fields: dict = {"status": status.state, "message": status.message or _default_message(status)}
+        state = status.state
+        if state == "failed" and status.result.get("resumable"):
+            state = "interrupted"  # stopped by a restart, with a checkpoint to resume from
+        fields: dict = {"status": state, "message": status.message or _default_message(status)}
         if status.progress is not None:
             fields["progress"] = max(0.0, min(1.0, status.progress))
         if status.eta_s is not None:
@@ -205,7 +208,7 @@ class TrainingService:
         if status.state == "ready":
             fields["progress"] = 1.0
             fields["result"] = {**job.result, **status.result}
-        if status.state == "failed":
+        if state == "failed":
             fields["error"] = status.message or "The provider reported an error without details."
         if status.step is not None or status.loss is not None or status.samples:
             self.jobs.record_event(job.owner, job.id, "step", {
@@ -236,6 +239,32 @@ class TrainingService:
         return active
 
     # ------------------------------------------------------------ managing
+
+    def cancel(self, owner: str, job_id: str) -> Job:
+        job = self.jobs.get(owner, job_id)
+        if not job.is_active:
+            raise InputError(f"'{job.name}' is not running.", hint="Only pending or running jobs can be cancelled.")
+        provider = self._job_providers.get(job.id) or self.providers.get(job.provider)
+        if job.remote_id and provider is not None:
+            try:
+                provider.cancel(job.remote_id)
+            except ProviderError as exc:
+                raise JobError(f"Could not cancel '{job.name}': {exc.message}", hint="Try again in a moment.") from None
+        return self.jobs.update(owner, job_id, status="cancelled", message="Cancelled by you.")
+
+    def resume(self, owner: str, job_id: str) -> Job:
+        job = self.jobs.get(owner, job_id)
+        provider = self._job_providers.get(job.id) or self.providers.get(job.provider)
+        resume = getattr(provider, "resume", None)
+        if resume is None or not job.remote_id:
+            raise InputError(f"{job.provider} jobs can't be resumed.", hint="Launch a new fine-tune instead.")
+        if job.status not in ("interrupted", "cancelled"):
+            raise InputError(f"'{job.name}' is {job.status}; only interrupted or cancelled jobs can be resumed.")
+        try:
+            resume(job.remote_id)
+        except ProviderError as exc:
+            raise JobError(f"Could not resume '{job.name}': {exc.message}", hint="Try again, or launch it again.") from None
+        return self.jobs.update(owner, job_id, status="running", error="", message="Resuming from the last checkpoint…")
 
     def delete(self, owner: str, job_id: str) -> Job:
         job = self.jobs.get(owner, job_id)

@@ -245,3 +245,77 @@ def test_visitor_key_tracks_in_memory_only_and_can_be_adopted_again(settings, fa
         restarted.track_once()
     assert restarted.jobs.get(OWNER, job.id).status == "ready"
     assert restarted._job_providers == {}
+
+
+def test_cancel_stops_the_remote_job_and_keeps_the_record(settings, fake_cometapi, dataset):
+    fake_cometapi.finetune_pending_polls = 5
+    service = _service(settings, fake_cometapi)
+    job = service.launch(OWNER, "cometapi", dataset, _req())
+    cancelled = service.cancel(OWNER, job.id)
+    assert cancelled.status == "cancelled"
+    assert fake_cometapi.finetune(job.remote_id) is None  # CometAPI's only stop is a delete
+    assert [j.id for j in service.jobs.list(OWNER)] == [job.id]
+    with pytest.raises(InputError, match="not running"):
+        service.cancel(OWNER, job.id)
+    with pytest.raises(InputError, match="can't be resumed"):
+        service.resume(OWNER, job.id)  # CometAPI keeps no checkpoints
+
+
+class _Resumable:
+    """A provider with checkpoints: the first status after a 'restart' says it was interrupted."""
+
+    key, label, max_images = "ckpt", "Checkpointing engine", 20
+
+    def __init__(self) -> None:
+        self.state, self.resumed = "running", 0
+
+    def readiness(self):
+        return True, ""
+
+    def submit(self, zip_path, request, *, tag, on_upload=None):
+        return f"ckpt-{tag}"
+
+    def status(self, remote_id):
+        from services.providers import TrainStatus
+
+        if self.state == "interrupted":
+            return TrainStatus("failed", message="Interrupted at step 3.", result={"resumable": True})
+        return TrainStatus(self.state, progress=0.5 if self.state == "running" else 1.0, step=3, loss=0.25)
+
+    def resume(self, remote_id):
+        self.resumed += 1
+        self.state = "running"
+
+    def cancel(self, remote_id):
+        self.state = "cancelled"
+
+    def find_by_tag(self, tag):
+        return None
+
+    def list_remote(self):
+        return []
+
+    def delete(self, remote_id):
+        pass
+
+
+def test_interrupted_job_can_be_resumed(settings, dataset):
+    engine = _Resumable()
+    service = TrainingService(JobStore(settings.data_dir / "jobs.sqlite3"), {"ckpt": engine},
+                              DatasetStores(settings), max_images={"ckpt": 20})
+    job = service.launch(OWNER, "ckpt", dataset, _req())
+    service.track_once()
+    assert service.jobs.get(OWNER, job.id).status == "running"
+    [event] = service.jobs.events(OWNER, job.id, "step")[:1]
+    assert event["data"]["loss"] == 0.25 and event["data"]["step"] == 3
+    engine.state = "interrupted"
+    service.track_once()
+    interrupted = service.jobs.get(OWNER, job.id)
+    assert interrupted.status == "interrupted" and not interrupted.error
+    resumed = service.resume(OWNER, job.id)
+    assert resumed.status == "running" and engine.resumed == 1
+    engine.state = "ready"
+    service.track_once()
+    assert service.jobs.get(OWNER, job.id).status == "ready"
+    with pytest.raises(InputError, match="only interrupted or cancelled"):
+        service.resume(OWNER, job.id)
