@@ -12,10 +12,12 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import gradio as gr
+from PIL import Image
 
-from components import dataset_tab, session_panel, train_tab
+from components import compare_tab, dataset_tab, session_panel, train_tab
 from services.access import ProviderAccess
 from services.captioning import Captioner
 from services.cometapi import CometAPIClient
@@ -25,6 +27,7 @@ from services.dataset import DatasetStores
 from services.errors import ConfigError
 from services.jobs import JobStore
 from services.providers import Provider
+from services.results import ResultStore
 from services.training import Tracker, TrainingService
 
 TITLE = "FLUX Finetune Studio"
@@ -75,6 +78,7 @@ def create_app(
         return CometAPIProvider.from_settings(settings, key=key)
 
     access = ProviderAccess(settings, providers, cometapi_with_key)
+    results = ResultStore(settings)
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
         gr.Markdown(f"# {TITLE}\nTurn a folder of photos into your own fine-tuned FLUX model, and see what it learned.")
         session_key = session_panel.build(settings, on_key=lambda owner, key: training.adopt(owner, cometapi_with_key(key)))
@@ -83,9 +87,15 @@ def create_app(
                 data = dataset_tab.build(datasets, settings, captioner_factory(settings, access), session_key)
             with gr.Tab("2 · Train", id="train"):
                 train = train_tab.build(training, datasets, settings, default_provider, access, session_key)
+            with gr.Tab("3 · Compare", id="compare") as compare_page:
+                compare = compare_tab.build(access, training.jobs, results, settings, placeholder_image(settings),
+                                            session_key)
+        # A fine-tune that became ready while the person was elsewhere shows up when they come back.
+        compare_page.select(compare.on_load, None, [compare.finetune, compare.history], show_progress="hidden")
         demo.load(data.refresh, [data.dataset], [data.dataset], show_progress="hidden")
         demo.load(train.on_load, [train.provider, train.dataset, session_key],
                   [train.banner, train.dataset, train.jobs, train.timer, train.seen], show_progress="hidden")
+        demo.load(compare.on_load, None, [compare.finetune, compare.history], show_progress="hidden")
     # Polling ticks are cheap and must never wait behind uploads; heavy events set their own limits.
     demo.queue(default_concurrency_limit=4, max_size=64)
     training.resume_on_start()
@@ -93,7 +103,19 @@ def create_app(
     demo.studio_settings = settings  # type: ignore[attr-defined]
     demo.studio_training = training  # type: ignore[attr-defined]
     demo.studio_tracker = tracker  # type: ignore[attr-defined]
+    demo.studio_results = results  # type: ignore[attr-defined]
     return demo
+
+
+def placeholder_image(settings: Settings) -> Path:
+    """A light grey tile shown in grid cells that are still rendering (served from the data dir)."""
+    path = settings.data_dir / ".assets" / "pending.png"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        Image.new("RGB", (64, 64), (236, 236, 240)).save(tmp, "PNG")
+        tmp.replace(path)
+    return path
 
 
 def launch_options(settings: Settings) -> dict:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 from collections.abc import Callable
 from typing import TypeVar
@@ -20,21 +21,36 @@ def shows_errors(fn: F) -> F:
     Anything else is a bug: log it and say so without leaking internals.
     """
 
+    def translate(exc: BaseException) -> gr.Error:
+        if isinstance(exc, StudioError):
+            return gr.Error(exc.user_message(), print_exception=False)
+        log.error("Unexpected error in %s", fn.__name__, exc_info=exc)
+        return gr.Error(
+            "Something went wrong on our side. Your data is unchanged; try again, "
+            "and if it keeps happening, check the app's log.",
+            print_exception=False,
+        )
+
+    if inspect.isgeneratorfunction(fn):  # streaming handlers fail while being iterated
+        @functools.wraps(fn)
+        def streaming(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except gr.Error:
+                raise
+            except Exception as exc:
+                raise translate(exc) from None
+
+        return streaming  # type: ignore[return-value]
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except gr.Error:
             raise
-        except StudioError as exc:
-            raise gr.Error(exc.user_message(), print_exception=False) from None
-        except Exception:
-            log.exception("Unexpected error in %s", fn.__name__)
-            raise gr.Error(
-                "Something went wrong on our side. Your data is unchanged; try again, "
-                "and if it keeps happening, check the app's log.",
-                print_exception=False,
-            ) from None
+        except Exception as exc:
+            raise translate(exc) from None
 
     return wrapper  # type: ignore[return-value]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from services.cometapi import CometAPIClient, TaskResult, TaskStatus
 from services.config import Secret, Settings
-from services.errors import TaskNotFoundError
+from services.errors import InputError, TaskNotFoundError
 from services.providers import GeneratedImage, GenerateRequest, ProgressFn, TrainRequest, TrainStatus
 from services.training import job_tag, remote_comment
 
@@ -91,6 +91,13 @@ class CometAPIProvider:
     def delete(self, remote_id: str) -> None:
         with self._client() as client:
             client.delete_finetune(remote_id)
+
+    def compare_models(self, tuned_model: str | None) -> tuple[str, str]:
+        """(base, tuned) model names for a side-by-side comparison."""
+        tuned = tuned_model or DEFAULT_TUNED_MODEL
+        if tuned not in BASE_FOR:
+            raise InputError(f"'{tuned}' is not a CometAPI fine-tune model.", hint=f"Use one of: {', '.join(BASE_FOR)}.")
+        return BASE_FOR[tuned], tuned
 
     def generate(self, request: GenerateRequest, out_dir: Path, *, finetune: str | None = None,
                  model: str | None = None) -> GeneratedImage:

@@ -150,7 +150,8 @@ class Provider(Protocol):
 
     def cancel(self, remote_id: str) -> None: ...
 
-    # Optional: ``resume(remote_id)`` for providers that keep checkpoints (the local engine).
+    # Optional: ``resume(remote_id)`` for providers that keep checkpoints (the local engine), and
+    # ``compare_models(tuned_model) -> (base, tuned)`` for providers with several models (CometAPI).
 
     def delete(self, remote_id: str) -> None: ...
 

@@ -93,3 +93,36 @@ def test_api_auto_caption_against_fake(settings, tmp_path, fake_cometapi):
             assert all(row[1].startswith("TOK, ") for row in table["data"])
         finally:
             client.close()
+
+
+def test_api_compare_and_grid_against_fake(settings, fake_cometapi):
+    from gradio_client.exceptions import AppError
+
+    from services.config import Secret
+    from tests.conftest import FAKE_COMETAPI_KEY
+
+    settings = settings.with_(cometapi_base_url=fake_cometapi.url, cometapi_key=Secret(FAKE_COMETAPI_KEY))
+    fake_cometapi.pending_polls = 0
+    finetune = fake_cometapi.add_finetune()
+    fields = ["a photo of TOK", 7, 1.1, "1:1", 1024, 768, 28, 2.5, 2, "png"]
+    with running_app(settings) as url:
+        client = Client(url, verbose=False)
+        try:
+            base, tuned, info, history = client.predict(
+                None, finetune, "flux-pro-1.1-ultra-finetuned", *fields, api_name="/compare")
+            assert Path(base).exists() and Path(tuned).exists() and base != tuned
+            assert "seed 7" in info and "strength 1.1" in info
+            assert len(history) == 2
+            gallery, summary, history = client.predict(  # gr.State outputs are not part of the API
+                None, finetune, "flux-pro-1.1-ultra-finetuned", "TOK one\nTOK two", "0.5, 1.5", False,
+                *fields, api_name="/grid")
+            assert "2 prompt(s) × 2 column(s)" in summary and len(gallery) == 4 and len(history) == 6
+            with pytest.raises(AppError, match="strength 3 is out of range"):
+                client.predict(None, finetune, "flux-pro-1.1-ultra-finetuned", "TOK", "3", False, *fields,
+                               api_name="/grid")
+            with pytest.raises(AppError, match="No fine-tune is selected"):
+                client.predict(None, "", "flux-pro-1.1-ultra-finetuned", *fields, api_name="/compare")
+        finally:
+            client.close()
+    tuned_sent = fake_cometapi.requests("/flux/v1/flux-pro-1.1-ultra-finetuned")
+    assert sorted(r.json["finetune_strength"] for r in tuned_sent) == [0.5, 0.5, 1.1, 1.5, 1.5]

@@ -1,0 +1,281 @@
+"""Base vs tuned: one prompt and seed through both models at once, and grids of them.
+
+Generation is I/O-bound for a hosted provider (submit, poll, download) so threads give real
+concurrency: a pair takes about as long as the slower image, a grid about
+``ceil(cells / max_concurrency)`` image times. Every image is saved and recorded as soon as
+it exists; a failed cell records its reason and never stops the others.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+from services.errors import InputError, ModeratedError, StudioError
+from services.providers import GenerateRequest, Provider
+from services.results import ResultStore
+
+log = logging.getLogger(__name__)
+
+STRENGTH_RANGE = (0.0, 2.0)
+MAX_GRID_CELLS = 48
+
+
+@dataclass(frozen=True)
+class CellResult:
+    row: int
+    col: int
+    prompt: str
+    strength: float | None  # None: the base model
+    model: str
+    seed: int
+    path: Path | None
+    latency_s: float
+    status: str  # "ok" | "moderated" | "error"
+    error: str = ""
+    record_id: str = ""
+
+
+@dataclass(frozen=True)
+class PairResult:
+    group_id: str
+    base: CellResult
+    tuned: CellResult
+    wall_s: float
+
+
+@dataclass(frozen=True)
+class GridProgress:
+    done: int
+    total: int
+
+
+@dataclass(frozen=True)
+class GridResult:
+    group_id: str
+    prompts: list[str]
+    columns: list[str]  # "base", "strength 0.6", ...
+    cells: list[list[CellResult]]
+    wall_s: float
+
+    @property
+    def failed(self) -> int:
+        return sum(1 for row in self.cells for c in row if c.status != "ok")
+
+
+def random_seed() -> int:
+    return secrets.randbelow(2**31 - 1)
+
+
+def models_for(provider: Provider, tuned_model: str | None) -> tuple[str | None, str | None]:
+    """(base model, tuned model) names; providers with one pipeline answer (None, None)."""
+    pick = getattr(provider, "compare_models", None)
+    return pick(tuned_model) if pick is not None else (None, None)
+
+
+def check_strength(value: float) -> float:
+    lo, hi = STRENGTH_RANGE
+    if not lo <= value <= hi:
+        raise InputError(f"Fine-tune strength {value:g} is out of range.", hint=f"Use a value from {lo:g} to {hi:g}.")
+    return value
+
+
+@dataclass(frozen=True)
+class _Cell:
+    row: int
+    col: int
+    request: GenerateRequest
+    tuned: bool
+
+
+def _run_cell(provider: Provider, cell: _Cell, *, finetune_id: str, models: tuple[str | None, str | None],
+              out_dir: Path, owner: str, results: ResultStore | None, group_id: str) -> CellResult:
+    req = cell.request
+    model = models[1] if cell.tuned else models[0]
+    started = time.monotonic()
+    path, status, error, seed, used = None, "ok", "", req.seed, model or ""
+    try:
+        image = provider.generate(req, out_dir, finetune=finetune_id if cell.tuned else None, model=model)
+        path, seed, used = image.path, image.seed, image.model
+    except ModeratedError as exc:
+        status, error = "moderated", exc.user_message()
+    except StudioError as exc:
+        status, error = "error", exc.user_message()
+    except Exception as exc:  # one broken cell must not sink the grid
+        log.exception("Unexpected error generating a cell")
+        status, error = "error", f"Unexpected error ({exc.__class__.__name__}); the other images are unaffected."
+    latency = time.monotonic() - started
+    strength = req.strength if cell.tuned else None
+    record_id = ""
+    if results is not None:
+        record = results.add(
+            owner, group_id=group_id, provider=getattr(provider, "key", ""), model=used or ("tuned" if cell.tuned else "base"),
+            seed=seed, prompt=req.prompt, status=status, finetune_id=finetune_id if cell.tuned else None,
+            strength=strength, file=str(path) if path else "", latency_s=round(latency, 3), error=error,
+            params=_params(req, cell.tuned),
+        )
+        record_id = record.id
+    return CellResult(cell.row, cell.col, req.prompt, strength, used, seed, path, latency, status, error, record_id)
+
+
+def _params(req: GenerateRequest, tuned: bool) -> dict:
+    p = {"width": req.width, "height": req.height, "aspect_ratio": req.aspect_ratio, "steps": req.steps,
+         "guidance": req.guidance, "safety_tolerance": req.safety_tolerance, "output_format": req.output_format}
+    if tuned:
+        p["strength"] = req.strength
+    return p
+
+
+def compare_pair(provider: Provider, request: GenerateRequest, *, finetune_id: str, tuned_model: str | None = None,
+                 out_dir: Path, owner: str, results: ResultStore | None = None) -> PairResult:
+    """Base and tuned with the same prompt and seed, concurrently."""
+    if not (finetune_id or "").strip():
+        raise InputError("No fine-tune is selected.", hint="Pick a ready fine-tune, or paste a fine-tune id.")
+    check_strength(request.strength)
+    results_group = results.new_group() if results else time.strftime("%Y%m%d-%H%M%S")
+    group_dir = out_dir / results_group
+    models = models_for(provider, tuned_model)
+    kw = dict(finetune_id=finetune_id.strip(), models=models, out_dir=group_dir, owner=owner, results=results,
+              group_id=results_group)
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="compare") as pool:
+        base = pool.submit(_run_cell, provider, _Cell(0, 0, request, False), **kw)
+        tuned = pool.submit(_run_cell, provider, _Cell(0, 1, request, True), **kw)
+        pair = base.result(), tuned.result()
+    return PairResult(results_group, pair[0], pair[1], time.monotonic() - started)
+
+
+def grid_columns(strengths: Sequence[float], include_base: bool) -> list[str]:
+    return (["base"] if include_base else []) + [f"strength {s:g}" for s in strengths]
+
+
+def run_grid(provider: Provider, prompts: Sequence[str], strengths: Sequence[float], template: GenerateRequest, *,
+             finetune_id: str, tuned_model: str | None = None, include_base: bool = True, max_concurrency: int = 4,
+             on_cell: Callable[[CellResult, GridProgress], None] | None = None, out_dir: Path, owner: str,
+             results: ResultStore | None = None) -> GridResult:
+    """Rows = prompts, columns = base (optional) + strengths; one seed for every cell.
+
+    ``on_cell`` is called from worker threads as each cell finishes, in completion order.
+    """
+    prompts = [p.strip() for p in prompts if p and p.strip()]
+    if not prompts:
+        raise InputError("The grid has no prompts.", hint="Type one prompt per line.")
+    if not strengths and not include_base:
+        raise InputError("The grid has no columns.", hint="Add strengths, or include the base model.")
+    if not (finetune_id or "").strip() and strengths:
+        raise InputError("No fine-tune is selected.", hint="Pick a ready fine-tune, or paste a fine-tune id.")
+    for s in strengths:
+        check_strength(s)
+    columns = grid_columns(strengths, include_base)
+    total = len(prompts) * len(columns)
+    if total > MAX_GRID_CELLS:
+        raise InputError(f"That grid has {total} cells; the limit is {MAX_GRID_CELLS}.",
+                         hint="Use fewer prompts or strengths.")
+    group_id = results.new_group() if results else time.strftime("%Y%m%d-%H%M%S")
+    models = models_for(provider, tuned_model)
+    jobs: list[_Cell] = []
+    for r, prompt in enumerate(prompts):
+        c = 0
+        if include_base:
+            jobs.append(_Cell(r, c, replace(template, prompt=prompt), False))
+            c += 1
+        for s in strengths:
+            jobs.append(_Cell(r, c, replace(template, prompt=prompt, strength=float(s)), True))
+            c += 1
+
+    grid: list[list[CellResult | None]] = [[None] * len(columns) for _ in prompts]
+    lock = threading.Lock()
+    done = 0
+    kw = dict(finetune_id=(finetune_id or "").strip(), models=models, out_dir=out_dir / group_id, owner=owner,
+              results=results, group_id=group_id)
+
+    def work(cell: _Cell) -> None:
+        nonlocal done
+        result = _run_cell(provider, cell, **kw)
+        with lock:
+            grid[cell.row][cell.col] = result
+            done += 1
+            progress = GridProgress(done, total)
+        if on_cell is not None:
+            try:
+                on_cell(result, progress)
+            except Exception:  # a display callback must not lose the result
+                log.exception("on_cell callback failed")
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=max(1, min(max_concurrency, total)), thread_name_prefix="grid") as pool:
+        for future in [pool.submit(work, job) for job in jobs]:
+            future.result()
+    cells = [[c for c in row if c is not None] for row in grid]
+    return GridResult(group_id, list(prompts), columns, cells, time.monotonic() - started)
+
+
+# --------------------------------------------------------------------------- contact sheet
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow built without FreeType
+        return ImageFont.load_default()
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int, max_lines: int) -> list[str]:
+    words, lines, line = text.split(), [], ""
+    for word in words:
+        trial = f"{line} {word}".strip()
+        if draw.textlength(trial, font=font) <= width or not line:
+            line = trial
+        else:
+            lines.append(line)
+            line = word
+    if line:
+        lines.append(line)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] = lines[-1].rstrip(".") + "…"
+    return lines
+
+
+def contact_sheet(grid: GridResult, path: Path, *, cell: int = 256, label_width: int = 220) -> Path:
+    """One labelled PNG: a header row of column names, a prompt label per row, errors in place."""
+    pad, header = 8, 36
+    rows, cols = len(grid.prompts), len(grid.columns)
+    width = label_width + cols * (cell + pad) + pad
+    height = header + rows * (cell + pad) + pad
+    sheet = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(sheet)
+    font, small = _font(16), _font(13)
+    for c, name in enumerate(grid.columns):
+        x = label_width + pad + c * (cell + pad)
+        draw.text((x + cell / 2, header / 2), name, fill="black", font=font, anchor="mm")
+    for r, prompt in enumerate(grid.prompts):
+        y = header + r * (cell + pad)
+        for i, line in enumerate(_wrap(draw, prompt, small, label_width - 2 * pad, max_lines=math.floor(cell / 18))):
+            draw.text((pad, y + pad + i * 18), line, fill="black", font=small)
+        for result in grid.cells[r]:
+            x = label_width + pad + result.col * (cell + pad)
+            if result.status == "ok" and result.path and Path(result.path).exists():
+                with Image.open(result.path) as im:
+                    thumb = ImageOps.contain(im.convert("RGB"), (cell, cell))
+                sheet.paste(thumb, (x + (cell - thumb.width) // 2, y + (cell - thumb.height) // 2))
+                draw.text((x + 4, y + cell - 18), f"seed {result.seed}", fill="white", font=small,
+                          stroke_width=2, stroke_fill="black")
+            else:
+                draw.rectangle((x, y, x + cell, y + cell), fill="#eeeeee", outline="#cc3333", width=2)
+                title = "moderated" if result.status == "moderated" else "error"
+                draw.text((x + 8, y + 8), title, fill="#cc3333", font=font)
+                for i, line in enumerate(_wrap(draw, result.error or "no details", small, cell - 16, max_lines=max(1, (cell - 44) // 18))):
+                    draw.text((x + 8, y + 34 + i * 18), line, fill="black", font=small)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    sheet.save(tmp, "PNG", optimize=False)
+    tmp.replace(path)
+    return path
