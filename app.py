@@ -79,7 +79,8 @@ def create_app(
 
     access = ProviderAccess(settings, providers, cometapi_with_key)
     results = ResultStore(settings)
-    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+    # Gradio copies every served file into its cache; sweep copies older than a day, hourly.
+    with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
         gr.Markdown(f"# {TITLE}\nTurn a folder of photos into your own fine-tuned FLUX model, and see what it learned.")
         session_key = session_panel.build(settings, on_key=lambda owner, key: training.adopt(owner, cometapi_with_key(key)))
         with gr.Tabs():

@@ -174,10 +174,12 @@ def build(access: ProviderAccess, jobs: JobStore, results: ResultStore, settings
         return gr.update()
 
     @shows_errors
-    def on_compare(choice, pasted_, model_, key, *fields, request: gr.Request = None):
+    # Explicit parameters, not *args: Gradio injects gr.Request / gr.Progress by position.
+    def on_compare(choice, pasted_, model_, key, prompt_, seed_, strength_, aspect_, width_, height_, steps_,
+                   guidance_, safety_, fmt_, request: gr.Request = None):
         owner = owner_for(request, settings)
         target = parse_target(choice, pasted_, provider_keys)
-        req = request_from(*fields)
+        req = request_from(prompt_, seed_, strength_, aspect_, width_, height_, steps_, guidance_, safety_, fmt_)
         provider = access.get(target.provider_key, owner, key, cost=2)
         result = cmp.compare_pair(
             provider, req, finetune_id=target.finetune_id, tuned_model=model_,
@@ -193,14 +195,16 @@ def build(access: ProviderAccess, jobs: JobStore, results: ResultStore, settings
                 str(result.tuned.path) if result.tuned.path else None, info, history_items(results, owner))
 
     @shows_errors
-    def on_grid(choice, pasted_, model_, key, prompts_, strengths_, include_base_, *fields,
-                request: gr.Request = None, progress=gr.Progress()):
+    def on_grid(choice, pasted_, model_, key, prompts_, strengths_, include_base_, prompt_, seed_, strength_,
+                aspect_, width_, height_, steps_, guidance_, safety_, fmt_, request: gr.Request = None,
+                progress=gr.Progress()):
         owner = owner_for(request, settings)
         target = parse_target(choice, pasted_, provider_keys)
         lines = [p.strip() for p in (prompts_ or "").splitlines() if p.strip()]
         if not lines:
             raise InputError("The grid has no prompts.", hint="Type one prompt per line.")
-        template = request_from(lines[0], *fields[1:])
+        template = request_from(lines[0], seed_, strength_, aspect_, width_, height_, steps_, guidance_, safety_,
+                                fmt_)
         strengths_list = parse_strengths(strengths_)
         columns = (["base"] if include_base_ else []) + [f"strength {s:g}" for s in strengths_list]
         total = len(lines) * len(columns)

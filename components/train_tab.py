@@ -325,6 +325,14 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
         gr.Info(f"Deleted '{job.name}'.")
         return jobs_frame(service.jobs.list(owner)), job_markdown(None), None
 
+    def list_jobs(request: gr.Request = None) -> list[dict]:
+        """This visitor's jobs, newest first: id, name, provider, status, progress, message, result."""
+        owner = owner_for(request, settings)
+        return [{"id": j.id, "name": j.name, "provider": j.provider, "status": j.status, "progress": j.progress,
+                 "message": j.message, "error": j.error, "result": j.result} for j in service.jobs.list(owner)]
+
+    # API only (gradio_client): cheap, so it never waits in the queue behind uploads or generation.
+    gr.api(list_jobs, api_name="list_jobs", concurrency_limit=None)
     provider.change(on_provider, [provider, session_key], [banner])
     refresh.click(on_refresh, [dataset], [dataset])
     dataset.change(on_dataset, [dataset, mode], [trigger, name, dataset_info])
