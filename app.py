@@ -86,11 +86,14 @@ def create_app(
         with gr.Tabs():
             with gr.Tab("1 · Dataset", id="dataset"):
                 data = dataset_tab.build(datasets, settings, captioner_factory(settings, access), session_key)
-            with gr.Tab("2 · Train", id="train"):
+            with gr.Tab("2 · Train", id="train") as train_page:
                 train = train_tab.build(training, datasets, settings, default_provider, access, session_key)
             with gr.Tab("3 · Compare", id="compare") as compare_page:
                 compare = compare_tab.build(access, training.jobs, results, settings, placeholder_image(settings),
                                             session_key)
+        # A dataset made a moment ago on the Dataset tab is offered when the person switches here.
+        train_page.select(train.on_load, [train.provider, train.dataset, session_key],
+                          [train.banner, train.dataset, train.jobs, train.timer, train.seen], show_progress="hidden")
         # A fine-tune that became ready while the person was elsewhere shows up when they come back.
         compare_page.select(compare.on_load, None, [compare.finetune, compare.history], show_progress="hidden")
         demo.load(data.refresh, [data.dataset], [data.dataset], show_progress="hidden")

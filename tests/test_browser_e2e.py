@@ -1,0 +1,163 @@
+"""The whole app in a real browser: upload → captions → launch → track → compare grid → history after a
+restart; two visitors that never see each other's work; and a known key that shows up nowhere."""
+from __future__ import annotations
+
+import logging
+import re
+
+import httpx
+import pytest
+from playwright.sync_api import expect
+
+from services.config import Secret
+from tests import imagefactory as fx
+from tests.browser import chromium, running_app
+from tests.conftest import FAKE_COMETAPI_KEY
+
+pytestmark = pytest.mark.browser
+
+
+def _tab(page, name: str) -> None:
+    page.get_by_role("tab", name=name).click()
+
+
+def _upload(page, paths, dataset_name: str) -> None:
+    page.locator("#dataset-new-name textarea, #dataset-new-name input").first.fill(dataset_name)
+    page.click("#dataset-new")
+    expect(page.locator("#dataset-picker input")).to_have_value(re.compile(dataset_name), timeout=15_000)
+    page.locator("#dataset-upload input[type=file]").set_input_files([str(p) for p in paths])
+    page.wait_for_timeout(300)
+    page.click("#dataset-add")
+    page.locator("#dataset-report").get_by_text(f"Added {len(paths)} image(s)").wait_for(timeout=60_000)
+
+
+def _use_key(page, key: str) -> None:
+    page.locator("#session-key input").fill(key)
+    page.click("#session-key-use")
+    page.locator("#session-key-status").get_by_text("Your key is set").wait_for(timeout=10_000)
+    assert page.locator("#session-key input").input_value() == ""  # the box is cleared at once
+
+
+def _launch_and_wait_ready(page, name: str) -> None:
+    _tab(page, "2 · Train")
+    page.locator("#train-launch").wait_for()
+    page.locator("#train-mode").get_by_label("product").check()
+    page.locator("#train-name textarea, #train-name input").first.fill(name)
+    page.click("#train-launch")
+    page.locator("#train-launch-result").get_by_text("Launched").wait_for(timeout=30_000)
+    page.locator("#train-jobs [role=gridcell]").filter(has_text="ready").first.wait_for(timeout=60_000)
+
+
+def _grid(page, prompts: str, strengths: str) -> str:
+    _tab(page, "3 · Compare")
+    expect(page.locator("#compare-finetune input")).not_to_have_value("", timeout=15_000)
+    page.locator("#grid-prompts textarea").fill(prompts)
+    page.locator("#grid-strengths textarea, #grid-strengths input").first.fill(strengths)
+    page.click("#grid-go")
+    info = page.locator("#grid-info")
+    info.get_by_text("wall time").wait_for(timeout=60_000)
+    return info.inner_text()
+
+
+def test_full_workflow_with_cometapi_and_a_restart(settings, fake_cometapi, tmp_path):
+    settings = settings.with_(cometapi_base_url=fake_cometapi.url, cometapi_key=Secret(FAKE_COMETAPI_KEY))
+    fake_cometapi.finetune_pending_polls = 2
+    fake_cometapi.pending_polls = 0
+    photos = fx.good_set(tmp_path / "g", count=5, size=(900, 700))
+    with chromium() as browser:
+        with running_app(settings, track_interval=0.5) as url:
+            page = browser.new_page()
+            page.goto(url)
+            _upload(page, photos, "mug")
+            page.fill("#dataset-trigger textarea, #dataset-trigger input", "MUG")
+            page.get_by_text("Auto-caption with a vision model").click()
+            page.click("#dataset-autocaption")
+            page.locator("#dataset-report").get_by_text("Captioned 5 image(s)").wait_for(timeout=60_000)
+            page.locator('#dataset-table [role=gridcell]').filter(has_text="MUG").first.wait_for()
+
+            _launch_and_wait_ready(page, "mug-v1")
+            [submitted] = fake_cometapi.requests("/flux/v1/finetune")
+            assert submitted.json["trigger_word"] == "MUG"
+
+            text = _grid(page, "MUG on a desk\nMUG at the beach", "0.7, 1.3")
+            assert "2 prompt(s) × 3 column(s)" in text and "failed" not in text
+            assert page.locator("#grid-gallery img").count() == 6
+            page.close()
+
+        with running_app(settings) as url:  # everything is still there after a restart
+            page = browser.new_page()
+            page.goto(url)
+            _tab(page, "3 · Compare")
+            page.locator("#compare-history img").nth(5).wait_for(timeout=15_000)
+            assert page.locator("#compare-history img").count() == 6
+            expect(page.locator("#compare-finetune input")).to_have_value(re.compile("mug-v1"))
+            _tab(page, "2 · Train")
+            page.locator("#train-jobs [role=gridcell]").filter(has_text="mug-v1").first.wait_for()
+    assert len(fake_cometapi.requests("/flux/v1/finetune")) == 1
+
+
+def test_two_visitors_never_see_each_others_work_and_the_key_leaks_nowhere(settings, fake_cometapi, tmp_path, caplog):
+    """Hosted, no shared key: each visitor brings their own. Then grep everything for the key."""
+    caplog.set_level(logging.DEBUG)
+    settings = settings.with_(cometapi_base_url=fake_cometapi.url, cometapi_key=Secret(""), hosted=True)
+    fake_cometapi.finetune_pending_polls = 1
+    fake_cometapi.pending_polls = 0
+    photos = fx.good_set(tmp_path / "g", count=5, size=(700, 700))
+    seen_bodies: list[str] = []
+    with chromium() as browser, running_app(settings, track_interval=0.5) as url:
+        alice = browser.new_context().new_page()
+        bob = browser.new_context().new_page()
+        for page in (alice, bob):
+            page.on("response", lambda r: seen_bodies.append(_body(r)))
+        alice.goto(url)
+        bob.goto(url)
+        _use_key(alice, FAKE_COMETAPI_KEY)
+        _upload(alice, photos, "alice-secret-set")
+        _launch_and_wait_ready(alice, "alice-v1")
+        assert "1 failed" not in _grid(alice, "TOK portrait", "1.0")
+
+        # Bob sees none of it: not the dataset, not the job, not the fine-tune, not the images.
+        bob.locator("#dataset-picker").click()
+        assert bob.get_by_role("option", name=re.compile("alice")).count() == 0
+        _tab(bob, "2 · Train")
+        bob.locator("#train-launch").wait_for()
+        bob.wait_for_timeout(500)
+        assert "alice" not in " ".join(bob.locator("#train-jobs [role=gridcell]").all_inner_texts())
+        _tab(bob, "3 · Compare")
+        bob.locator("#compare-go").wait_for()
+        bob.wait_for_timeout(500)
+        assert bob.locator("#compare-finetune input").input_value() == ""
+        assert bob.locator("#compare-history img").count() == 0
+        # Bob has no key of his own and there is no shared key: he is told so, and nothing is sent.
+        before = len(fake_cometapi.requests())
+        bob.locator("#compare-pasted textarea, #compare-pasted input").first.fill("some-finetune-id")
+        bob.locator("#compare-prompt textarea").fill("TOK")
+        bob.click("#compare-go")
+        bob.get_by_text("No CometAPI key").first.wait_for(timeout=15_000)
+        assert len(fake_cometapi.requests()) == before
+
+        # Alice's images reach her page through Gradio's cache under a content hash, and live on disk
+        # under an unguessable per-owner folder: neither URL can be guessed from a name or a session.
+        src = alice.locator("#compare-history img").first.get_attribute("src")
+        assert re.search(r"/[0-9a-f]{64}/[^/]+$", src) and str(settings.data_dir) not in src, src
+        owned = {p.relative_to(settings.data_dir).parts[:2] for p in settings.data_dir.rglob("*.jpg")}
+        assert len(owned) == 1 and re.fullmatch(r"[0-9a-f]{32}", next(iter(owned))[1]), owned
+        pages_html = alice.content() + bob.content()
+        api_info = httpx.get(f"{url}/gradio_api/info", timeout=10).text + httpx.get(f"{url}/config", timeout=10).text
+
+    key = FAKE_COMETAPI_KEY
+    assert key not in pages_html and key not in api_info
+    assert not [b for b in seen_bodies if key in b]
+    assert key not in caplog.text
+    for path in settings.data_dir.rglob("*"):
+        if path.is_file():
+            assert key.encode() not in path.read_bytes(), path
+    # ...and the fake did receive it (so the greps above were looking for something real).
+    assert {r.auth for r in fake_cometapi.requests() if r.path.startswith("/flux/")} == {"ok"}
+
+
+def _body(response) -> str:
+    try:
+        return response.text()
+    except Exception:  # redirects, streams and binary bodies
+        return ""
