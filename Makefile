@@ -31,6 +31,7 @@ test: $(VENV)/.deps-dev $(CHROMIUM)
 
 bench: $(VENV)/.deps-dev
 	$(PY) -m benchmarks.dataset_prep
+	$(PY) -m benchmarks.compare_latency
 
 deploy: $(VENV)/.deps-app
 	$(PY) -m services.deploy $(ARGS)
