@@ -126,3 +126,17 @@ def test_api_compare_and_grid_against_fake(settings, fake_cometapi):
             client.close()
     tuned_sent = fake_cometapi.requests("/flux/v1/flux-pro-1.1-ultra-finetuned")
     assert sorted(r.json["finetune_strength"] for r in tuned_sent) == [0.5, 0.5, 1.1, 1.5, 1.5]
+
+
+def test_queue_limits_per_event(settings):
+    demo = app_module.create_app(settings)
+    try:
+        limits = {fn.api_name: fn.concurrency_limit for fn in demo.fns.values()}
+        assert limits["add_images"] == 2 and limits["auto_caption"] == 2  # CPU- and credit-heavy
+        assert limits["compare"] == 8 and limits["grid"] == 4 and limits["launch_finetune"] == 4
+        assert limits["list_jobs"] is None
+        ticks = [fn for fn in demo.fns.values() if any(t[1] == "tick" for t in fn.targets)]
+        assert ticks and all(fn.concurrency_limit is None for fn in ticks)  # polling never waits
+        assert demo._queue.max_size == 64
+    finally:
+        demo.studio_tracker.stop()
