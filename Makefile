@@ -13,7 +13,15 @@ $(VENV)/.deps-app: requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $@
 
-$(VENV)/.deps-dev: $(VENV)/.deps-app requirements-dev.txt
+# The local engine (torch, diffusers, peft): optional for the app, installed by both commands.
+# TORCH pins the build; the CPU wheel is enough for the tiny test model.
+TORCH ?= torch==2.13.0
+$(VENV)/.deps-local: $(VENV)/.deps-app requirements-local.txt
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -r requirements-local.txt
+	touch $@
+
+$(VENV)/.deps-dev: $(VENV)/.deps-local requirements-dev.txt
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $@
 
@@ -23,7 +31,7 @@ $(CHROMIUM):
 
 deps: $(VENV)/.deps-dev
 
-run: $(VENV)/.deps-app
+run: $(VENV)/.deps-local
 	$(PY) app.py $(ARGS)
 
 test: $(VENV)/.deps-dev $(CHROMIUM)
@@ -32,6 +40,7 @@ test: $(VENV)/.deps-dev $(CHROMIUM)
 bench: $(VENV)/.deps-dev
 	$(PY) -m benchmarks.dataset_prep
 	$(PY) -m benchmarks.compare_latency
+	$(PY) -m benchmarks.local_train
 
 deploy: $(VENV)/.deps-app
 	$(PY) -m services.deploy $(ARGS)

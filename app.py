@@ -26,6 +26,7 @@ from services.config import Secret, Settings
 from services.dataset import DatasetStores
 from services.errors import ConfigError
 from services.jobs import JobStore
+from services.local_provider import LocalProvider
 from services.providers import Provider
 from services.results import ResultStore
 from services.training import Tracker, TrainingService
@@ -37,7 +38,12 @@ CSS = """
 
 
 def default_providers(settings: Settings) -> dict[str, Provider]:
-    return {"cometapi": CometAPIProvider.from_settings(settings)}
+    """Both providers; the first is the default: CometAPI with a key, else the local engine."""
+    cometapi = CometAPIProvider.from_settings(settings)
+    local = LocalProvider(settings)  # cheap: torch and diffusers load on first use
+    if settings.cometapi_key:
+        return {"cometapi": cometapi, "local": local}
+    return {"local": local, "cometapi": cometapi}
 
 
 def captioner_factory(settings: Settings, access: ProviderAccess):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,10 +13,10 @@ import pandas as pd
 from components.feedback import shows_errors
 from components.identity import owner_for
 from services import providers as P
-from services.config import Settings
+from services.config import Secret, Settings
 from services.dataset import DatasetStore
-from services.errors import InputError, ProviderError
 from services.access import ProviderAccess
+from services.errors import InputError, ProviderError
 from services.jobs import Job
 from services.training import TrainingService
 
@@ -124,6 +125,9 @@ def banner_markdown(service: TrainingService, provider_key: str, session_key=Non
     if settings is not None and settings.hosted and provider_key == "cometapi":
         return (f"✅ {provider.label}: using this app's shared key, limited to {settings.shared_key_limit} paid "
                 "calls per hour per visitor. Enter your own key at the top for more.")
+    model = getattr(provider, "model_label", "")
+    if model:  # the local engine says which model it runs (the tiny test model makes noise, by design)
+        return f"✅ {provider.label}: {model}"
     return f"✅ {provider.label} is configured."
 
 
@@ -185,6 +189,15 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
         resume = gr.Button("Resume from last checkpoint", size="sm", elem_id="train-resume")
         cancel = gr.Button("Cancel", size="sm", elem_id="train-cancel")
         delete = gr.Button("Delete selected job", variant="stop", size="sm", elem_id="train-delete")
+    with gr.Accordion("Publish a local LoRA to the Hugging Face Hub", open=False, elem_id="train-publish-box"):
+        with gr.Row():
+            repo_id = gr.Textbox(label="Repository", placeholder="your-name/my-flux-lora", elem_id="train-publish-repo")
+            hf_token = gr.Textbox(label="Hugging Face token (write access)", type="password",
+                                  elem_id="train-publish-token",
+                                  info="Used for this upload only; never stored, logged or shown again.")
+            private = gr.Checkbox(value=True, label="Private repository")
+        publish = gr.Button("Publish selected job", size="sm", elem_id="train-publish")
+        publish_result = gr.Markdown(elem_id="train-publish-result")
     selected = gr.State(None)
     seen = gr.State({})
     timer = gr.Timer(TICK_SECONDS, active=False)
@@ -333,6 +346,26 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
 
     # API only (gradio_client): cheap, so it never waits in the queue behind uploads or generation.
     gr.api(list_jobs, api_name="list_jobs", concurrency_limit=None)
+    @shows_errors
+    def on_publish(selected_: str | None, repo: str, token: str, private_: bool, request: gr.Request = None):
+        if not selected_:
+            raise InputError("No job is selected.", hint="Click a row in the jobs table first.")
+        owner = owner_for(request, settings)
+        job = service.jobs.get(owner, selected_)
+        local = service.providers.get(job.provider)
+        if not hasattr(local, "publish"):
+            raise InputError(f"'{job.name}' was trained on {job.provider}; only local LoRAs can be published from here.")
+        if job.status != "ready" or not job.remote_id:
+            raise InputError(f"'{job.name}' is {job.status}.", hint="Publish it once it is ready.")
+        if not re.fullmatch(r"[\w.-]+/[\w.-]+", (repo or "").strip()):
+            raise InputError("The repository must look like owner/name.", hint="For example: your-name/my-flux-lora.")
+        if not (token or "").strip():
+            raise InputError("The token is empty.", hint="Paste a Hugging Face token with write access.")
+        url = local.publish(job.remote_id, repo.strip(), Secret(token), private=bool(private_))
+        gr.Info(f"Published '{job.name}'.")
+        return f"✅ Published to [{repo.strip()}]({url}) ({'private' if private_ else 'public'}).", ""
+
+    publish.click(on_publish, [selected, repo_id, hf_token, private], [publish_result, hf_token], concurrency_limit=2)
     provider.change(on_provider, [provider, session_key], [banner])
     refresh.click(on_refresh, [dataset], [dataset])
     dataset.change(on_dataset, [dataset, mode], [trigger, name, dataset_info])

@@ -79,4 +79,7 @@ def test_no_key_banner(settings):
     with chromium() as browser, running_app(settings) as url:
         page = browser.new_page()
         _open_train_tab(page, url)
+        # With no key the local engine is the default; CometAPI says what it is missing.
+        page.locator("#train-banner").get_by_text("Local engine").wait_for(timeout=15_000)
+        page.locator("#train-provider").get_by_label("CometAPI").check()
         page.locator("#train-banner").get_by_text("No CometAPI key is set").wait_for(timeout=15_000)

@@ -1,0 +1,26 @@
+"""The local training and inference engine (diffusers + peft), behind ``services.local_provider``.
+
+Every module here imports torch / diffusers lazily, inside functions, so that importing the
+package costs nothing where the optional extra (``requirements-local.txt``) is not installed.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def quiet_libraries() -> None:
+    """No progress bars or chatty warnings from diffusers / transformers in the app's logs."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        import diffusers.utils.logging as dlog
+        import transformers.utils.logging as tlog
+
+        dlog.set_verbosity_error()
+        dlog.disable_progress_bar()
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+    except Exception:  # pragma: no cover - logging knobs are best effort
+        pass

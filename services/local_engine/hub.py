@@ -1,0 +1,91 @@
+"""Publishing a trained LoRA folder (weights, model card, samples) to the Hugging Face Hub.
+
+The token is a ``Secret``: it is revealed only to build the ``HfApi`` client, never written to
+disk, logged or put in an error message.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from services.config import Secret
+from services.errors import (
+    AuthError,
+    InputError,
+    NetworkError,
+    ProviderError,
+    RateLimitedError,
+    ServerError,
+    ValidationError,
+)
+
+_REPO_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+HUB_URL = "https://huggingface.co"
+
+
+def validate_repo_id(repo_id: str) -> str:
+    repo_id = (repo_id or "").strip()
+    if not _REPO_ID_RE.match(repo_id) or ".." in repo_id or repo_id.endswith((".", "-")):
+        raise InputError(f"{repo_id!r} is not a Hub repository name.",
+                         hint="Use your-username/model-name (letters, digits, '-', '_' or '.').")
+    return repo_id
+
+
+def publish_lora(folder: Path, repo_id: str, token: Secret, private: bool = True, *, api=None) -> str:
+    """Create (or reuse) the model repo and upload ``folder``; returns the repo's URL.
+
+    ``api`` is an ``HfApi`` for tests; by default one is built from ``token``.
+    """
+    folder = Path(folder)
+    repo_id = validate_repo_id(repo_id)
+    if not (folder / "pytorch_lora_weights.safetensors").is_file():
+        raise InputError("There is no trained LoRA to publish yet.", hint="Wait until the fine-tune is ready.")
+    if not isinstance(token, Secret) or not token:
+        raise AuthError("A Hugging Face token is needed to publish.",
+                        hint="Create a token with write access at huggingface.co/settings/tokens.")
+    secret = token.reveal()
+    try:
+        if api is None:
+            from huggingface_hub import HfApi
+
+            api = HfApi(token=secret)
+        url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
+                          commit_message="Upload FLUX LoRA from FLUX Finetune Studio")
+    except ProviderError:
+        raise
+    except Exception as exc:  # map, and never let the token travel in a message
+        raise _map_error(exc, repo_id, secret) from None
+    return str(getattr(url, "url", "") or f"{HUB_URL}/{repo_id}")
+
+
+def _status_of(exc: Exception) -> int | None:
+    response = getattr(exc, "response", None)
+    code = getattr(response, "status_code", None)
+    return code if isinstance(code, int) else None
+
+
+def _scrub(text: str, secret: str) -> str:
+    text = text.replace(secret, "********") if secret else text
+    return text.splitlines()[0][:300] if text else ""
+
+
+def _map_error(exc: Exception, repo_id: str, secret: str) -> ProviderError:
+    name = type(exc).__name__
+    detail = _scrub(str(exc), secret)
+    code = _status_of(exc)
+    if code in (401, 403) or name in ("LocalTokenNotFoundError",):
+        return AuthError(f"The Hugging Face Hub refused the token for {repo_id} ({code or 'no token'}).",
+                         hint="Use a token with write access to that namespace (huggingface.co/settings/tokens).")
+    if code == 429:
+        return RateLimitedError("The Hugging Face Hub is rate limiting uploads.", hint="Try again in a few minutes.")
+    if code is not None and code >= 500:
+        return ServerError(f"The Hugging Face Hub failed ({code}).", hint="Try again in a few minutes.")
+    if code in (400, 404, 409, 422) or name in ("HFValidationError", "RepositoryNotFoundError", "BadRequestError"):
+        return ValidationError(f"The Hugging Face Hub rejected the upload to {repo_id}: {detail or code}.",
+                               hint="Check the repository name and that you may write to it.")
+    network = ("ConnectError", "ConnectTimeout", "ReadTimeout", "TimeoutException", "NetworkError",
+               "RemoteProtocolError", "ConnectionError", "ProxyError")
+    if name in network or isinstance(exc, (ConnectionError, TimeoutError)):
+        return NetworkError("Could not reach the Hugging Face Hub.", hint="Check the connection and try again.")
+    return ProviderError(f"Publishing to the Hugging Face Hub failed: {detail or name}.", hint="Try again.")

@@ -1,0 +1,672 @@
+"""Flow-matching LoRA training of a FLUX transformer, with cached latents and text embeddings.
+
+The speed lever: every training image goes through the VAE and every caption through the two
+text encoders exactly once, before the first step (what diffusers' ``train_dreambooth_lora_flux.py``
+does with ``--cache_latents`` and fixed instance prompts). The text encoders (T5-XXL alone is
+~9 GB in bf16) and the VAE encoder are then freed, so each step is the transformer alone.
+Latents are cached as the VAE posterior (mean and std), and a fresh latent is drawn from it every
+step, so caching changes nothing about what is trained.
+
+Images are grouped into aspect-ratio buckets (about ``resolution``² pixels each, sides a multiple
+of the bucket step) so nothing is squashed; a batch always comes from one bucket.
+
+Checkpoints (LoRA weights + optimizer state + step + RNG state) are written every
+``checkpoint_every`` steps and when cancelled; ``Trainer.run(resume=True)`` continues from the
+latest one exactly where it stopped. torch, diffusers and peft are imported lazily.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import threading
+import time
+import zipfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+
+from services.errors import InputError
+from services.local_engine import quiet_libraries
+
+log = logging.getLogger("flux_studio.local_engine")
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+# Attention projections LoRA is put on (double-stream blocks also have the add_* context ones).
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+# Aspect ratios offered as buckets (w/h).
+BUCKET_RATIOS = (1.0, 4 / 3, 3 / 4, 3 / 2, 2 / 3, 16 / 9, 9 / 16)
+MAX_DATASET_IMAGES = 200
+
+
+def pick_device(device: str | None = None) -> str:
+    if device:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def train_dtype(device: str):
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+# --------------------------------------------------------------------------- config / callbacks
+
+
+@dataclass
+class TrainConfig:
+    model_path: str
+    steps: int
+    learning_rate: float = 1e-4
+    rank: int = 16
+    trigger_word: str = "TOK"
+    resolution: int = 512
+    bucket_step: int = 64
+    batch_size: int = 1
+    seed: int = 0
+    guidance: float = 1.0  # guidance-embedding value during training (guidance-distilled models)
+    max_sequence_length: int = 512
+    gradient_checkpointing: bool = False
+    sample_every: int = 0  # 0 = only at the end
+    checkpoint_every: int = 0  # 0 = only when cancelled
+    sample_prompt: str = ""  # empty = the first caption
+    sample_seed: int = 42
+    sample_steps: int = 28
+    sample_guidance: float = 3.5
+    sample_size: tuple[int, int] | None = None  # (w, h); None = the first image's bucket
+    base_model_label: str = ""  # for the model card
+    base_model_id: str = ""  # a Hub repo id for the model card's base_model ("" = none)
+    device: str | None = None
+
+
+@dataclass
+class Callbacks:
+    on_step: Callable[[int, int, float, float | None], None] | None = None  # step, total, loss, eta_s
+    on_sample: Callable[[int, Path], None] | None = None
+    on_checkpoint: Callable[[int, Path], None] | None = None
+    cancel: threading.Event | None = None
+
+
+@dataclass
+class TrainResult:
+    state: str  # "ready" | "cancelled"
+    step: int
+    total: int
+    losses: list[float] = field(default_factory=list)
+    lora_path: Path | None = None
+    checkpoint: Path | None = None
+    samples: list[Path] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+# --------------------------------------------------------------------------- dataset and buckets
+
+
+@dataclass
+class Example:
+    name: str
+    image: object  # PIL.Image (RGB)
+    caption: str
+
+
+def with_trigger(caption: str, trigger: str) -> str:
+    from services.dataset import contains_trigger  # the app's one rule for trigger words
+
+    caption = " ".join(caption.split())
+    if not trigger:
+        return caption
+    if not caption:
+        return trigger
+    return caption if contains_trigger(caption, trigger) else f"{trigger}, {caption}"
+
+
+def read_dataset_zip(zip_path: Path, trigger: str) -> list[Example]:
+    """Images and same-name .txt captions from the training zip the app exports."""
+    from PIL import Image, ImageOps
+
+    try:
+        zf = zipfile.ZipFile(zip_path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise InputError(f"The training zip can't be read ({exc}).", hint="Export the dataset again.") from None
+    with zf:
+        names = [i.filename for i in zf.infolist() if not i.is_dir()]
+        usable = [n for n in names if not any(p.startswith((".", "__MACOSX")) for p in PurePosixPath(n).parts)]
+        captions = {str(PurePosixPath(n).with_suffix("")): n for n in usable if n.lower().endswith(".txt")}
+        out: list[Example] = []
+        for n in sorted(usable):
+            p = PurePosixPath(n)
+            if p.suffix.lower() not in IMAGE_EXTS:
+                continue
+            try:
+                with Image.open(io.BytesIO(zf.read(n))) as im:
+                    img = ImageOps.exif_transpose(im).convert("RGB")
+            except Exception:
+                log.warning("Skipping %s: not a readable image", n)
+                continue
+            cap_name = captions.get(str(p.with_suffix("")))
+            caption = zf.read(cap_name).decode("utf-8", "replace") if cap_name else ""
+            out.append(Example(n, img, with_trigger(caption, trigger)))
+            if len(out) >= MAX_DATASET_IMAGES:
+                break
+    if not out:
+        raise InputError("The training zip has no usable images.",
+                         hint="Add images to the dataset and export it again.")
+    return out
+
+
+def bucket_sizes(resolution: int, step: int) -> list[tuple[int, int]]:
+    """(w, h) buckets of about ``resolution``² pixels, sides multiples of ``step``."""
+    area = resolution * resolution
+    out: list[tuple[int, int]] = []
+    for r in BUCKET_RATIOS:
+        w = max(step, round(math.sqrt(area * r) / step) * step)
+        h = max(step, round(math.sqrt(area / r) / step) * step)
+        if (w, h) not in out:
+            out.append((w, h))
+    return out
+
+
+def pick_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    ratio = math.log(width / height)
+    return min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - ratio))
+
+
+def fit(img, size: tuple[int, int]):
+    """Scale to cover ``size`` and centre-crop to it."""
+    from PIL import Image
+
+    w, h = size
+    scale = max(w / img.width, h / img.height)
+    nw, nh = max(w, round(img.width * scale)), max(h, round(img.height * scale))
+    img = img.resize((nw, nh), Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC)
+    left, top = (nw - w) // 2, (nh - h) // 2
+    return img.crop((left, top, left + w, top + h))
+
+
+def to_pixels(img, device, dtype):
+    """PIL RGB -> tensor (1, 3, h, w) in [-1, 1]."""
+    import numpy as np
+    import torch
+
+    arr = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1)
+    return (arr / 127.5 - 1.0).unsqueeze(0).to(device=device, dtype=dtype)
+
+
+# --------------------------------------------------------------------------- the trainer
+
+
+@dataclass
+class CachedExample:
+    bucket: tuple[int, int]
+    mean: object  # packed latent posterior mean, (1, tokens, channels) after shift/scale
+    std: object
+    prompt_embeds: object  # (1, seq, dim)
+    pooled: object  # (1, dim)
+    caption: str
+
+
+class Trainer:
+    """One LoRA training run. ``prepare()`` then ``run()``; ``step_plain`` is the uncached baseline."""
+
+    def __init__(self, cfg: TrainConfig, zip_path: Path, job_dir: Path) -> None:
+        self.cfg = cfg
+        self.zip_path = Path(zip_path)
+        self.job_dir = Path(job_dir)
+        self.samples_dir = self.job_dir / "samples"
+        self.ckpt_dir = self.job_dir / "checkpoints"
+        self.out_dir = self.job_dir / "output"
+        self.pipe = None
+        self.transformer = None
+        self.examples: list[Example] = []
+        self.cache: list[CachedExample] = []
+        self.text_ids = None
+        self.img_ids: dict[tuple[int, int], object] = {}
+        self.sample_embeds = None
+        self.optimizer = None
+        self.params: list = []
+        self.losses: list[float] = []
+
+    # ---------------------------------------------------------------- setup
+
+    def load(self) -> None:
+        quiet_libraries()
+        import torch
+        from diffusers import FluxPipeline
+
+        self.device = pick_device(self.cfg.device)
+        self.dtype = train_dtype(self.device)
+        torch.manual_seed(self.cfg.seed)
+        self.examples = read_dataset_zip(self.zip_path, self.cfg.trigger_word)
+        pipe = FluxPipeline.from_pretrained(self.cfg.model_path, dtype=self.dtype)
+        pipe.set_progress_bar_config(disable=True)
+        self.pipe = pipe
+        self.transformer = pipe.transformer
+        self.vae_scale = pipe.vae_scale_factor
+        self.buckets = bucket_sizes(self.cfg.resolution, self.cfg.bucket_step)
+        for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.transformer):
+            m.requires_grad_(False)
+            m.eval()
+
+    def add_lora(self) -> None:
+        import torch
+        from peft import LoraConfig
+
+        names = {n for n, _ in self.transformer.named_modules()}
+        targets = [t for t in LORA_TARGETS if any(n == t or n.endswith("." + t) for n in names)]
+        torch.manual_seed(self.cfg.seed)
+        self.transformer.add_adapter(LoraConfig(
+            r=self.cfg.rank, lora_alpha=self.cfg.rank, init_lora_weights="gaussian", target_modules=targets,
+        ))
+        self.transformer.to(self.device)
+        # Trainable LoRA weights in fp32 even when the frozen model is bf16 (stable AdamW updates).
+        self.params = [p for p in self.transformer.parameters() if p.requires_grad]
+        for p in self.params:
+            p.data = p.data.float()
+        if self.cfg.gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
+        self.transformer.train()
+        self.optimizer = torch.optim.AdamW(self.params, lr=self.cfg.learning_rate, betas=(0.9, 0.999),
+                                           weight_decay=1e-4, eps=1e-8)
+
+    def encode_prompts(self, prompts: list[str]):
+        """[(prompt_embeds, pooled)] for each prompt, text encoders on the training device."""
+        import torch
+
+        with torch.no_grad():
+            pe, pooled, text_ids = self.pipe.encode_prompt(
+                prompts, prompt_2=None, device=self.device, max_sequence_length=self.cfg.max_sequence_length)
+        self.text_ids = text_ids
+        return [(pe[i:i + 1], pooled[i:i + 1]) for i in range(len(prompts))]
+
+    def encode_image(self, img, bucket: tuple[int, int]):
+        """The VAE posterior of one image, shifted/scaled and packed: (mean, std)."""
+        import torch
+
+        vae = self.pipe.vae
+        with torch.no_grad():
+            pixels = to_pixels(fit(img, bucket), self.device, vae.dtype)
+            dist = vae.encode(pixels).latent_dist
+            sf, shift = vae.config.scaling_factor, vae.config.shift_factor or 0.0
+            mean = (dist.mean - shift) * sf
+            std = dist.std * sf
+            b, c, h, w = mean.shape
+            pack = self.pipe._pack_latents
+            return pack(mean, b, c, h, w), pack(std, b, c, h, w)
+
+    def latent_ids(self, bucket: tuple[int, int]):
+        if bucket not in self.img_ids:
+            w, h = bucket
+            lh, lw = h // self.vae_scale, w // self.vae_scale
+            self.img_ids[bucket] = self.pipe._prepare_latent_image_ids(1, lh // 2, lw // 2, self.device, self.dtype)
+        return self.img_ids[bucket]
+
+    def sample_prompt(self) -> str:
+        return self.cfg.sample_prompt or self.examples[0].caption
+
+    def sample_size(self) -> tuple[int, int]:
+        if self.cfg.sample_size:
+            return self.cfg.sample_size
+        img = self.examples[0].image
+        return pick_bucket(img.width, img.height, self.buckets)
+
+    def prepare(self, *, cache: bool = True) -> None:
+        """Load, add LoRA, and (``cache``) encode every image and caption once, then free the encoders."""
+        import torch
+
+        self.load()
+        pipe = self.pipe
+        pipe.text_encoder.to(self.device)
+        pipe.text_encoder_2.to(self.device)
+        captions = list(dict.fromkeys([e.caption for e in self.examples] + [self.sample_prompt()]))
+        embeds = dict(zip(captions, self.encode_prompts(captions)))
+        self.sample_embeds = embeds[self.sample_prompt()]
+        pipe.vae.to(self.device)
+        self.cache = []
+        for ex in self.examples:
+            bucket = pick_bucket(ex.image.width, ex.image.height, self.buckets)
+            mean, std = self.encode_image(ex.image, bucket) if cache else (None, None)
+            pe, pooled = embeds[ex.caption]
+            self.cache.append(CachedExample(bucket, mean, std, pe, pooled, ex.caption))
+        if cache:
+            self.free_encoders()
+        self.add_lora()
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+    def free_encoders(self) -> None:
+        """Drop the text encoders and the VAE encoder: only the transformer and VAE decoder are left."""
+        import gc
+
+        import torch
+
+        self.pipe.text_encoder = None
+        self.pipe.text_encoder_2 = None
+        self.pipe.vae.encoder = None
+        gc.collect()
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+    # ---------------------------------------------------------------- steps
+
+    def batch_indices(self, step: int) -> list[int]:
+        """The examples of 0-based ``step``: a per-epoch shuffle, batches from one bucket, resumable."""
+        import torch
+
+        bs = max(1, self.cfg.batch_size)
+        by_bucket: dict[tuple[int, int], list[int]] = {}
+        for i, c in enumerate(self.cache):
+            by_bucket.setdefault(c.bucket, []).append(i)
+        batches_per_epoch = sum(math.ceil(len(v) / bs) for v in by_bucket.values())
+        epoch, pos = divmod(step, batches_per_epoch)
+        g = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
+        batches: list[list[int]] = []
+        for bucket in sorted(by_bucket):
+            idx = by_bucket[bucket]
+            order = [idx[j] for j in torch.randperm(len(idx), generator=g).tolist()]
+            batches += [order[k:k + bs] for k in range(0, len(order), bs)]
+        perm = torch.randperm(len(batches), generator=g).tolist()
+        return batches[perm[pos]]
+
+    def flow_loss(self, latents, prompt_embeds, pooled, img_ids, gen):
+        """One flow-matching loss: x_t = (1 - s) x0 + s noise, the model predicts noise - x0."""
+        import torch
+
+        b = latents.shape[0]
+        noise = torch.randn(latents.shape, generator=gen, device="cpu").to(self.device, latents.dtype)
+        sigmas = torch.rand((b,), generator=gen, device="cpu").to(self.device, latents.dtype)
+        s = sigmas.view(b, 1, 1)
+        noisy = (1.0 - s) * latents + s * noise
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full((b,), self.cfg.guidance, device=self.device, dtype=torch.float32)
+        pred = self.transformer(
+            hidden_states=noisy.to(self.dtype),
+            timestep=sigmas.to(self.dtype),
+            guidance=guidance,
+            pooled_projections=pooled.to(self.dtype),
+            encoder_hidden_states=prompt_embeds.to(self.dtype),
+            txt_ids=self.text_ids,
+            img_ids=img_ids,
+            return_dict=False,
+        )[0]
+        target = noise - latents
+        return torch.mean((pred.float() - target.float()) ** 2)
+
+    def _optimise(self, loss) -> float:
+        import torch
+
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    def step_cached(self, step: int, gen) -> float:
+        """One step from the cache: draw latents from the cached posteriors, no encoder runs."""
+        import torch
+
+        items = [self.cache[i] for i in self.batch_indices(step)]
+        mean = torch.cat([c.mean for c in items])
+        std = torch.cat([c.std for c in items])
+        eps = torch.randn(mean.shape, generator=gen, device="cpu").to(self.device, mean.dtype)
+        latents = (mean + std * eps).float()
+        loss = self.flow_loss(latents, torch.cat([c.prompt_embeds for c in items]),
+                              torch.cat([c.pooled for c in items]), self.latent_ids(items[0].bucket), gen)
+        return self._optimise(loss)
+
+    def step_plain(self, step: int, gen) -> float:
+        """The baseline: re-encode this batch's images (VAE) and captions (CLIP + T5) every step."""
+        import torch
+
+        idx = self.batch_indices(step)
+        items = [self.cache[i] for i in idx]
+        with torch.no_grad():
+            enc = self.encode_prompts([c.caption for c in items])
+            packed = [self.encode_image(self.examples[i].image, self.cache[i].bucket) for i in idx]
+        mean = torch.cat([m for m, _ in packed])
+        std = torch.cat([s for _, s in packed])
+        eps = torch.randn(mean.shape, generator=gen, device="cpu").to(self.device, mean.dtype)
+        latents = (mean + std * eps).float()
+        loss = self.flow_loss(latents, torch.cat([e[0] for e in enc]), torch.cat([e[1] for e in enc]),
+                              self.latent_ids(items[0].bucket), gen)
+        return self._optimise(loss)
+
+    # ---------------------------------------------------------------- samples, checkpoints, output
+
+    def sample(self, step: int) -> Path:
+        import torch
+
+        w, h = self.sample_size()
+        self.transformer.eval()
+        try:
+            pe, pooled = self.sample_embeds
+            gen = torch.Generator(device="cpu").manual_seed(self.cfg.sample_seed)
+            image = self.pipe(
+                prompt_embeds=pe, pooled_prompt_embeds=pooled, width=w, height=h,
+                num_inference_steps=self.cfg.sample_steps, guidance_scale=self.cfg.sample_guidance,
+                max_sequence_length=self.cfg.max_sequence_length, generator=gen,
+            ).images[0]
+        finally:
+            self.transformer.train()
+        self.samples_dir.mkdir(parents=True, exist_ok=True)
+        path = self.samples_dir / f"step_{step:06d}.png"
+        tmp = path.with_suffix(".png.part")
+        image.save(tmp, "PNG")
+        os.replace(tmp, path)
+        return path
+
+    def lora_state_dict(self) -> dict:
+        from peft.utils import get_peft_model_state_dict
+
+        return {k: v.detach().to("cpu").contiguous() for k, v in get_peft_model_state_dict(self.transformer).items()}
+
+    def save_checkpoint(self, step: int, gen) -> Path:
+        """LoRA weights + optimizer + step + RNG, written to a temp folder then renamed; older ones removed."""
+        import torch
+        from safetensors.torch import save_file
+
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        final = self.ckpt_dir / f"step_{step:06d}"
+        tmp = self.ckpt_dir / f".tmp-step_{step:06d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_file(self.lora_state_dict(), str(tmp / "lora.safetensors"))
+        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save({"generator": gen.get_state(), "torch": torch.get_rng_state()}, tmp / "rng.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps({
+            "step": step, "total": self.cfg.steps, "losses": self.losses, "seed": self.cfg.seed,
+            "rank": self.cfg.rank, "learning_rate": self.cfg.learning_rate, "saved_at": time.time(),
+        }))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in self.ckpt_dir.glob("step_*"):
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def load_checkpoint(self, path: Path, gen) -> int:
+        import torch
+        from peft.utils import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        state = json.loads((path / "trainer_state.json").read_text())
+        sd = load_file(str(path / "lora.safetensors"), device=str(self.device))
+        result = set_peft_model_state_dict(self.transformer, sd, adapter_name="default")
+        unexpected = getattr(result, "unexpected_keys", None)
+        if unexpected:
+            raise RuntimeError(f"checkpoint does not match the model ({len(unexpected)} unexpected keys)")
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device, weights_only=True))
+        rng = torch.load(path / "rng.pt", weights_only=True)
+        gen.set_state(rng["generator"])
+        torch.set_rng_state(rng["torch"])
+        self.losses = list(state.get("losses", []))
+        return int(state["step"])
+
+    def save_lora(self, samples: list[Path]) -> Path:
+        from diffusers import FluxPipeline
+
+        tmp = self.job_dir / ".output.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        config = self.transformer.peft_config["default"]
+        metadata = None
+        try:
+            metadata = config.to_dict()
+            metadata = json.loads(json.dumps(metadata, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
+        except Exception:
+            metadata = None
+        kwargs = {"transformer_lora_adapter_metadata": metadata} if metadata else {}
+        FluxPipeline.save_lora_weights(tmp, transformer_lora_layers=self.lora_state_dict(), **kwargs)
+        shown = []
+        if samples:
+            (tmp / "samples").mkdir()
+            for p in samples[-4:]:
+                shutil.copy2(p, tmp / "samples" / p.name)
+                shown.append(f"samples/{p.name}")
+        (tmp / "README.md").write_text(model_card(self.cfg, len(self.examples), shown, self.losses), encoding="utf-8")
+        shutil.rmtree(self.out_dir, ignore_errors=True)
+        os.replace(tmp, self.out_dir)
+        return self.out_dir / LORA_FILE
+
+    # ---------------------------------------------------------------- the loop
+
+    def run(self, callbacks: Callbacks | None = None, *, resume: bool = False) -> TrainResult:
+        import torch
+
+        cb = callbacks or Callbacks()
+        started = time.monotonic()
+        if self.pipe is None:
+            self.prepare()
+        gen = torch.Generator(device="cpu").manual_seed(self.cfg.seed)
+        step = 0
+        if resume:
+            ckpt = latest_checkpoint(self.ckpt_dir)
+            if ckpt is None:
+                raise InputError("There is no checkpoint to resume from.", hint="Launch the fine-tune again.")
+            step = self.load_checkpoint(ckpt, gen)
+        total = self.cfg.steps
+        samples = sorted(self.samples_dir.glob("step_*.png")) if resume else []
+        durations: list[float] = []
+        last_ckpt: Path | None = latest_checkpoint(self.ckpt_dir) if resume else None
+        while step < total:
+            if cb.cancel is not None and cb.cancel.is_set():
+                last_ckpt = self.save_checkpoint(step, gen)
+                if cb.on_checkpoint:
+                    cb.on_checkpoint(step, last_ckpt)
+                return TrainResult("cancelled", step, total, self.losses, None, last_ckpt, samples,
+                                   time.monotonic() - started)
+            t0 = time.monotonic()
+            loss = self.step_cached(step, gen)
+            step += 1
+            self.losses.append(loss)
+            durations.append(time.monotonic() - t0)
+            recent = durations[-20:]
+            eta = (sum(recent) / len(recent)) * (total - step)
+            if not math.isfinite(loss):
+                raise RuntimeError(f"the loss became {loss} at step {step}; lower the learning rate")
+            if cb.on_step:
+                cb.on_step(step, total, loss, eta)
+            if self.cfg.sample_every and step % self.cfg.sample_every == 0 and step < total:
+                samples.append(self.sample(step))
+                if cb.on_sample:
+                    cb.on_sample(step, samples[-1])
+            if self.cfg.checkpoint_every and step % self.cfg.checkpoint_every == 0 and step < total:
+                last_ckpt = self.save_checkpoint(step, gen)
+                if cb.on_checkpoint:
+                    cb.on_checkpoint(step, last_ckpt)
+        samples.append(self.sample(step))
+        if cb.on_sample:
+            cb.on_sample(step, samples[-1])
+        lora = self.save_lora(samples)
+        return TrainResult("ready", step, total, self.losses, lora, last_ckpt, samples, time.monotonic() - started)
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest complete checkpoint (incomplete ones are still named ``.tmp-*``)."""
+    found = sorted(p for p in Path(ckpt_dir).glob("step_*") if (p / "trainer_state.json").is_file())
+    return found[-1] if found else None
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(json.loads((path / "trainer_state.json").read_text())["step"])
+
+
+def model_card(cfg: TrainConfig, image_count: int, samples: list[str], losses: list[float]) -> str:
+    """A Hugging Face model card: front matter (base_model, tags) and how to use the LoRA."""
+    front = ["---"]
+    if cfg.base_model_id:
+        front.append(f"base_model: {cfg.base_model_id}")
+    front += [
+        "library_name: diffusers",
+        "pipeline_tag: text-to-image",
+        f"instance_prompt: {cfg.trigger_word}",
+        "tags:", "- lora", "- flux", "- diffusers", "- text-to-image", "- flux-finetune-studio",
+    ]
+    if samples:
+        front.append("widget:")
+        for s in samples[-1:]:
+            front += [f"- text: {json.dumps(cfg.sample_prompt or cfg.trigger_word)}", "  output:", f"    url: {s}"]
+    front.append("---")
+    base = cfg.base_model_label or cfg.base_model_id or cfg.model_path
+    load_id = cfg.base_model_id or "<path to the base model>"
+    params = {
+        "steps": cfg.steps, "learning_rate": cfg.learning_rate, "lora_rank": cfg.rank, "lora_alpha": cfg.rank,
+        "resolution": cfg.resolution, "batch_size": cfg.batch_size, "seed": cfg.seed,
+        "training_images": image_count,
+        "final_loss": round(sum(losses[-10:]) / len(losses[-10:]), 5) if losses else None,
+    }
+    body = [
+        "",
+        f"# FLUX LoRA: {cfg.trigger_word}",
+        "",
+        f"A LoRA for **{base}**, trained with FLUX Finetune Studio's local engine "
+        "(flow matching, LoRA on the transformer's attention projections).",
+        "",
+        f"Use the trigger word **`{cfg.trigger_word}`** in your prompt.",
+        "",
+        "## Parameters",
+        "",
+        "| parameter | value |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in params.items()],
+        "",
+    ]
+    if samples:
+        body += ["## Samples", "", *[f"![sample]({s})" for s in samples], ""]
+    body += [
+        "## Use it with diffusers",
+        "",
+        "```python",
+        "import torch",
+        "from diffusers import FluxPipeline",
+        "",
+        f"pipe = FluxPipeline.from_pretrained({load_id!r}, torch_dtype=torch.bfloat16).to('cuda')",
+        f"pipe.load_lora_weights('<this repo or folder>', weight_name={LORA_FILE!r})",
+        f"image = pipe({(cfg.trigger_word + ', a photo')!r}, num_inference_steps=28, guidance_scale=3.5).images[0]",
+        "```",
+        "",
+    ]
+    return "\n".join(front + body)
+
+
+def config_to_json(cfg: TrainConfig) -> dict:
+    d = asdict(cfg)
+    d["sample_size"] = list(cfg.sample_size) if cfg.sample_size else None
+    return d
+
+
+def config_from_json(d: dict) -> TrainConfig:
+    d = dict(d)
+    if d.get("sample_size"):
+        d["sample_size"] = tuple(d["sample_size"])
+    known = TrainConfig.__dataclass_fields__
+    return TrainConfig(**{k: v for k, v in d.items() if k in known})

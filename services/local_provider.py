@@ -1,0 +1,572 @@
+"""The local diffusers engine as a ``Provider``: LoRA training and generation on this machine.
+
+Jobs live in ``<data_dir>/local_jobs/<remote_id>/``::
+
+    dataset.zip        the training zip, copied at submission
+    config.json        the training configuration (TrainConfig)
+    state.json         state, step, loss, samples, ... (written atomically: temp + os.replace)
+    samples/           sample images every N steps (fixed seed, so they show the LoRA learning)
+    checkpoints/       the latest checkpoint: LoRA + optimizer + step + RNG
+    output/            pytorch_lora_weights.safetensors, README.md (model card), samples/
+
+One training runs at a time (per process); further jobs wait in a queue. Training runs in a
+daemon thread; if the app stops mid-run, ``status`` reports the job as failed but resumable
+from its last checkpoint, and ``resume`` continues it from there.
+
+torch / diffusers are imported lazily (only in the worker and in ``generate``), so importing
+this module is instant and works where the optional extra is not installed.
+"""
+from __future__ import annotations
+
+import gc
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.config import Secret, Settings
+from services.errors import (
+    EngineUnavailableError,
+    InputError,
+    ProviderError,
+    StudioError,
+    TaskNotFoundError,
+)
+from services.providers import GeneratedImage, GenerateRequest, ProgressFn, TrainRequest, TrainStatus
+
+log = logging.getLogger("flux_studio.local")
+
+REQUIRED_MODULES = ("torch", "diffusers", "transformers", "peft", "safetensors")
+INSTALL_HINT = ("The local engine needs torch and diffusers: run `pip install -r requirements-local.txt` "
+                "(make run does it).")
+TINY_LABEL = "tiny random FLUX (test model: images are noise; it proves the workflow, not quality)"
+WAITING = "Waiting for the running local job"
+_TAG_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_ID_RE = re.compile(r"^local-[A-Za-z0-9_-]{1,64}$")
+_STATE_WRITE_EVERY_S = 1.0
+
+# One training at a time in this process, whichever LocalProvider started it (one GPU).
+_TRAIN_SLOT = threading.Lock()
+
+
+class _Engine:
+    """The queue and the runs of one jobs folder, shared by every LocalProvider on it in this process."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.queue: deque[str] = deque()
+        self.active: dict[str, "_Run"] = {}
+        self.runner: threading.Thread | None = None
+
+
+_ENGINES: dict[str, _Engine] = {}
+_ENGINES_LOCK = threading.Lock()
+
+
+def _engine_for(root: Path) -> _Engine:
+    with _ENGINES_LOCK:
+        return _ENGINES.setdefault(str(root.resolve()), _Engine())
+
+
+@dataclass
+class _Run:
+    """A job queued or running in this process."""
+
+    remote_id: str
+    resume: bool = False
+    cancel: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+    started: bool = False
+    deleted: bool = False
+    live: dict = field(default_factory=dict)
+    last_write: float = 0.0
+
+
+class LocalProvider:
+    key = "local"
+    label = "Local engine"
+    max_images = 50
+
+    def __init__(self, settings: Settings, *, model: str | None = None, steps_per_sample: int | None = None,
+                 checkpoint_every: int | None = None, resolution: int | None = None,
+                 device: str | None = None) -> None:
+        self.settings = settings
+        self.model = (settings.local_model if model is None else model).strip()
+        self.steps_per_sample = steps_per_sample
+        self.checkpoint_every = checkpoint_every
+        self.resolution = resolution
+        self.device = device
+        self.root = Path(settings.data_dir) / "local_jobs"
+        self._engine = _engine_for(self.root)
+        self._lock = self._engine.lock
+        self._queue = self._engine.queue
+        self._active = self._engine.active
+
+    # ------------------------------------------------------------ model
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.model in ("", "tiny")
+
+    @property
+    def model_label(self) -> str:
+        return TINY_LABEL if self.is_tiny else self.model
+
+    @property
+    def tiny_model_dir(self) -> Path:
+        return Path(self.settings.data_dir) / "models" / "tiny-flux"
+
+    def _model_path(self, model: str | None = None) -> str:
+        """The path/id ``FluxPipeline.from_pretrained`` gets; builds the tiny model on first use."""
+        model = self.model if model is None else model
+        if model in ("", "tiny"):
+            from services.local_engine.tiny import ensure_tiny_model
+
+            return str(ensure_tiny_model(self.tiny_model_dir))
+        return model
+
+    # ------------------------------------------------------------ Provider
+
+    def readiness(self) -> tuple[bool, str]:
+        missing = [m for m in REQUIRED_MODULES if importlib.util.find_spec(m) is None]
+        if missing:
+            return False, INSTALL_HINT
+        if not self.is_tiny:
+            looks_local = self.model.startswith((".", "/", "~")) or self.model.count("/") != 1
+            if looks_local and not Path(self.model).expanduser().is_dir():
+                return False, (f"FLUX_LOCAL_MODEL is {self.model!r}, which is not a folder. Point it at a "
+                               "diffusers FLUX folder or a Hub id such as black-forest-labs/FLUX.1-dev.")
+        return True, ""
+
+    def _require_ready(self) -> None:
+        ok, why = self.readiness()
+        if not ok:
+            raise EngineUnavailableError(why)
+
+    def submit(self, zip_path: Path, request: TrainRequest, *, tag: str, on_upload: ProgressFn | None = None) -> str:
+        self._require_ready()
+        zip_path = Path(zip_path)
+        if not zip_path.is_file():
+            raise InputError("The training zip is missing.", hint="Export the dataset again.")
+        if not isinstance(request.iterations, int) or request.iterations < 1:
+            raise InputError("Iterations must be a whole number of at least 1.")
+        remote_id = f"local-{tag}" if tag and _TAG_RE.match(tag) else f"local-{uuid.uuid4().hex[:16]}"
+        with self._lock:
+            existing = self.find_by_tag(tag) if tag else None
+            if existing:  # submitted already (a retry after a restart): never train twice
+                return existing
+            job = self.root / remote_id
+            tmp = self.root / f".{remote_id}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            total = zip_path.stat().st_size
+            with open(zip_path, "rb") as src, open(tmp / "dataset.zip", "wb") as dst:
+                done = 0
+                while chunk := src.read(1 << 20):
+                    dst.write(chunk)
+                    done += len(chunk)
+                    if on_upload:
+                        on_upload(done, total)
+            _write_json(tmp / "config.json", self._config(request))
+            now = time.time()
+            _write_json(tmp / "state.json", {
+                "remote_id": remote_id, "tag": tag, "name": request.name, "state": "pending", "step": 0,
+                "total": request.iterations, "loss": None, "eta_s": None, "message": "Queued.",
+                "samples": [], "model": self.model, "created_at": now, "updated_at": now,
+            })
+            os.replace(tmp, job)
+            self._enqueue(remote_id, resume=False)
+        return remote_id
+
+    def status(self, remote_id: str) -> TrainStatus:
+        job = self._job_dir(remote_id)
+        with self._lock:  # the run and the state together: a worker finishing in between can't be missed
+            run = self._active.get(remote_id)
+            live = dict(run.live) if run else None
+            queued = bool(run) and not run.started
+            state = self._read_state(remote_id)
+        samples = tuple(str(job / s) for s in reversed(state.get("samples", [])))
+        step, total = int(state.get("step") or 0), int(state.get("total") or 0)
+        loss = state.get("loss")
+        if run is not None:
+            if queued:
+                return TrainStatus("pending", progress=step / total if total and step else 0.0, step=step or None,
+                                   loss=loss, message=WAITING, samples=samples)
+            step = live.get("step", step)
+            loss = live.get("loss", loss)
+            if live.get("samples") is not None:
+                samples = tuple(str(job / s) for s in reversed(live["samples"]))
+            return TrainStatus("running", progress=step / total if total else None, eta_s=live.get("eta_s"),
+                               step=step, loss=loss, message=live.get("message", "Training…"), samples=samples)
+        s = state.get("state")
+        ckpt = self._checkpoint(remote_id)
+        if s in ("pending", "running"):  # no worker here: the process that ran it has stopped
+            if s == "pending" and ckpt is None and step == 0:
+                self._enqueue(remote_id, resume=False)  # it never started: just queue it again
+                return TrainStatus("pending", progress=0.0, message=WAITING)
+            if ckpt is not None:
+                return TrainStatus("failed", progress=step / total if total else None, step=step, loss=loss,
+                                   samples=samples, result={"resumable": True},
+                                   message=f"Interrupted by a restart at step {step} of {total}. "
+                                           "Resume it from the last checkpoint.")
+            return TrainStatus("failed", step=step, loss=loss, samples=samples, result={"resumable": False},
+                               message=f"Interrupted by a restart at step {step} of {total}, before its first "
+                                       "checkpoint. Launch it again.")
+        if s == "ready":
+            return TrainStatus("ready", progress=1.0, step=step, loss=loss, samples=samples,
+                               message=state.get("message") or "Ready: use it on the Compare tab.",
+                               result={"lora_path": str(job / "output" / _lora_file()), "finetune_id": remote_id})
+        if s == "cancelled":
+            return TrainStatus("cancelled", progress=step / total if total else None, step=step, loss=loss,
+                               samples=samples, message=state.get("message") or "Cancelled.",
+                               result={"resumable": ckpt is not None})
+        return TrainStatus("failed", step=step or None, loss=loss, samples=samples,
+                           message=state.get("message") or "The local training failed.",
+                           result={"resumable": False})
+
+    def list_remote(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        jobs = []
+        for d in self.root.iterdir():
+            if d.is_dir() and _ID_RE.match(d.name) and (d / "state.json").is_file():
+                try:
+                    created = float(json.loads((d / "state.json").read_text()).get("created_at") or 0)
+                except (OSError, ValueError):
+                    created = 0.0
+                jobs.append((created, d.name))
+        return [name for _, name in sorted(jobs)]
+
+    def find_by_tag(self, tag: str) -> str | None:
+        if not tag:
+            return None
+        for remote_id in self.list_remote():
+            try:
+                if self._read_state(remote_id).get("tag") == tag:
+                    return remote_id
+            except StudioError:
+                continue
+        return None
+
+    def cancel(self, remote_id: str) -> None:
+        self._job_dir(remote_id)
+        with self._lock:
+            run = self._active.get(remote_id)
+            if run is not None:
+                run.cancel.set()
+                if not run.started:  # still queued: drop it
+                    if remote_id in self._queue:
+                        self._queue.remove(remote_id)
+                    self._active.pop(remote_id, None)
+                    run.done.set()
+                    self._update_state(remote_id, state="cancelled", message="Cancelled before it started.")
+                else:
+                    run.live["message"] = "Cancelling: saving a checkpoint…"
+                return
+            state = self._read_state(remote_id).get("state")
+            if state in ("pending", "running"):  # interrupted by a restart
+                self._update_state(remote_id, state="cancelled",
+                                   message="Cancelled. The last checkpoint is kept; resume it any time.")
+
+    def resume(self, remote_id: str) -> None:
+        """Continue a cancelled or interrupted job from its last checkpoint."""
+        self._require_ready()
+        self._job_dir(remote_id)
+        with self._lock:
+            if remote_id in self._active:
+                raise ProviderError("This local job is already queued or running.")
+            state = self._read_state(remote_id)
+            if state.get("state") == "ready":
+                raise ProviderError("This local job has already finished.", hint="Use it on the Compare tab.")
+            if self._checkpoint(remote_id) is None:
+                raise ProviderError("This local job has no checkpoint to resume from.",
+                                    hint="Launch the fine-tune again.")
+            self._update_state(remote_id, state="pending", message="Resuming from the last checkpoint…")
+            self._enqueue(remote_id, resume=True)
+
+    def join(self, remote_id: str, timeout: float | None = None) -> bool:
+        """Wait until the job is no longer queued or running here; True when it is not."""
+        with self._lock:
+            run = self._active.get(remote_id)
+        return True if run is None else run.done.wait(timeout)
+
+    def delete(self, remote_id: str) -> None:
+        job = self._job_dir(remote_id)
+        with self._lock:
+            run = self._active.get(remote_id)
+            if run is not None:
+                run.deleted = True
+        if run is not None:
+            self.cancel(remote_id)
+            run.done.wait(120)
+        try:
+            from services.local_engine import infer
+
+            infer.drop_adapter(remote_id)
+        except Exception:  # the engine may not even be installed
+            pass
+        shutil.rmtree(job, ignore_errors=True)
+
+    def generate(self, request: GenerateRequest, out_dir: Path, *, finetune: str | None = None,
+                 model: str | None = None) -> GeneratedImage:
+        self._require_ready()
+        if not request.prompt or not request.prompt.strip():
+            raise InputError("Type a prompt first.")
+        lora = None
+        if finetune:
+            st = self.status(finetune)
+            if st.state != "ready":
+                raise InputError(f"The local fine-tune {finetune} is {st.state}, not ready.",
+                                 hint="Wait for it to finish, or pick another.")
+            lora = Path(st.result["lora_path"])
+            base = model if model is not None else self._read_state(finetune).get("model", self.model)
+        else:
+            base = self.model if model is None else model
+        from services.local_engine import infer
+
+        try:
+            model_path = self._model_path(base)
+            path, params = infer.generate(
+                model_path, Path(out_dir), prompt=request.prompt, seed=request.seed, width=request.width,
+                height=request.height, steps=request.steps, guidance=request.guidance,
+                output_format=request.output_format, lora_path=lora, finetune_id=finetune,
+                strength=request.strength, device=self.device)
+        except StudioError:
+            raise
+        except Exception as exc:
+            log.exception("Local generation failed")
+            raise ProviderError(f"The local engine could not generate the image: {type(exc).__name__}: {exc}"[:400],
+                                hint="Check the model and the memory available.") from None
+        params = {**params, "model_path": TINY_LABEL if base in ("", "tiny") else base}
+        if finetune:
+            params.update({"finetune_id": finetune, "finetune_strength": request.strength})
+        return GeneratedImage(path=path, model="local tuned" if finetune else "local base", seed=request.seed,
+                              latency_s=params.pop("latency_s"), params=params)
+
+    def publish(self, remote_id: str, repo_id: str, token: Secret, private: bool = True) -> str:
+        """Upload the finished LoRA (weights, model card, samples) to a Hub model repo; returns its URL."""
+        st = self.status(remote_id)
+        if st.state != "ready":
+            raise InputError(f"The local fine-tune is {st.state}; only finished ones can be published.")
+        from services.local_engine.hub import publish_lora
+
+        url = publish_lora(self._job_dir(remote_id) / "output", repo_id, token, private=private)
+        self._update_state(remote_id, hub_url=url)
+        return url
+
+    # ------------------------------------------------------------ internals
+
+    def _config(self, request: TrainRequest) -> dict:
+        from services.local_engine import tiny as tiny_consts  # no torch import: constants only
+
+        tiny = self.is_tiny
+        steps = request.iterations
+        if tiny:
+            resolution = self.resolution or tiny_consts.TRAIN_RESOLUTION
+        else:
+            resolution = self.resolution or (1024 if request.priority == "high_res_only" else 512)
+        sample_every = self.steps_per_sample if self.steps_per_sample is not None else max(10, steps // 5)
+        ckpt_every = self.checkpoint_every if self.checkpoint_every is not None else max(10, steps // 10)
+        schnell = "schnell" in self.model.lower()
+        base_id = "" if tiny or Path(self.model).expanduser().exists() else self.model
+        return {
+            "model_path": "",  # resolved by the worker (the tiny model is built there)
+            "steps": steps,
+            "learning_rate": request.effective_learning_rate() if request.finetune_type == "lora"
+            else (request.learning_rate or 1e-4),
+            "rank": request.lora_rank,
+            "trigger_word": request.trigger_word,
+            "resolution": resolution,
+            "bucket_step": 16 if tiny else 64,
+            "batch_size": 1,
+            "seed": 0,
+            "guidance": 1.0,
+            "max_sequence_length": tiny_consts.MAX_SEQUENCE_LENGTH if tiny else (256 if schnell else 512),
+            "gradient_checkpointing": not tiny,
+            "sample_every": sample_every,
+            "checkpoint_every": ckpt_every,
+            "sample_prompt": "",
+            "sample_seed": 42,
+            "sample_steps": 2 if tiny else (4 if schnell else 20),
+            "sample_guidance": 0.0 if schnell else 3.5,
+            "sample_size": None,
+            "base_model_label": self.model_label,
+            "base_model_id": base_id,
+            "device": self.device,
+            "_model": self.model,
+            "_finetune_type": request.finetune_type,
+        }
+
+    def _job_dir(self, remote_id: str) -> Path:
+        if not remote_id or not _ID_RE.match(remote_id):
+            raise TaskNotFoundError(f"{remote_id!r} is not a local job id.")
+        job = self.root / remote_id
+        if not (job / "state.json").is_file():
+            raise TaskNotFoundError(f"The local engine has no job {remote_id} (deleted?).")
+        return job
+
+    def _read_state(self, remote_id: str) -> dict:
+        job = self._job_dir(remote_id)
+        try:
+            return json.loads((job / "state.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ProviderError(f"The state of local job {remote_id} can't be read ({exc}).") from None
+
+    def _update_state(self, remote_id: str, **changes) -> None:
+        with self._lock:
+            job = self.root / remote_id
+            if not (job / "state.json").is_file():
+                return  # deleted meanwhile
+            state = json.loads((job / "state.json").read_text(encoding="utf-8"))
+            state.update(changes, updated_at=time.time())
+            _write_json(job / "state.json", state)
+
+    def _checkpoint(self, remote_id: str) -> Path | None:
+        ckpts = self.root / remote_id / "checkpoints"
+        if not ckpts.is_dir():
+            return None
+        found = sorted(p for p in ckpts.glob("step_*") if (p / "trainer_state.json").is_file())
+        return found[-1] if found else None
+
+    def _enqueue(self, remote_id: str, *, resume: bool) -> None:
+        with self._lock:
+            if remote_id in self._active:
+                return
+            self._active[remote_id] = _Run(remote_id, resume=resume)
+            self._queue.append(remote_id)
+            eng = self._engine
+            if eng.runner is None or not eng.runner.is_alive():
+                eng.runner = threading.Thread(target=self._runner_loop, name="local-train", daemon=True)
+                eng.runner.start()
+
+    def _runner_loop(self) -> None:
+        me = threading.current_thread()
+        try:
+            while True:
+                with self._lock:
+                    if not self._queue:
+                        self._engine.runner = None
+                        return
+                    remote_id = self._queue.popleft()
+                    run = self._active.get(remote_id)
+                if run is not None:
+                    self._run(run)
+        finally:
+            with self._lock:
+                if self._engine.runner is me:
+                    self._engine.runner = None
+
+    def _run(self, run: _Run) -> None:
+        rid = run.remote_id
+        trainer = None
+        try:
+            with _TRAIN_SLOT:
+                with self._lock:
+                    if run.cancel.is_set():
+                        return
+                    run.started = True
+                    run.live = {"message": "Preparing: encoding the images and captions once…"}
+                self._update_state(rid, state="running", message=run.live["message"], error="")
+                trainer = self._train(run)
+        except Exception as exc:  # any failure ends this job only
+            log.exception("Local training %s failed", rid)
+            if not run.deleted:
+                msg = exc.user_message() if isinstance(exc, StudioError) else f"{type(exc).__name__}: {exc}"
+                self._update_state(rid, state="failed", message=f"The local training failed: {msg}"[:500],
+                                   eta_s=None)
+        finally:
+            with self._lock:
+                self._active.pop(rid, None)
+            run.done.set()
+            del trainer
+            gc.collect()
+            try:
+                import torch
+
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            except Exception:  # pragma: no cover
+                pass
+
+    def _train(self, run: _Run):
+        from services.local_engine import infer
+        from services.local_engine.train import Callbacks, Trainer, config_from_json, pick_device
+
+        rid = run.remote_id
+        job = self.root / rid
+        raw = json.loads((job / "config.json").read_text(encoding="utf-8"))
+        cfg = config_from_json(raw)
+        cfg.model_path = self._model_path(raw.get("_model", self.model))
+        if cfg.device is None and self.device:
+            cfg.device = self.device
+        if pick_device(cfg.device).startswith("cuda"):
+            infer.clear_cache()  # one GPU: make room for the training copy of the model
+        trainer = Trainer(cfg, job / "dataset.zip", job)
+        trainer.prepare()
+        if run.cancel.is_set() and not run.resume and self._checkpoint(rid) is None:
+            # cancelled while preparing: nothing trained yet, nothing to keep
+            self._update_state(rid, state="cancelled", message="Cancelled before the first step.")
+            return trainer
+        samples = [f"samples/{p.name}" for p in sorted((job / "samples").glob("step_*.png"))] if run.resume else []
+        lora_note = " (the local engine trains LoRAs only)" if raw.get("_finetune_type") == "full" else ""
+
+        def on_step(step: int, total: int, loss: float, eta_s: float | None) -> None:
+            if run.deleted:
+                return
+            msg = run.live.get("message", "")
+            if not msg.startswith("Cancelling"):
+                msg = f"Training{lora_note}: step {step} of {total}"
+            run.live.update(step=step, total=total, loss=loss, eta_s=eta_s, message=msg)
+            now = time.monotonic()
+            if now - run.last_write >= _STATE_WRITE_EVERY_S or step == total:
+                run.last_write = now
+                self._update_state(rid, state="running", step=step, loss=loss, eta_s=eta_s, message=msg)
+
+        def on_sample(step: int, path: Path) -> None:
+            samples.append(f"samples/{path.name}")
+            run.live["samples"] = list(samples)
+            if not run.deleted:
+                self._update_state(rid, samples=list(samples))
+
+        def on_checkpoint(step: int, path: Path) -> None:
+            if not run.deleted:
+                self._update_state(rid, checkpoint_step=step, step=step, loss=run.live.get("loss"))
+
+        if run.resume:
+            from services.local_engine.train import checkpoint_step, latest_checkpoint
+
+            ckpt = latest_checkpoint(job / "checkpoints")
+            run.live.update(step=checkpoint_step(ckpt) if ckpt else 0, samples=list(samples))
+            self._update_state(rid, resumed_from=run.live["step"])
+        result = trainer.run(Callbacks(on_step, on_sample, on_checkpoint, run.cancel), resume=run.resume)
+        if run.deleted:
+            return trainer
+        if result.state == "ready":
+            self._update_state(rid, state="ready", step=result.step, total=result.total,
+                               loss=result.losses[-1] if result.losses else None, eta_s=0, samples=samples,
+                               lora_path=f"output/{_lora_file()}", train_seconds=round(result.seconds, 2),
+                               message="Ready: use it on the Compare tab.")
+        else:
+            self._update_state(rid, state="cancelled", step=result.step, eta_s=None, samples=samples,
+                               loss=result.losses[-1] if result.losses else None,
+                               message=f"Cancelled at step {result.step} of {result.total}. The checkpoint is kept; "
+                                       "resume it any time.")
+        return trainer
+
+
+def _lora_file() -> str:
+    return "pytorch_lora_weights.safetensors"
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{threading.get_ident()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")
+    os.replace(tmp, path)

@@ -1,0 +1,306 @@
+"""The local engine end to end on the tiny random FLUX model (CPU, a few seconds per training).
+
+Skipped where the optional extra (requirements-local.txt) is not installed.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+torch = pytest.importorskip("torch")
+np = pytest.importorskip("numpy")
+
+from PIL import Image  # noqa: E402
+
+from services.config import Secret, Settings  # noqa: E402
+from services.errors import AuthError, EngineUnavailableError, ProviderError  # noqa: E402
+from services.local_engine import tiny  # noqa: E402
+from services.local_engine.train import Trainer, TrainConfig  # noqa: E402
+from services.local_provider import WAITING, LocalProvider  # noqa: E402
+from services.providers import GenerateRequest, Provider, TrainRequest  # noqa: E402
+from tests.imagefactory import jpeg_bytes, photo  # noqa: E402
+
+CAPTIONS = ["a red ball on green grass", "TOK, a blue cup on a table", "a small dog in the city", "a cat on the beach"]
+SIZES = [(160, 120), (120, 160), (128, 128), (200, 112)]
+HF_TOKEN = "hf_FAKEtoken0123456789abcdefSECRET"
+
+
+def make_zip(path: Path, count: int = 4) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        for i in range(count):
+            zf.writestr(f"img_{i}.jpg", jpeg_bytes(photo(*SIZES[i % 4], seed=i)))
+            zf.writestr(f"img_{i}.txt", CAPTIONS[i % 4])
+    return path
+
+
+def request(iterations: int = 30, **kw) -> TrainRequest:
+    return TrainRequest(name="tiny test", mode="character", trigger_word="TOK", iterations=iterations,
+                        learning_rate=kw.pop("learning_rate", 1e-2), lora_rank=16, **kw)
+
+
+def wait_terminal(provider: LocalProvider, remote_id: str, timeout: float = 60.0):
+    assert provider.join(remote_id, timeout), "the local job did not finish in time"
+    return provider.status(remote_id)
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.int16)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One finished tiny LoRA job shared by the generation / publishing tests (same layout as ``settings``)."""
+    root = tmp_path_factory.mktemp("local-engine")
+    settings = Settings(data_dir=root / "data", workers=2)
+    provider = LocalProvider(settings, steps_per_sample=10, checkpoint_every=10)
+    remote_id = provider.submit(make_zip(root / "ds.zip"), request(30), tag="job1")
+    status = wait_terminal(provider, remote_id)
+    assert status.state == "ready", status.message
+    return provider, remote_id, status, settings
+
+
+def test_tiny_model_builds_once_and_loads_through_from_pretrained(tmp_path):
+    from diffusers import FluxPipeline
+
+    folder = tiny.ensure_tiny_model(tmp_path / "tiny-flux")
+    stamp = (folder / "model_index.json").stat().st_mtime_ns
+    assert tiny.ensure_tiny_model(folder) == folder  # already there: not rebuilt
+    assert (folder / "model_index.json").stat().st_mtime_ns == stamp
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left behind
+
+    loaded = FluxPipeline.from_pretrained(folder)
+    built = tiny.build_tiny_pipeline()
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+        a, b = getattr(loaded, name).state_dict(), getattr(built, name).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name  # deterministic build
+    ids = loaded.tokenizer_2("TOK, a red ball").input_ids
+    assert ids[-1] == loaded.tokenizer_2.eos_token_id and loaded.tokenizer_2.unk_token_id not in ids
+
+    def run(pipe):
+        return pipe("TOK, a red ball", width=64, height=48, num_inference_steps=2, max_sequence_length=32,
+                    output_type="np", generator=torch.Generator().manual_seed(3)).images[0]
+
+    out = run(loaded)
+    assert out.shape == (48, 64, 3)
+    np.testing.assert_allclose(out, run(built), atol=1e-6)
+
+
+def test_training_lowers_the_loss_and_the_lora_round_trips(tmp_path):
+    from diffusers import FluxPipeline
+
+    model = tiny.ensure_tiny_model(tmp_path / "tiny-flux")
+    cfg = TrainConfig(model_path=str(model), steps=40, learning_rate=1e-2, rank=16, resolution=64, bucket_step=16,
+                      max_sequence_length=tiny.MAX_SEQUENCE_LENGTH, sample_steps=2, device="cpu")
+    trainer = Trainer(cfg, make_zip(tmp_path / "ds.zip"), tmp_path / "job")
+    trainer.prepare()
+    assert trainer.pipe.text_encoder is None and trainer.pipe.text_encoder_2 is None  # freed after caching
+    assert {c.bucket for c in trainer.cache} == {(80, 48), (48, 80), (64, 64)}  # aspect buckets, not squashed
+
+    def eval_loss() -> float:  # fixed noise and timesteps: a low-variance measure of the fit
+        g, losses = torch.Generator().manual_seed(7), []
+        with torch.no_grad():
+            for c in trainer.cache:
+                for s in (0.2, 0.5, 0.8):
+                    noise = torch.randn(c.mean.shape, generator=g)
+                    pred = trainer.transformer(
+                        hidden_states=(1 - s) * c.mean + s * noise, timestep=torch.tensor([s]),
+                        pooled_projections=c.pooled, encoder_hidden_states=c.prompt_embeds, txt_ids=trainer.text_ids,
+                        img_ids=trainer.latent_ids(c.bucket), return_dict=False)[0]
+                    losses.append(torch.mean((pred - (noise - c.mean)) ** 2).item())
+        return sum(losses) / len(losses)
+
+    before = eval_loss()
+    result = trainer.run()
+    assert result.state == "ready" and result.step == 40 and len(result.losses) == 40
+    first, last = np.mean(result.losses[:5]), np.mean(result.losses[-10:])
+    assert last < 0.95 * first, (first, last)
+    after = eval_loss()
+    assert after < 0.8 * before, (before, after)
+
+    # The saved LoRA, loaded into a fresh pipeline, reproduces the trained model's output exactly.
+    pe, pooled = trainer.sample_embeds
+
+    def run(pipe):
+        return pipe(prompt_embeds=pe, pooled_prompt_embeds=pooled, width=64, height=64, num_inference_steps=2,
+                    output_type="np", generator=torch.Generator().manual_seed(5)).images[0]
+
+    trainer.transformer.eval()
+    trained_out = run(trainer.pipe)
+    fresh = FluxPipeline.from_pretrained(model)
+    plain_out = run(fresh)
+    assert result.lora_path.name == "pytorch_lora_weights.safetensors"
+    fresh.load_lora_weights(str(result.lora_path.parent))
+    np.testing.assert_allclose(run(fresh), trained_out, atol=1e-5)
+    assert np.abs(plain_out - trained_out).max() > 1e-3  # and the LoRA does change the output
+    card = (result.lora_path.parent / "README.md").read_text()
+    assert card.startswith("---\n") and "- lora\n- flux\n- diffusers" in card and "instance_prompt: TOK" in card
+
+
+def test_provider_trains_and_base_vs_tuned_differ_only_by_the_lora(trained, tmp_path):
+    provider, remote_id, status, settings = trained
+    assert isinstance(provider, Provider) and provider.key == "local" and provider.max_images == 50
+    assert provider.is_tiny and "tiny random FLUX" in provider.model_label
+    assert status.step == 30 and status.progress == 1.0
+    assert status.result == {"lora_path": status.result["lora_path"], "finetune_id": remote_id}
+    assert Path(status.result["lora_path"]).is_file()
+    assert len(status.samples) == 3 and all(Path(s).is_file() for s in status.samples)
+    assert status.samples[0].endswith("step_000030.png")  # latest first
+    assert provider.list_remote() == [remote_id] and provider.find_by_tag("job1") == remote_id
+    state = json.loads((settings.data_dir / "local_jobs" / remote_id / "state.json").read_text())
+    assert state["state"] == "ready" and state["step"] == 30
+
+    def gen(finetune=None, strength=1.0):
+        req = GenerateRequest(prompt="TOK, a red ball", seed=11, width=1024, height=768, output_format="png",
+                              strength=strength)
+        return provider.generate(req, tmp_path, finetune=finetune)
+
+    base = gen()
+    assert base.model == "local base" and base.path.is_file() and base.path.parent == tmp_path
+    assert (base.params["width"], base.params["height"]) == (128, 96)  # 4:3 kept, scaled for the tiny model
+    assert base.params["steps"] == tiny.DEFAULT_STEPS and base.params["guidance"] == 3.5
+    zero = gen(remote_id, 0.0)
+    full = gen(remote_id, 1.0)
+    assert zero.model == full.model == "local tuned" and full.params["strength"] == 1.0
+    assert full.params["finetune_id"] == remote_id
+    np.testing.assert_allclose(pixels(zero.path), pixels(base.path), atol=1)  # strength 0 = the base model
+    assert np.abs(pixels(full.path) - pixels(base.path)).mean() > 1.0  # strength 1: a different image
+    np.testing.assert_array_equal(pixels(gen().path), pixels(base.path))  # base again: adapter really off
+    jpeg = provider.generate(GenerateRequest(prompt="TOK", seed=1, output_format="jpeg"), tmp_path)
+    assert jpeg.path.suffix == ".jpg"
+
+
+def test_second_job_waits_and_cancel_keeps_a_checkpoint(settings, tmp_path):
+    provider = LocalProvider(settings, steps_per_sample=0, checkpoint_every=5)
+    zip_path = make_zip(tmp_path / "ds.zip")
+    first = provider.submit(zip_path, request(400), tag="first")
+    second = provider.submit(zip_path, request(30), tag="second")
+    queued = provider.status(second)
+    assert queued.state == "pending" and queued.message == WAITING
+    provider.cancel(second)  # still queued: dropped at once
+    assert provider.status(second).state == "cancelled"
+
+    deadline = time.monotonic() + 30
+    while (provider.status(first).step or 0) < 7:
+        assert time.monotonic() < deadline, provider.status(first)
+        time.sleep(0.02)
+    provider.cancel(first)
+    status = wait_terminal(provider, first)
+    assert status.state == "cancelled" and status.result == {"resumable": True}
+    assert 7 <= status.step < 400 and "checkpoint is kept" in status.message
+    ckpts = sorted((settings.data_dir / "local_jobs" / first / "checkpoints").glob("step_*"))
+    assert [c.name for c in ckpts] == [f"step_{status.step:06d}"]  # saved at the cancel; older ones pruned
+    saved = json.loads((ckpts[0] / "trainer_state.json").read_text())
+    assert saved["step"] == status.step and len(saved["losses"]) == status.step
+    assert {p.name for p in ckpts[0].iterdir()} >= {"lora.safetensors", "optimizer.pt", "rng.pt"}
+
+    provider.delete(first)
+    assert first not in provider.list_remote() and not (settings.data_dir / "local_jobs" / first).exists()
+
+
+class _Crash(BaseException):
+    """Stands in for the process dying mid-step (not an Exception, so nothing records it)."""
+
+
+def test_restart_mid_run_is_resumable_from_the_checkpoint(settings, tmp_path, monkeypatch):
+    original = Trainer.step_cached
+    calls: list[int] = []
+
+    def crashing_step(self, step, gen):
+        if step == 12:
+            raise _Crash()
+        return original(self, step, gen)
+
+    monkeypatch.setattr(Trainer, "step_cached", crashing_step)
+    monkeypatch.setattr(threading, "excepthook", lambda args: None)  # the "dead process" is expected
+    before = LocalProvider(settings, steps_per_sample=0, checkpoint_every=5)
+    remote_id = before.submit(make_zip(tmp_path / "ds.zip"), request(20), tag="restart")
+    assert before.join(remote_id, 60)
+    state = json.loads((settings.data_dir / "local_jobs" / remote_id / "state.json").read_text())
+    assert state["state"] == "running"  # what a killed process leaves behind
+
+    def counting_step(self, step, gen):
+        calls.append(step)
+        return original(self, step, gen)
+
+    monkeypatch.setattr(Trainer, "step_cached", counting_step)
+    after = LocalProvider(settings, steps_per_sample=0, checkpoint_every=5)  # the app started again
+    status = after.status(remote_id)
+    assert status.state == "failed" and status.result == {"resumable": True}
+    # the last step recorded (state.json is written at most once a second, and at every checkpoint)
+    assert re.match(r"Interrupted by a restart at step 1[0-2] of 20\. Resume it from the last checkpoint\.$",
+                    status.message), status.message
+    after.resume(remote_id)
+    done = wait_terminal(after, remote_id)
+    assert done.state == "ready" and done.step == 20, done.message
+    assert calls == list(range(10, 20))  # continued from the checkpoint at step 10, not from 0
+    state = json.loads((settings.data_dir / "local_jobs" / remote_id / "state.json").read_text())
+    assert state["resumed_from"] == 10
+    assert Path(done.result["lora_path"]).is_file()
+    with pytest.raises(ProviderError, match="already finished"):
+        after.resume(remote_id)
+
+
+def test_readiness_explains_a_missing_torch(settings, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    provider = LocalProvider(settings)
+    ok, why = provider.readiness()
+    assert not ok and why == ("The local engine needs torch and diffusers: run `pip install -r requirements-local.txt` "
+                              "(make run does it).")
+    with pytest.raises(EngineUnavailableError):
+        provider.submit(Path("missing.zip"), request(), tag="x")
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+    assert provider.readiness() == (True, "")
+    assert LocalProvider(settings, model="/no/such/flux").readiness()[0] is False
+
+
+def test_publish_uploads_the_lora_and_never_stores_the_token(trained, monkeypatch):
+    import httpx
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    provider, remote_id, _, settings = trained
+    calls: dict = {}
+
+    def create_repo(self, repo_id, **kw):
+        calls["create"] = (repo_id, kw, self.token)
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, **kw):
+        calls["upload"] = (kw, sorted(p.name for p in Path(kw["folder_path"]).rglob("*")))
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    url = provider.publish(remote_id, "someone/tiny-lora", Secret(HF_TOKEN), private=True)
+    assert url == "https://huggingface.co/someone/tiny-lora"
+    repo, kw, token_used = calls["create"]
+    assert repo == "someone/tiny-lora" and kw["private"] is True and kw["exist_ok"] is True
+    assert token_used == HF_TOKEN  # handed to the client, and only there
+    uploaded, files = calls["upload"]
+    assert uploaded["repo_id"] == "someone/tiny-lora"
+    assert {"pytorch_lora_weights.safetensors", "README.md"} <= set(files)
+
+    def refused(self, **kw):
+        raise HfHubHTTPError(f"401 Unauthorized for token {HF_TOKEN}", response=httpx.Response(
+            401, request=httpx.Request("POST", "https://huggingface.co/api/repos/create")))
+
+    monkeypatch.setattr(HfApi, "upload_folder", refused)
+    with pytest.raises(AuthError) as err:
+        provider.publish(remote_id, "someone/tiny-lora", Secret(HF_TOKEN))
+    assert HF_TOKEN not in str(err.value)
+    with pytest.raises(Exception, match="not a Hub repository name"):
+        provider.publish(remote_id, "no slash here", Secret(HF_TOKEN))
+
+    secret = HF_TOKEN.encode()
+    leaks = [p for p in settings.data_dir.rglob("*") if p.is_file() and secret in p.read_bytes()]
+    assert leaks == []
