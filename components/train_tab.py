@@ -96,15 +96,20 @@ def job_markdown(job: Job | None, now: float | None = None) -> str:
 def loss_frame(events: list[dict]) -> pd.DataFrame:
     rows = [(e["data"].get("step"), e["data"].get("loss")) for e in events
             if e["data"].get("step") is not None and e["data"].get("loss") is not None]
-    return pd.DataFrame(rows, columns=["step", "loss"])
+    frame = pd.DataFrame(rows, columns=["step", "loss"])
+    # Numeric dtypes, or the plot treats the axis as categories; one point per step (ticks may repeat one).
+    # (also when empty: the page keeps the axis types of the first value it got).
+    frame = frame.apply(pd.to_numeric, errors="coerce").dropna().astype({"step": "int64", "loss": "float64"})
+    return frame.drop_duplicates("step", keep="last").sort_values("step").reset_index(drop=True)
 
 
 def sample_items(events: list[dict], limit: int = 12) -> list[tuple[str, str]]:
-    items = []
+    """Each sample image once, captioned with the first step it was reported at (providers resend the list)."""
+    first_seen: dict[str, object] = {}
     for e in events:
         for path in e["data"].get("samples") or []:
-            items.append((path, f"step {e['data'].get('step')}"))
-    return items[-limit:]
+            first_seen.setdefault(path, e["data"].get("step"))
+    return [(path, f"step {step}") for path, step in first_seen.items()][-limit:]
 
 
 def banner_markdown(service: TrainingService, provider_key: str, session_key=None, settings: Settings | None = None) -> str:

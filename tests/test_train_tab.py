@@ -1,0 +1,23 @@
+"""Pure helpers of the Train tab: the loss plot's data and the samples gallery."""
+from __future__ import annotations
+
+from components.train_tab import loss_frame, sample_items
+
+
+def _event(step, loss=None, samples=()):
+    return {"ts": 0, "kind": "step", "data": {"step": step, "loss": loss, "samples": list(samples)}}
+
+
+def test_loss_frame_is_numeric_sorted_and_one_point_per_step():
+    frame = loss_frame([_event(20, "0.5"), _event(10, 0.9), _event(20, 0.4), _event(30), _event(None, 0.1)])
+    assert frame["step"].tolist() == [10, 20] and frame["loss"].tolist() == [0.9, 0.4]
+    assert frame["loss"].dtype.kind == "f"
+    empty = loss_frame([])
+    assert empty.empty and empty["loss"].dtype.kind == "f" and empty["step"].dtype.kind == "i"
+
+
+def test_sample_items_once_each_with_the_step_first_seen():
+    events = [_event(10, samples=["a.png"]), _event(12, samples=["a.png"]), _event(20, samples=["a.png", "b.png"])]
+    assert sample_items(events) == [("a.png", "step 10"), ("b.png", "step 20")]
+    many = [_event(i, samples=[f"{j}.png" for j in range(i + 1)]) for i in range(30)]
+    assert [p for p, _ in sample_items(many, limit=3)] == ["27.png", "28.png", "29.png"]
