@@ -1,7 +1,9 @@
 """Shared fixtures. Every test gets its own data dir; nothing touches ./data."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -12,6 +14,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.pop("COMETAPI_KEY", None)
 # `import app` builds the module-level demo from the environment: keep its data out of the repo.
 os.environ["FLUX_STUDIO_DATA_DIR"] = tempfile.mkdtemp(prefix="flux-studio-test-")
+atexit.register(shutil.rmtree, os.environ["FLUX_STUDIO_DATA_DIR"], ignore_errors=True)
 
 from services.config import Settings  # noqa: E402
 from services.dataset import DatasetStore  # noqa: E402

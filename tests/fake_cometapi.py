@@ -432,10 +432,17 @@ class FakeCometAPI:
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             return
+        with self._lock:
+            arrived = self._epoch
         body = await _read_body(receive)
         method, path = scope["method"].upper(), scope["path"]
         query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True))
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        with self._lock:
+            stale = arrived != self._epoch
+        if stale:  # an abandoned upload whose body ended after a reset belongs to an earlier test
+            await JSONResponse(_envelope("the fake was reset"), 503)(scope, receive, send)
+            return
         record = self._record(method, path, query, headers, body)
 
         fault = self._take_fault(method, path)
