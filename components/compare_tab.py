@@ -193,6 +193,8 @@ def build(access: ProviderAccess, jobs: JobStore, results: ResultStore, settings
         info = (f"Same prompt, seed {req.seed}. Base `{result.base.model}`: {_cell_summary(result.base)} · "
                 f"Tuned `{result.tuned.model}` at strength {req.strength:g}: {_cell_summary(result.tuned)} · "
                 f"wall time {result.wall_s:.1f}s" + (" (both ran at once)." if overlapped else "."))
+        if getattr(provider, "is_tiny", False):
+            info += "\n\n*Local engine on the tiny test model: its images are noise by design; set FLUX_LOCAL_MODEL for real ones.*"
         return (str(result.base.path) if result.base.path else None,
                 str(result.tuned.path) if result.tuned.path else None, info, history_items(results, owner))
 

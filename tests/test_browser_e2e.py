@@ -191,11 +191,14 @@ def test_full_workflow_with_the_local_engine(settings, tmp_path):
 
             text = _grid(page, "TOK cup on a table", "0, 1.0")
             assert "1 prompt(s) × 3 column(s)" in text and "failed" not in text
+            page.locator("#compare-prompt textarea").fill("TOK cup")
+            page.click("#compare-go")
+            page.locator("#compare-pair-info").get_by_text("noise by design").wait_for(timeout=60_000)
             page.close()
 
         with running_app(settings) as url:
             page = browser.new_page()
             page.goto(url)
             _tab(page, "3 · Compare")
-            page.locator("#compare-history img").nth(2).wait_for(timeout=15_000)
+            page.locator("#compare-history img").nth(4).wait_for(timeout=15_000)  # grid 3 + pair 2
             expect(page.locator("#compare-finetune input")).to_have_value(re.compile("cup-local"))
