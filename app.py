@@ -18,6 +18,7 @@ import gradio as gr
 from PIL import Image
 
 from components import compare_tab, dataset_tab, session_panel, train_tab
+from components.identity import VISITOR_HEAD
 from services.access import ProviderAccess
 from services.captioning import Captioner
 from services.cometapi import CometAPIClient
@@ -136,6 +137,7 @@ def launch_options(settings: Settings) -> dict:
         "allowed_paths": [str(settings.data_dir.resolve())],
         "max_file_size": settings.max_upload_bytes,
         "theme": gr.themes.Soft(),
+        "head": VISITOR_HEAD if settings.hosted else "",
         "css": CSS,
     }
 
