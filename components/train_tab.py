@@ -331,7 +331,8 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
             raise InputError("No job is selected.", hint="Click a row in the jobs table first.")
         owner = owner_for(request, settings)
         job = service.cancel(owner, selected_)
-        gr.Info(f"Cancelling '{job.name}'; its last checkpoint is kept.")
+        gr.Info(f"Cancelled '{job.name}'." + (" Its last checkpoint is kept: Resume continues from it."
+                                               if hasattr(service.providers.get(job.provider), "resume") else ""))
         return jobs_frame(service.jobs.list(owner)), job_markdown(job)
 
     @shows_errors

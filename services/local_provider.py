@@ -90,6 +90,9 @@ class _Run:
     last_write: float = 0.0
 
 
+RESUME_WAIT_S = 60.0  # how long Resume waits for a just-cancelled run to write its checkpoint
+
+
 class LocalProvider:
     key = "local"
     label = "Local engine"
@@ -281,8 +284,14 @@ class LocalProvider:
         self._require_ready()
         self._job_dir(remote_id)
         with self._lock:
+            run = self._active.get(remote_id)
+        if run is not None and run.cancel.is_set():
+            # Cancelled a moment ago: the worker is still writing its checkpoint. Wait for it.
+            run.done.wait(RESUME_WAIT_S)
+        with self._lock:
             if remote_id in self._active:
-                raise ProviderError("This local job is already queued or running.")
+                raise ProviderError("This local job is still running or stopping.",
+                                    hint="Wait a few seconds and press Resume again.")
             state = self._read_state(remote_id)
             if state.get("state") == "ready":
                 raise ProviderError("This local job has already finished.", hint="Use it on the Compare tab.")

@@ -263,7 +263,8 @@ class TrainingService:
         try:
             resume(job.remote_id)
         except ProviderError as exc:
-            raise JobError(f"Could not resume '{job.name}': {exc.message}", hint="Try again, or launch it again.") from None
+            raise JobError(f"Could not resume '{job.name}': {exc.message}",
+                           hint=exc.hint or "Try again, or launch it again.") from None
         return self.jobs.update(owner, job_id, status="running", error="", message="Resuming from the last checkpoint…")
 
     def delete(self, owner: str, job_id: str) -> Job:

@@ -83,3 +83,34 @@ def test_no_key_banner(settings):
         page.locator("#train-banner").get_by_text("Local engine").wait_for(timeout=15_000)
         page.locator("#train-provider").get_by_label("CometAPI").check()
         page.locator("#train-banner").get_by_text("No CometAPI key is set").wait_for(timeout=15_000)
+
+
+def test_local_job_cancel_then_resume(settings, tmp_path):
+    """The local engine in the browser: cancel keeps the checkpoint, resume finishes from it."""
+    pytest.importorskip("diffusers")
+    import re
+
+    from playwright.sync_api import expect
+
+    store = DatasetStores(settings)("local")
+    name = store.create("cup").name
+    store.add_files(name, fx.good_set(tmp_path / "g", count=5, size=(640, 480)))
+    with chromium() as browser, running_app(settings, track_interval=0.5) as url:
+        page = browser.new_page()
+        _open_train_tab(page, url)
+        page.locator("#train-banner").get_by_text("Local engine").wait_for(timeout=15_000)
+        expect(page.locator("#train-dataset input")).to_have_value(re.compile("cup"), timeout=15_000)
+        iterations = page.locator("#train-iterations input[type=number]")
+        iterations.fill("1000")
+        iterations.press("Enter")
+        page.click("#train-launch")
+        page.locator("#train-launch-result").get_by_text("Launched").wait_for(timeout=30_000)
+        cells = page.locator("#train-jobs [role=gridcell]")
+        # Past the first steps (before them there is no checkpoint, and Resume says so).
+        cells.filter(has_text=re.compile(r"^\s*[1-9]\d?%\s*$")).first.wait_for(timeout=60_000)
+        page.click("#train-cancel")
+        cells.filter(has_text="cancelled").first.wait_for(timeout=30_000)
+        page.click("#train-resume")
+        page.get_by_text("Resuming").first.wait_for(timeout=15_000)
+        cells.filter(has_text="ready").first.wait_for(timeout=120_000)
+        assert "100%" in " ".join(cells.all_inner_texts())
