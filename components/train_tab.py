@@ -175,10 +175,12 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
                                    elem_id="train-lr")
     with gr.Row():
         lora_rank = gr.Radio(list(P.LORA_RANKS), value=preset["lora_rank"], label="LoRA rank")
-        finetune_type = gr.Radio(list(P.FINETUNE_TYPES), value=preset["finetune_type"], label="Fine-tune type")
-        priority = gr.Radio(list(P.PRIORITIES), value=preset["priority"], label="Priority")
+        finetune_type = gr.Radio(list(P.FINETUNE_TYPES), value=preset["finetune_type"], label="Fine-tune type",
+                                 info="The local engine always trains a LoRA.")
+        priority = gr.Radio(list(P.PRIORITIES), value=preset["priority"], label="Priority",
+                            info="CometAPI; the local engine reads high_res_only as 1024 px training.")
         captioning = gr.Checkbox(value=preset["captioning"], label="Server-side captioning",
-                                 info="Let the service caption images that have no caption.")
+                                 info="CometAPI only: let the service caption images that have no caption.")
     launch = gr.Button("Launch fine-tune", variant="primary", elem_id="train-launch")
     launch_result = gr.Markdown(elem_id="train-launch-result")
     gr.Markdown("### Jobs")
