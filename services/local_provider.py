@@ -40,6 +40,7 @@ from services.errors import (
     StudioError,
     TaskNotFoundError,
 )
+from services.local_engine import release_gpu_memory
 from services.providers import GeneratedImage, GenerateRequest, ProgressFn, TrainRequest, TrainStatus
 
 log = logging.getLogger("flux_studio.local")
@@ -497,13 +498,7 @@ class LocalProvider:
             run.done.set()
             del trainer
             gc.collect()
-            try:
-                import torch
-
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-            except Exception:  # pragma: no cover
-                pass
+            release_gpu_memory()
 
     def _train(self, run: _Run):
         from services.local_engine import infer

@@ -24,3 +24,13 @@ def quiet_libraries() -> None:
         tlog.disable_progress_bar()
     except Exception:  # pragma: no cover - logging knobs are best effort
         pass
+
+
+def release_gpu_memory() -> None:
+    """Hand cached CUDA memory back once big objects were dropped (nothing to do without CUDA)."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - the extra is not installed
+        return
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -17,7 +17,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.local_engine import tiny
+from services.local_engine import release_gpu_memory, tiny
 from services.local_engine.train import pick_device, quiet_libraries, train_dtype
 
 REAL_STEPS = 28
@@ -64,13 +64,7 @@ def clear_cache() -> None:
     """Forget every cached pipeline (frees the memory once no generation holds one)."""
     with _PIPES_LOCK:
         _PIPES.clear()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except Exception:  # pragma: no cover
-        pass
+    release_gpu_memory()
 
 
 def drop_adapter(finetune_id: str) -> None:
