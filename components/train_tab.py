@@ -318,10 +318,13 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
         job = next((j for j in service.jobs.list(owner) if j.id.startswith(short)), None) if short else None
         return (job.id if job else None), job_markdown(job), *progress_views(owner, job)
 
-    @shows_errors
-    def on_resume(selected_: str | None, request: gr.Request = None):
+    def require_selection(selected_: str | None) -> None:
         if not selected_:
             raise InputError("No job is selected.", hint="Click a row in the jobs table first.")
+
+    @shows_errors
+    def on_resume(selected_: str | None, request: gr.Request = None):
+        require_selection(selected_)
         owner = owner_for(request, settings)
         job = service.resume(owner, selected_)
         gr.Info(f"Resuming '{job.name}' from its last checkpoint.")
@@ -329,8 +332,7 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
 
     @shows_errors
     def on_cancel(selected_: str | None, request: gr.Request = None):
-        if not selected_:
-            raise InputError("No job is selected.", hint="Click a row in the jobs table first.")
+        require_selection(selected_)
         owner = owner_for(request, settings)
         job = service.cancel(owner, selected_)
         gr.Info(f"Cancelled '{job.name}'." + (" Its last checkpoint is kept: Resume continues from it."
@@ -339,8 +341,7 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
 
     @shows_errors
     def on_delete(selected_: str | None, request: gr.Request = None):
-        if not selected_:
-            raise InputError("No job is selected.", hint="Click a row in the jobs table first.")
+        require_selection(selected_)
         owner = owner_for(request, settings)
         job = service.delete(owner, selected_)
         gr.Info(f"Deleted '{job.name}'.")
@@ -356,8 +357,7 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
     gr.api(list_jobs, api_name="list_jobs", concurrency_limit=None)
     @shows_errors
     def on_publish(selected_: str | None, repo: str, token: str, private_: bool, request: gr.Request = None):
-        if not selected_:
-            raise InputError("No job is selected.", hint="Click a row in the jobs table first.")
+        require_selection(selected_)
         owner = owner_for(request, settings)
         job = service.jobs.get(owner, selected_)
         local = service.providers.get(job.provider)
