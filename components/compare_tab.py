@@ -204,17 +204,13 @@ def build(access: ProviderAccess, jobs: JobStore, results: ResultStore, settings
                 progress=gr.Progress()):
         owner = owner_for(request, settings)
         target = parse_target(choice, pasted_, provider_keys)
-        lines = [p.strip() for p in (prompts_ or "").splitlines() if p.strip()]
-        if not lines:
-            raise InputError("The grid has no prompts.", hint="Type one prompt per line.")
+        strengths_list = parse_strengths(strengths_)
+        # Validated before the shared-key limit is charged for it.
+        lines, columns = cmp.plan_grid((prompts_ or "").splitlines(), strengths_list, include_base_,
+                                       target.finetune_id)
         template = request_from(lines[0], seed_, strength_, aspect_, width_, height_, steps_, guidance_, safety_,
                                 fmt_)
-        strengths_list = parse_strengths(strengths_)
-        columns = (["base"] if include_base_ else []) + [f"strength {s:g}" for s in strengths_list]
         total = len(lines) * len(columns)
-        if total > cmp.MAX_GRID_CELLS:
-            raise InputError(f"That grid has {total} cells; the limit is {cmp.MAX_GRID_CELLS}.",
-                             hint="Use fewer prompts or strengths.")
         provider = access.get(target.provider_key, owner, key, cost=total)
         cells: list = [(str(placeholder), f"{lines[i // len(columns)][:40]} · {columns[i % len(columns)]} · waiting…")
                        for i in range(total)]

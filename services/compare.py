@@ -157,14 +157,9 @@ def grid_columns(strengths: Sequence[float], include_base: bool) -> list[str]:
     return (["base"] if include_base else []) + [f"strength {s:g}" for s in strengths]
 
 
-def run_grid(provider: Provider, prompts: Sequence[str], strengths: Sequence[float], template: GenerateRequest, *,
-             finetune_id: str, tuned_model: str | None = None, include_base: bool = True, max_concurrency: int = 4,
-             on_cell: Callable[[CellResult, GridProgress], None] | None = None, out_dir: Path, owner: str,
-             results: ResultStore | None = None) -> GridResult:
-    """Rows = prompts, columns = base (optional) + strengths; one seed for every cell.
-
-    ``on_cell`` is called from worker threads as each cell finishes, in completion order.
-    """
+def plan_grid(prompts: Sequence[str], strengths: Sequence[float], include_base: bool,
+              finetune_id: str | None) -> tuple[list[str], list[str]]:
+    """Check a grid before anything is spent on it; returns (clean prompts, column names)."""
     prompts = [p.strip() for p in prompts if p and p.strip()]
     if not prompts:
         raise InputError("The grid has no prompts.", hint="Type one prompt per line.")
@@ -179,6 +174,19 @@ def run_grid(provider: Provider, prompts: Sequence[str], strengths: Sequence[flo
     if total > MAX_GRID_CELLS:
         raise InputError(f"That grid has {total} cells; the limit is {MAX_GRID_CELLS}.",
                          hint="Use fewer prompts or strengths.")
+    return prompts, columns
+
+
+def run_grid(provider: Provider, prompts: Sequence[str], strengths: Sequence[float], template: GenerateRequest, *,
+             finetune_id: str, tuned_model: str | None = None, include_base: bool = True, max_concurrency: int = 4,
+             on_cell: Callable[[CellResult, GridProgress], None] | None = None, out_dir: Path, owner: str,
+             results: ResultStore | None = None) -> GridResult:
+    """Rows = prompts, columns = base (optional) + strengths; one seed for every cell.
+
+    ``on_cell`` is called from worker threads as each cell finishes, in completion order.
+    """
+    prompts, columns = plan_grid(prompts, strengths, include_base, finetune_id)
+    total = len(prompts) * len(columns)
     group_id = results.new_group() if results else time.strftime("%Y%m%d-%H%M%S")
     models = models_for(provider, tuned_model)
     jobs: list[_Cell] = []
