@@ -98,15 +98,13 @@ def create_app(
             with gr.Tab("3 · Compare", id="compare") as compare_page:
                 compare = compare_tab.build(access, training.jobs, results, settings, placeholder_image(settings),
                                             session_key)
-        # A dataset made a moment ago on the Dataset tab is offered when the person switches here.
-        train_page.select(train.on_load, [train.provider, train.dataset, session_key],
-                          [train.banner, train.dataset, train.jobs, train.timer, train.seen], show_progress="hidden")
-        # A fine-tune that became ready while the person was elsewhere shows up when they come back.
-        compare_page.select(compare.on_load, None, [compare.finetune, compare.history], show_progress="hidden")
         demo.load(data.refresh, [data.dataset], [data.dataset], show_progress="hidden")
-        demo.load(train.on_load, [train.provider, train.dataset, session_key],
-                  [train.banner, train.dataset, train.jobs, train.timer, train.seen], show_progress="hidden")
-        demo.load(compare.on_load, None, [compare.finetune, compare.history], show_progress="hidden")
+        # Also on opening a tab: a dataset made a moment ago, or a fine-tune that became ready
+        # while the person was elsewhere, shows up there.
+        gr.on([demo.load, train_page.select], train.on_load, [train.provider, train.dataset, session_key],
+              [train.banner, train.dataset, train.jobs, train.timer, train.seen], show_progress="hidden")
+        gr.on([demo.load, compare_page.select], compare.on_load, None, [compare.finetune, compare.history],
+              show_progress="hidden")
     # Polling ticks are cheap and must never wait behind uploads; heavy events set their own limits.
     demo.queue(default_concurrency_limit=4, max_size=64)
     training.resume_on_start()
