@@ -136,6 +136,9 @@ def banner_markdown(service: TrainingService, provider_key: str, session_key=Non
     return f"✅ {provider.label} is configured."
 
 
+NO_DATASET = "No dataset picked yet: save one on the Dataset tab, then pick it here."
+
+
 def parse_learning_rate(raw: str) -> float | None:
     raw = (raw or "").strip()
     if not raw:
@@ -152,7 +155,9 @@ def parse_learning_rate(raw: str) -> float | None:
 
 def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore], settings: Settings,
           default_provider: str, access: ProviderAccess, session_key: gr.State) -> TrainTab:
-    banner = gr.Markdown(elem_id="train-banner")
+    # Both Markdowns start with text so that filling them in later does not shift the Launch button
+    # under a user's (or a test's) pointer.
+    banner = gr.Markdown(banner_markdown(service, default_provider, None, settings), elem_id="train-banner")
     with gr.Row():
         provider = gr.Radio(
             choices=[(p.label, key) for key, p in service.providers.items()], value=default_provider,
@@ -161,7 +166,7 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
         dataset = gr.Dropdown(choices=[], value=None, label="Dataset", elem_id="train-dataset", scale=2,
                               info="Saved on the Dataset tab.")
         refresh = gr.Button("↻", size="sm", scale=0, min_width=40)
-    dataset_info = gr.Markdown(elem_id="train-dataset-info")
+    dataset_info = gr.Markdown(NO_DATASET, elem_id="train-dataset-info")
     preset = P.PRESETS["character"]
     with gr.Row():
         mode = gr.Radio(list(P.MODES), value="character", label="Mode", elem_id="train-mode",
@@ -239,7 +244,7 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
     @shows_errors
     def on_dataset(name_: str | None, mode_: str, request: gr.Request = None):
         if not name_:
-            return gr.update(), gr.update(), ""
+            return gr.update(), gr.update(), NO_DATASET
         ds = datasets_for(owner_for(request, settings)).open(name_)
         captioned = sum(1 for i in ds.items if i.caption.strip())
         info = f"{len(ds.items)} image(s), {captioned} captioned, trigger word `{ds.trigger_word or '—'}`."

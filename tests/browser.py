@@ -45,3 +45,23 @@ def chromium() -> Iterator["object"]:
             yield browser
         finally:
             browser.close()
+
+
+def wait_for_train_dataset(page, timeout: float = 15_000) -> None:
+    """The Train tab has picked its dataset and filled in the fields that follow from it.
+
+    Filling the form before this races the dataset handler, which writes the name and trigger word.
+    """
+    page.locator("#train-dataset-info").get_by_text("image(s)").wait_for(timeout=timeout)
+
+
+def click_launch(page, expect: str = "Launched", timeout: float = 30_000) -> str:
+    """Click Launch and return the result text; fail with that text when it is not ``expect``."""
+    import re
+
+    page.click("#train-launch")
+    result = page.locator("#train-launch-result")
+    result.get_by_text(re.compile("Launched|Launch failed|⏳")).first.wait_for(timeout=timeout)
+    text = result.inner_text()
+    assert expect in text, f"expected {expect!r} after Launch, the page says: {text!r}"
+    return text

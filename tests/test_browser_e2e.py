@@ -11,7 +11,7 @@ from playwright.sync_api import expect
 
 from services.config import Secret
 from tests import imagefactory as fx
-from tests.browser import chromium, running_app
+from tests.browser import chromium, click_launch, running_app, wait_for_train_dataset
 from tests.conftest import FAKE_COMETAPI_KEY
 
 pytestmark = pytest.mark.browser
@@ -41,6 +41,7 @@ def _use_key(page, key: str) -> None:
 def _launch_and_wait_ready(page, name: str, provider: str | None = None, iterations: int | None = None) -> None:
     _tab(page, "2 · Train")
     page.locator("#train-launch").wait_for()
+    wait_for_train_dataset(page)
     if provider:
         page.locator("#train-provider").get_by_label(provider).check()
     page.locator("#train-mode").get_by_label("product").check()
@@ -51,8 +52,7 @@ def _launch_and_wait_ready(page, name: str, provider: str | None = None, iterati
         box = page.locator("#train-iterations input[type=number]")
         box.fill(str(iterations))
         box.press("Enter")
-    page.click("#train-launch")
-    page.locator("#train-launch-result").get_by_text("Launched").wait_for(timeout=30_000)
+    click_launch(page)
     page.locator("#train-jobs [role=gridcell]").filter(has_text="ready").first.wait_for(timeout=60_000)
 
 

@@ -6,7 +6,7 @@ import pytest
 from services.config import Secret
 from services.dataset import DatasetStores
 from tests import imagefactory as fx
-from tests.browser import chromium, running_app
+from tests.browser import chromium, click_launch, running_app, wait_for_train_dataset
 from tests.conftest import FAKE_COMETAPI_KEY
 
 pytestmark = pytest.mark.browser
@@ -32,10 +32,10 @@ def test_launch_restart_and_see_it_finish(settings, fake_cometapi, tmp_path):
             page = browser.new_page()
             _open_train_tab(page, url)
             assert "CometAPI is configured" in page.locator("#train-banner").inner_text()
+            wait_for_train_dataset(page)
             page.get_by_label("product").check()
             page.locator("#train-name textarea, #train-name input").first.fill("mug-v1")
-            page.click("#train-launch")
-            page.locator("#train-launch-result").get_by_text("Launched").wait_for(timeout=30_000)
+            click_launch(page)
             jobs = page.locator("#train-jobs [role=gridcell]")
             jobs.filter(has_text="mug-v1").first.wait_for()
             assert "ready" not in " ".join(jobs.all_inner_texts())
@@ -65,11 +65,9 @@ def test_unavailable_endpoint_shows_banner_and_error(settings, fake_cometapi, tm
     with chromium() as browser, running_app(settings) as url:
         page = browser.new_page()
         _open_train_tab(page, url)
+        wait_for_train_dataset(page)
         page.locator("#train-name textarea, #train-name input").first.fill("mug-v1")
-        page.click("#train-launch")
-        result = page.locator("#train-launch-result")
-        result.get_by_text("Launch failed").wait_for(timeout=30_000)
-        assert "temporarily unavailable" in result.inner_text()
+        assert "temporarily unavailable" in click_launch(page, expect="Launch failed")
         assert "Local engine" in page.locator("#train-banner").inner_text()
         cells = page.locator("#train-jobs [role=gridcell]")
         assert "failed" in " ".join(cells.all_inner_texts())
@@ -100,11 +98,11 @@ def test_local_job_cancel_then_resume(settings, tmp_path):
         _open_train_tab(page, url)
         page.locator("#train-banner").get_by_text("Local engine").wait_for(timeout=15_000)
         expect(page.locator("#train-dataset input")).to_have_value(re.compile("cup"), timeout=15_000)
+        wait_for_train_dataset(page)
         iterations = page.locator("#train-iterations input[type=number]")
         iterations.fill("1000")
         iterations.press("Enter")
-        page.click("#train-launch")
-        page.locator("#train-launch-result").get_by_text("Launched").wait_for(timeout=30_000)
+        click_launch(page)
         cells = page.locator("#train-jobs [role=gridcell]")
         # Past the first steps (before them there is no checkpoint, and Resume says so).
         cells.filter(has_text=re.compile(r"^\s*[1-9]\d?%\s*$")).first.wait_for(timeout=60_000)
