@@ -49,7 +49,8 @@ def test_dataset_tab_end_to_end(settings, tmp_path):
             page.keyboard.press("Control+A")
             page.keyboard.type("TOK, a product photo on white")
             page.keyboard.press("Enter")
-            page.wait_for_timeout(1500)
+            # Saved: the gallery's captions are redrawn from what was written to disk.
+            page.locator("#dataset-gallery").get_by_text("a product photo on white").first.wait_for(timeout=15_000)
 
             page.click("#dataset-export")
             info = page.locator("#dataset-export-info")
