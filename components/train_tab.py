@@ -93,14 +93,28 @@ def job_markdown(job: Job | None, now: float | None = None) -> str:
     return "\n\n".join(lines)
 
 
+RAW, SMOOTHED = "per step", "smoothed"
+SMOOTHING = 0.9  # TensorBoard's default: per-step flow-matching loss is noisy, the trend is what matters
+
+
+def loss_plot_value(events: list[dict]) -> pd.DataFrame | None:
+    """None until there is a point: the page builds the plot's colours from the first frame it gets,
+    and an empty one leaves it drawing no lines at all."""
+    frame = loss_frame(events)
+    return None if frame.empty else frame
+
+
 def loss_frame(events: list[dict]) -> pd.DataFrame:
+    """The loss plot's data, long form: ``step, loss, series`` with a per-step and a smoothed line."""
     rows = [(e["data"].get("step"), e["data"].get("loss")) for e in events
             if e["data"].get("step") is not None and e["data"].get("loss") is not None]
     frame = pd.DataFrame(rows, columns=["step", "loss"])
     # Numeric dtypes, or the plot treats the axis as categories; one point per step (ticks may repeat one).
-    # (also when empty: the page keeps the axis types of the first value it got).
     frame = frame.apply(pd.to_numeric, errors="coerce").dropna().astype({"step": "int64", "loss": "float64"})
-    return frame.drop_duplicates("step", keep="last").sort_values("step").reset_index(drop=True)
+    frame = frame.drop_duplicates("step", keep="last").sort_values("step").reset_index(drop=True)
+    # Debiased exponential moving average, so the first points are not pulled towards zero.
+    ema = frame["loss"].ewm(alpha=1 - SMOOTHING, adjust=True).mean()
+    return pd.concat([frame.assign(series=RAW), frame.assign(loss=ema, series=SMOOTHED)], ignore_index=True)
 
 
 def sample_items(events: list[dict], limit: int = 12) -> list[tuple[str, str]]:
@@ -193,7 +207,8 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
                         label="History (click a row for details; click a header to sort)")
     detail = gr.Markdown(job_markdown(None), elem_id="train-job-detail")
     with gr.Row():
-        loss_plot = gr.LinePlot(loss_frame([]), x="step", y="loss", title="Training loss", height=240,
+        loss_plot = gr.LinePlot(None, x="step", y="loss", color="series", title="Training loss", height=240,
+                                color_map={RAW: "#c7d2fe", SMOOTHED: "#4338ca"}, color_title="",
                                 elem_id="train-loss", scale=1)
         samples = gr.Gallery(label="Samples during training (fixed seed)", columns=4, height=240,
                              elem_id="train-samples", scale=1)
@@ -314,7 +329,7 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
         if job is None:
             return gr.update(), gr.update()
         events = service.jobs.events(owner, job.id, "step")
-        return loss_frame(events), sample_items(events)
+        return loss_plot_value(events), sample_items(events)
 
     def on_select(table: pd.DataFrame, evt: gr.SelectData, request: gr.Request = None):
         owner = owner_for(request, settings)

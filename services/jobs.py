@@ -29,7 +29,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 from services.errors import JobError
 
@@ -584,15 +584,20 @@ class JobStore:
 
     def record_event(self, owner: str, job_id: str, kind: str, data: Mapping[str, Any] | None = None) -> None:
         """Append one event (a loss value, a sample image path, a log line) to a job."""
+        self.record_events(owner, job_id, kind, [data or {}])
+
+    def record_events(self, owner: str, job_id: str, kind: str, items: Iterable[Mapping[str, Any]]) -> None:
+        """Append many events of one kind in one transaction (a stretch of a loss curve)."""
         _check_owner(owner)
         if not isinstance(kind, str) or not kind.strip():
             raise JobError("An event needs a kind.")
-        data_json = _to_json(data or {}, "event data")
+        rows = [_to_json(data or {}, "event data") for data in items]
         with self._write() as conn:
-            self._get(conn, owner, job_id)  # raises for a missing or someone else's job
-            conn.execute(
+            self._get(conn, owner, job_id)
+            now = self._clock()
+            conn.executemany(
                 "INSERT INTO job_events (job_id, owner, ts, kind, data) VALUES (?, ?, ?, ?, ?)",
-                (job_id, owner, self._clock(), kind, data_json),
+                [(job_id, owner, now, kind, data_json) for data_json in rows],
             )
 
     def events(self, owner: str, job_id: str, kind: str | None = None) -> builtins.list[dict[str, Any]]:

@@ -89,6 +89,35 @@ class _Run:
     deleted: bool = False
     live: dict = field(default_factory=dict)
     last_write: float = 0.0
+    losses: list[tuple[int, float]] = field(default_factory=list)  # this run's whole curve
+    losses_saved: int = 0  # how many of ``losses`` are in losses.csv already
+
+
+LOSSES_FILE = "losses.csv"
+
+
+def read_losses(job: Path) -> tuple[tuple[int, float], ...]:
+    """A job's loss curve from losses.csv: one value per step (the latest), in step order.
+
+    A torn last line (a crash mid-write) is skipped."""
+    by_step: dict[int, float] = {}
+    try:
+        text = (Path(job) / LOSSES_FILE).read_text(encoding="utf-8")
+    except OSError:
+        return ()
+    for line in text.splitlines():
+        step, _, value = line.partition(",")
+        try:
+            by_step[int(step)] = float(value)
+        except ValueError:
+            continue
+    return tuple(sorted(by_step.items()))
+
+
+def write_losses(job: Path, points) -> None:
+    tmp = Path(job) / f".{LOSSES_FILE}.tmp"
+    tmp.write_text("".join(f"{st},{v!r}\n" for st, v in points), encoding="utf-8")
+    os.replace(tmp, Path(job) / LOSSES_FILE)
 
 
 RESUME_WAIT_S = 60.0  # how long Resume waits for a just-cancelled run to write its checkpoint
@@ -195,6 +224,7 @@ class LocalProvider:
         with self._lock:  # the run and the state together: a worker finishing in between can't be missed
             run = self._active.get(remote_id)
             live = dict(run.live) if run else None
+            losses = tuple(run.losses) if run else ()
             queued = bool(run) and not run.started
             state = self._read_state(remote_id)
         samples = tuple(str(job / s) for s in reversed(state.get("samples", [])))
@@ -209,7 +239,9 @@ class LocalProvider:
             if live.get("samples") is not None:
                 samples = tuple(str(job / s) for s in reversed(live["samples"]))
             return TrainStatus("running", progress=step / total if total else None, eta_s=live.get("eta_s"),
-                               step=step, loss=loss, message=live.get("message", "Training…"), samples=samples)
+                               step=step, loss=loss, message=live.get("message", "Training…"), samples=samples,
+                               losses=losses)
+        losses = read_losses(job)
         s = state.get("state")
         ckpt = self._checkpoint(remote_id)
         if s in ("pending", "running"):  # no worker here: the process that ran it has stopped
@@ -218,21 +250,22 @@ class LocalProvider:
                 return TrainStatus("pending", progress=0.0, message=WAITING)
             if ckpt is not None:
                 return TrainStatus("failed", progress=step / total if total else None, step=step, loss=loss,
-                                   samples=samples, result={"resumable": True},
+                                   samples=samples, result={"resumable": True}, losses=losses,
                                    message=f"Interrupted by a restart at step {step} of {total}. "
                                            "Resume it from the last checkpoint.")
             return TrainStatus("failed", step=step, loss=loss, samples=samples, result={"resumable": False},
+                               losses=losses,
                                message=f"Interrupted by a restart at step {step} of {total}, before its first "
                                        "checkpoint. Launch it again.")
         if s == "ready":
-            return TrainStatus("ready", progress=1.0, step=step, loss=loss, samples=samples,
+            return TrainStatus("ready", progress=1.0, step=step, loss=loss, samples=samples, losses=losses,
                                message=state.get("message") or "Ready: use it on the Compare tab.",
                                result={"lora_path": str(job / "output" / _lora_file()), "finetune_id": remote_id})
         if s == "cancelled":
             return TrainStatus("cancelled", progress=step / total if total else None, step=step, loss=loss,
-                               samples=samples, message=state.get("message") or "Cancelled.",
+                               samples=samples, losses=losses, message=state.get("message") or "Cancelled.",
                                result={"resumable": ckpt is not None})
-        return TrainStatus("failed", step=step or None, loss=loss, samples=samples,
+        return TrainStatus("failed", step=step or None, loss=loss, samples=samples, losses=losses,
                            message=state.get("message") or "The local training failed.",
                            result={"resumable": False})
 
@@ -439,6 +472,20 @@ class LocalProvider:
             state.update(changes, updated_at=time.time())
             _write_json(job / "state.json", state)
 
+    def _save_losses(self, run: _Run) -> None:
+        """Append the steps not yet on disk to losses.csv, so the curve survives a restart."""
+        with self._lock:
+            fresh = run.losses[run.losses_saved:]
+            run.losses_saved = len(run.losses)
+        if fresh and not run.deleted:
+            job = self.root / run.remote_id
+            try:
+                if job.is_dir():
+                    with open(job / LOSSES_FILE, "a", encoding="utf-8") as f:
+                        f.writelines(f"{st},{v!r}\n" for st, v in fresh)
+            except OSError as exc:  # the curve is a nicety: never fail a training run over it
+                log.warning("Could not save the loss curve of %s: %s", run.remote_id, exc)
+
     def _checkpoint(self, remote_id: str) -> Path | None:
         ckpts = self.root / remote_id / "checkpoints"
         if not ckpts.is_dir():
@@ -489,6 +536,7 @@ class LocalProvider:
         except Exception as exc:  # any failure ends this job only
             log.exception("Local training %s failed", rid)
             if not run.deleted:
+                self._save_losses(run)
                 msg = exc.user_message() if isinstance(exc, StudioError) else f"{type(exc).__name__}: {exc}"
                 self._update_state(rid, state="failed", message=f"The local training failed: {msg}"[:500],
                                    eta_s=None)
@@ -528,10 +576,13 @@ class LocalProvider:
             msg = run.live.get("message", "")
             if not msg.startswith("Cancelling"):
                 msg = f"Training{lora_note}: step {step} of {total}"
-            run.live.update(step=step, total=total, loss=loss, eta_s=eta_s, message=msg)
+            with self._lock:
+                run.live.update(step=step, total=total, loss=loss, eta_s=eta_s, message=msg)
+                run.losses.append((step, float(loss)))
             now = time.monotonic()
             if now - run.last_write >= _STATE_WRITE_EVERY_S or step == total:
                 run.last_write = now
+                self._save_losses(run)
                 self._update_state(rid, state="running", step=step, loss=loss, eta_s=eta_s, message=msg)
 
         def on_sample(step: int, path: Path) -> None:
@@ -542,6 +593,7 @@ class LocalProvider:
 
         def on_checkpoint(step: int, path: Path) -> None:
             if not run.deleted:
+                self._save_losses(run)
                 self._update_state(rid, checkpoint_step=step, step=step, loss=run.live.get("loss"))
 
         if run.resume:
@@ -549,8 +601,13 @@ class LocalProvider:
 
             ckpt = latest_checkpoint(job / "checkpoints")
             run.live.update(step=checkpoint_step(ckpt) if ckpt else 0, samples=list(samples))
+            # The curve goes on from the checkpoint: steps trained after it were thrown away.
+            kept = [(st, v) for st, v in read_losses(job) if st <= run.live["step"]]
+            write_losses(job, kept)
+            run.losses, run.losses_saved = kept, len(kept)
             self._update_state(rid, resumed_from=run.live["step"])
         result = trainer.run(Callbacks(on_step, on_sample, on_checkpoint, run.cancel), resume=run.resume)
+        self._save_losses(run)  # before the state turns final: from then on status() reads the file
         if run.deleted:
             return trainer
         if result.state == "ready":

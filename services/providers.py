@@ -99,6 +99,9 @@ class TrainStatus:
     message: str = ""
     samples: tuple[str, ...] = ()  # local image paths
     result: dict = field(default_factory=dict)  # e.g. {"finetune_id": ...} or {"lora_path": ...}
+    # Every (step, loss) the provider knows, oldest first, where it keeps a history (the local engine);
+    # ``loss`` alone is the latest value, which a tracker polling every few seconds would undersample.
+    losses: tuple[tuple[int, float], ...] = ()
 
     @property
     def terminal(self) -> bool:

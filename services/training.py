@@ -80,6 +80,8 @@ class TrainingService:
         self.notices: dict[str, str] = {}
         # Job id -> the provider (with a visitor's own key) that launched it; memory only, by design.
         self._job_providers: dict[str, Provider] = {}
+        # Job id -> {step: loss} already in the job store, for jobs being tracked (each poll adds only news).
+        self._loss_points: dict[str, dict[int, float]] = {}
 
     # ------------------------------------------------------------ launching
 
@@ -164,6 +166,7 @@ class TrainingService:
                     changed.append(Transition(after, before))
                 if not after.is_active:
                     self._job_providers.pop(after.id, None)
+                    self._loss_points.pop(after.id, None)
         return changed
 
     def adopt(self, owner: str, provider: Provider) -> None:
@@ -210,11 +213,28 @@ class TrainingService:
             fields["result"] = {**job.result, **status.result}
         if state == "failed":
             fields["error"] = status.message or "The provider reported an error without details."
-        if status.step is not None or status.loss is not None or status.samples:
+        if status.losses:
+            self._record_losses(job, status.losses)
+        if status.samples or (not status.losses and (status.step is not None or status.loss is not None)):
             self.jobs.record_event(job.owner, job.id, "step", {
-                "step": status.step, "loss": status.loss, "samples": list(status.samples),
+                "step": status.step, "loss": None if status.losses else status.loss, "samples": list(status.samples),
             })
         return self.jobs.update(job.owner, job.id, **fields)
+
+    def _record_losses(self, job: Job, losses: tuple[tuple[int, float], ...]) -> None:
+        """Store the points of the provider's loss curve that the job store has not got yet.
+
+        A point is new when its step is, or when its value changed: a run resumed from an earlier
+        checkpoint trains the steps after it again, and the plot keeps the latest value per step."""
+        known = self._loss_points.get(job.id)
+        if known is None:
+            known = {int(e["data"]["step"]): e["data"]["loss"] for e in self.jobs.events(job.owner, job.id, "step")
+                     if e["data"].get("loss") is not None and e["data"].get("step") is not None}
+            self._loss_points[job.id] = known
+        fresh = [{"step": int(st), "loss": float(v)} for st, v in losses if known.get(int(st)) != float(v)]
+        if fresh:
+            self.jobs.record_events(job.owner, job.id, "step", fresh)
+            known.update((p["step"], p["loss"]) for p in fresh)
 
     def _reconcile(self, job: Job, provider: Provider) -> Job:
         """A job with no remote id: find it by tag, or decide it never arrived."""

@@ -65,3 +65,13 @@ def click_launch(page, expect: str = "Launched", timeout: float = 30_000) -> str
     text = result.inner_text()
     assert expect in text, f"expected {expect!r} after Launch, the page says: {text!r}"
     return text
+
+
+def upload_files(page, elem_id: str, paths) -> None:
+    """Put files in a gr.File and wait until every one has reached the server (one preview row each);
+    an event fired before that would see only some of them."""
+    from playwright.sync_api import expect
+
+    paths = [str(p) for p in paths]
+    page.locator(f"#{elem_id} input[type=file]").set_input_files(paths)
+    expect(page.locator(f"#{elem_id} tr.file")).to_have_count(len(paths), timeout=60_000)

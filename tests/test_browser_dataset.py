@@ -8,7 +8,7 @@ import pytest
 
 from services.dataset import DatasetStore
 from tests import imagefactory as fx
-from tests.browser import chromium, running_app
+from tests.browser import chromium, running_app, upload_files
 
 pytestmark = pytest.mark.browser
 
@@ -26,8 +26,7 @@ def test_dataset_tab_end_to_end(settings, tmp_path):
         with running_app(settings) as url:
             page = browser.new_page()
             page.goto(url)
-            page.locator("#dataset-upload input[type=file]").set_input_files(uploads)
-            page.wait_for_timeout(500)
+            upload_files(page, "dataset-upload", uploads)
             page.click("#dataset-add")
             report = page.locator("#dataset-report")
             report.get_by_text("Added 10 image(s)").wait_for(timeout=60_000)

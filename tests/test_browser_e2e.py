@@ -11,7 +11,7 @@ from playwright.sync_api import expect
 
 from services.config import Secret
 from tests import imagefactory as fx
-from tests.browser import chromium, click_launch, running_app, wait_for_train_dataset
+from tests.browser import chromium, click_launch, running_app, upload_files, wait_for_train_dataset
 from tests.conftest import FAKE_COMETAPI_KEY
 
 pytestmark = pytest.mark.browser
@@ -25,8 +25,7 @@ def _upload(page, paths, dataset_name: str) -> None:
     page.locator("#dataset-new-name textarea, #dataset-new-name input").first.fill(dataset_name)
     page.click("#dataset-new")
     expect(page.locator("#dataset-picker input")).to_have_value(re.compile(dataset_name), timeout=15_000)
-    page.locator("#dataset-upload input[type=file]").set_input_files([str(p) for p in paths])
-    page.wait_for_timeout(300)
+    upload_files(page, "dataset-upload", paths)
     page.click("#dataset-add")
     page.locator("#dataset-report").get_by_text(f"Added {len(paths)} image(s)").wait_for(timeout=60_000)
 
@@ -193,7 +192,9 @@ def test_full_workflow_with_the_local_engine(settings, tmp_path):
             _launch_and_wait_ready(page, "cup-local", iterations=100)
             # Loss and samples came back from the engine while it trained.
             page.locator("#train-samples img").first.wait_for(timeout=15_000)
-            page.locator("#train-loss canvas, #train-loss svg").first.wait_for(timeout=15_000)
+            # Two lines drawn (per step and smoothed): an empty first frame once left the plot blank.
+            expect(page.locator('#train-loss [aria-roledescription="line mark"]')).to_have_count(2, timeout=15_000)
+            assert "smoothed" in page.locator("#train-loss").inner_text()
 
             text = _grid(page, "TOK cup on a table", "0, 1.0")
             assert "1 prompt(s) × 3 column(s)" in text and "failed" not in text

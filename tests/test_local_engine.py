@@ -25,7 +25,7 @@ from services.config import Secret, Settings  # noqa: E402
 from services.errors import AuthError, EngineUnavailableError, ProviderError  # noqa: E402
 from services.local_engine import tiny  # noqa: E402
 from services.local_engine.train import Trainer, TrainConfig  # noqa: E402
-from services.local_provider import WAITING, LocalProvider  # noqa: E402
+from services.local_provider import WAITING, LocalProvider, read_losses  # noqa: E402
 from services.providers import GenerateRequest, Provider, TrainRequest  # noqa: E402
 from tests.imagefactory import jpeg_bytes, photo  # noqa: E402
 
@@ -158,6 +158,9 @@ def test_provider_trains_and_base_vs_tuned_differ_only_by_the_lora(trained, tmp_
     assert provider.list_remote() == [remote_id] and provider.find_by_tag("job1") == remote_id
     state = json.loads((settings.data_dir / "local_jobs" / remote_id / "state.json").read_text())
     assert state["state"] == "ready" and state["step"] == 30
+    # The whole loss curve, one point per step, kept on disk (a poll every few seconds would see a handful).
+    assert [s for s, _ in status.losses] == list(range(1, 31)) and all(0 < v < 10 for _, v in status.losses)
+    assert read_losses(settings.data_dir / "local_jobs" / remote_id) == status.losses
 
     def gen(finetune=None, strength=1.0):
         req = GenerateRequest(prompt="TOK, a red ball", seed=11, width=1024, height=768, output_format="png",
@@ -236,6 +239,8 @@ def test_restart_mid_run_is_resumable_from_the_checkpoint(settings, tmp_path, mo
     after = LocalProvider(settings, steps_per_sample=0, checkpoint_every=5)  # the app started again
     status = after.status(remote_id)
     assert status.state == "failed" and status.result == {"resumable": True}
+    before_crash = status.losses
+    assert [s for s, _ in before_crash][:10] == list(range(1, 11))
     # the last step recorded (state.json is written at most once a second, and at every checkpoint)
     assert re.match(r"Interrupted by a restart at step 1[0-2] of 20\. Resume it from the last checkpoint\.$",
                     status.message), status.message
@@ -243,6 +248,8 @@ def test_restart_mid_run_is_resumable_from_the_checkpoint(settings, tmp_path, mo
     done = wait_terminal(after, remote_id)
     assert done.state == "ready" and done.step == 20, done.message
     assert calls == list(range(10, 20))  # continued from the checkpoint at step 10, not from 0
+    # The curve goes on from the checkpoint: steps 1-10 as trained before the crash, 11-20 from the new run.
+    assert [s for s, _ in done.losses] == list(range(1, 21)) and done.losses[:10] == before_crash[:10]
     state = json.loads((settings.data_dir / "local_jobs" / remote_id / "state.json").read_text())
     assert state["resumed_from"] == 10
     assert Path(done.result["lora_path"]).is_file()

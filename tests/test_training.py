@@ -319,3 +319,52 @@ def test_interrupted_job_can_be_resumed(settings, dataset):
     assert service.jobs.get(OWNER, job.id).status == "ready"
     with pytest.raises(InputError, match="only interrupted or cancelled"):
         service.resume(OWNER, job.id)
+
+
+class _Curve(_Resumable):
+    """A provider that keeps its whole loss curve, as the local engine does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.curve: list[tuple[int, float]] = []
+
+    def status(self, remote_id):
+        from services.providers import TrainStatus
+
+        step, loss = self.curve[-1] if self.curve else (None, None)
+        return TrainStatus(self.state, step=step, loss=loss, losses=tuple(self.curve))
+
+
+def _loss_points(service, job_id):
+    return [(e["data"]["step"], e["data"]["loss"]) for e in service.jobs.events(OWNER, job_id, "step")
+            if e["data"].get("loss") is not None]
+
+
+def test_a_providers_loss_curve_is_stored_whole_once_and_survives_a_restart(settings, dataset):
+    from components.train_tab import RAW, loss_frame
+
+    engine = _Curve()
+    store = JobStore(settings.data_dir / "jobs.sqlite3")
+    service = TrainingService(store, {"ckpt": engine}, DatasetStores(settings), max_images={"ckpt": 20})
+    job = service.launch(OWNER, "ckpt", dataset, _req())
+    engine.curve = [(s, 1.0 / s) for s in range(1, 8)]  # 7 steps between two polls: all of them are kept
+    service.track_once()
+    service.track_once()  # nothing new: nothing recorded twice
+    assert _loss_points(service, job.id) == [(s, 1.0 / s) for s in range(1, 8)]
+
+    # A restart (a new service over the same store) goes on from what is stored.
+    service = TrainingService(JobStore(settings.data_dir / "jobs.sqlite3"), {"ckpt": engine},
+                              DatasetStores(settings), max_images={"ckpt": 20})
+    engine.curve += [(8, 0.1), (9, 0.09)]
+    service.track_once()
+    assert [s for s, _ in _loss_points(service, job.id)] == list(range(1, 10))
+
+    # Resumed from a checkpoint at step 5: steps 6.. are trained again, and the plot shows the new values.
+    engine.curve = engine.curve[:5] + [(6, 0.5), (7, 0.4)]
+    service.track_once()
+    engine.curve += [(8, 0.3), (9, 0.2), (10, 0.1)]
+    service.track_once()
+    frame = loss_frame(service.jobs.events(OWNER, job.id, "step"))
+    frame = frame[frame["series"] == RAW]
+    assert list(frame["step"]) == list(range(1, 11))
+    assert list(frame["loss"])[5:] == [0.5, 0.4, 0.3, 0.2, 0.1]
