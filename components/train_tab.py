@@ -153,6 +153,14 @@ def banner_markdown(service: TrainingService, provider_key: str, session_key=Non
 NO_DATASET = "No dataset picked yet: save one on the Dataset tab, then pick it here."
 
 
+def suggest_name(dataset: str | None, mode: str, typed: str | None):
+    """``<dataset>-<mode>`` for the name box, unless the user typed a name of their own (kept as is)."""
+    typed = (typed or "").strip()
+    if not dataset or (typed and not any(typed.endswith(f"-{m}") for m in P.MODES)):
+        return gr.update()
+    return f"{dataset}-{mode}"
+
+
 def parse_learning_rate(raw: str) -> float | None:
     raw = (raw or "").strip()
     if not raw:
@@ -257,18 +265,18 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
         return dataset_choices(owner_for(request, settings), current)
 
     @shows_errors
-    def on_dataset(name_: str | None, mode_: str, request: gr.Request = None):
+    def on_dataset(name_: str | None, mode_: str, typed: str, request: gr.Request = None):
         if not name_:
             return gr.update(), gr.update(), NO_DATASET
         ds = datasets_for(owner_for(request, settings)).open(name_)
         captioned = sum(1 for i in ds.items if i.caption.strip())
         info = f"{len(ds.items)} image(s), {captioned} captioned, trigger word `{ds.trigger_word or '—'}`."
-        return (ds.trigger_word or gr.update()), f"{ds.name}-{mode_}", info
+        return (ds.trigger_word or gr.update()), suggest_name(ds.name, mode_, typed), info
 
-    def on_mode(mode_: str, dataset_: str | None):
+    def on_mode(mode_: str, dataset_: str | None, typed: str):
         p = P.PRESETS.get(mode_, P.PRESETS["general"])
         return (p["iterations"], p["lora_rank"], p["finetune_type"], p["priority"], p["captioning"],
-                f"{dataset_}-{mode_}" if dataset_ else gr.update())
+                suggest_name(dataset_, mode_, typed))
 
     @shows_errors
     def on_launch(provider_key, dataset_, mode_, trigger_, name_, iterations_, lr_, rank_, type_, priority_,
@@ -396,8 +404,8 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
     publish.click(on_publish, [selected, repo_id, hf_token, private], [publish_result, hf_token], concurrency_limit=2)
     provider.change(on_provider, [provider, session_key], [banner])
     refresh.click(on_refresh, [dataset], [dataset])
-    dataset.change(on_dataset, [dataset, mode], [trigger, name, dataset_info])
-    mode.change(on_mode, [mode, dataset], [iterations, lora_rank, finetune_type, priority, captioning, name])
+    dataset.change(on_dataset, [dataset, mode, name], [trigger, name, dataset_info])
+    mode.change(on_mode, [mode, dataset, name], [iterations, lora_rank, finetune_type, priority, captioning, name])
     launch.click(
         on_launch,
         [provider, dataset, mode, trigger, name, iterations, learning_rate, lora_rank, finetune_type, priority,

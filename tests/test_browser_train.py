@@ -1,7 +1,10 @@
 """The Train tab in a real browser against the fake CometAPI: launch, restart the app, see it finish."""
 from __future__ import annotations
 
+import re
+
 import pytest
+from playwright.sync_api import expect
 
 from services.config import Secret
 from services.dataset import DatasetStores
@@ -34,7 +37,9 @@ def test_launch_restart_and_see_it_finish(settings, fake_cometapi, tmp_path):
             assert "CometAPI is configured" in page.locator("#train-banner").inner_text()
             wait_for_train_dataset(page)
             page.get_by_label("product").check()
-            page.locator("#train-name textarea, #train-name input").first.fill("mug-v1")
+            name_box = page.locator("#train-name textarea, #train-name input").first
+            expect(name_box).to_have_value("mug-product", timeout=10_000)  # the mode's presets have landed
+            name_box.fill("mug-v1")
             click_launch(page)
             jobs = page.locator("#train-jobs [role=gridcell]")
             jobs.filter(has_text="mug-v1").first.wait_for()
@@ -86,10 +91,6 @@ def test_no_key_banner(settings):
 def test_local_job_cancel_then_resume(settings, tmp_path):
     """The local engine in the browser: cancel keeps the checkpoint, resume finishes from it."""
     pytest.importorskip("diffusers")
-    import re
-
-    from playwright.sync_api import expect
-
     store = DatasetStores(settings)("local")
     name = store.create("cup").name
     store.add_files(name, fx.good_set(tmp_path / "g", count=5, size=(640, 480)))

@@ -30,3 +30,13 @@ def test_sample_items_once_each_with_the_step_first_seen():
     assert sample_items(events) == [("a.png", "step 10"), ("b.png", "step 20")]
     many = [_event(i, samples=[f"{j}.png" for j in range(i + 1)]) for i in range(30)]
     assert [p for p, _ in sample_items(many, limit=3)] == ["27.png", "28.png", "29.png"]
+
+
+def test_the_suggested_name_follows_dataset_and_mode_but_never_replaces_a_typed_one():
+    from components.train_tab import suggest_name
+
+    assert suggest_name("mug", "product", "") == "mug-product"
+    assert suggest_name("mug", "style", "mug-product") == "mug-style"  # still our suggestion: follows
+    assert suggest_name("cup", "style", "mug-style") == "cup-style"
+    assert suggest_name("mug", "style", "mug-v1") == {"__type__": "update"}  # the user's own: kept
+    assert suggest_name(None, "style", "") == {"__type__": "update"}
