@@ -188,7 +188,7 @@ def _wire(tab: DatasetTab, stores: Callable[[str], DatasetStore], settings: Sett
         if not (name or "").strip():
             raise InputError("The new dataset needs a name.", hint="Type one next to the button, e.g. my-product.")
         ds = store.create(name)
-        return gr.update(choices=store.list_names(), value=ds.name), ""
+        return gr.update(choices=store.list_names(), value=ds.name), "", *_view(ds, settings), None, ""
 
     @shows_errors
     def on_add(files: list[str] | None, name: str | None, progress=gr.Progress(), request: gr.Request = None):
@@ -202,7 +202,9 @@ def _wire(tab: DatasetTab, stores: Callable[[str], DatasetStore], settings: Sett
         ds, report = store.add_files(name, files, progress=progress_callback(progress))
         if report.rejected:
             gr.Warning(f"{len(report.rejected)} file(s) could not be used; see the import report for why.")
-        return (gr.update(choices=store.list_names(), value=ds.name), None, report_markdown(report), *_view(ds, settings))
+        # The export (if any) no longer matches the dataset: clear it rather than offer a stale zip.
+        return (gr.update(choices=store.list_names(), value=ds.name), None, report_markdown(report),
+                *_view(ds, settings), None, "")
 
     @shows_errors
     def on_table_edit(table: pd.DataFrame, name: str | None, request: gr.Request = None):
@@ -269,10 +271,13 @@ def _wire(tab: DatasetTab, stores: Callable[[str], DatasetStore], settings: Sett
                 f"{human_size(result.size_bytes)}{ratio}.")
         return str(result.path), info
 
-    tab.dataset.change(on_pick, [tab.dataset], [*view, tab.export_file, tab.export_info])
-    new_btn.click(on_new, [tab.new_name], [tab.dataset, tab.new_name])
-    tab.new_name.submit(on_new, [tab.new_name], [tab.dataset, tab.new_name])
-    add_btn.click(on_add, [tab.upload, tab.dataset], [tab.dataset, tab.upload, tab.report, *view],
+    export = [tab.export_file, tab.export_info]
+    # .input, not .change: only a user's pick reloads the view. Handlers that set the picker themselves
+    # (new, add) return the view too, so no second, late reload can overwrite what the user did since.
+    tab.dataset.input(on_pick, [tab.dataset], [*view, *export])
+    new_btn.click(on_new, [tab.new_name], [tab.dataset, tab.new_name, *view, *export])
+    tab.new_name.submit(on_new, [tab.new_name], [tab.dataset, tab.new_name, *view, *export])
+    add_btn.click(on_add, [tab.upload, tab.dataset], [tab.dataset, tab.upload, tab.report, *view, *export],
                   concurrency_limit=2, api_name="add_images")
     tab.table.input(on_table_edit, [tab.table, tab.dataset], [tab.gallery, tab.warnings], trigger_mode="always_last")
     tab.trigger.blur(on_trigger_saved, [tab.trigger, tab.dataset], [tab.warnings])

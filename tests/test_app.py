@@ -48,7 +48,7 @@ def test_api_add_images_and_export(settings, tmp_path):
             result = client.predict(
                 [handle_file(str(p)) for p in [*photos, junk]], None, api_name="/add_images"
             )
-            picker, _upload, report, gallery, table, warnings, _trigger = result
+            picker, _upload, report, gallery, table, warnings, _trigger, export_file, export_info = result
             assert "Added 3 image(s)" in report
             assert "junk.jpg: not a readable image" in report
             assert len(gallery) == 3
@@ -59,6 +59,10 @@ def test_api_add_images_and_export(settings, tmp_path):
             assert "3 images, 0 captions" in info
             with zipfile.ZipFile(zip_path) as zf:
                 assert sorted(zf.namelist()) == ["photo_00.jpg", "photo_01.jpg", "photo_02.jpg"]
+            # Adding more makes that zip stale: the page stops offering it.
+            more = fx.good_set(tmp_path / "more", count=1, size=(900, 900))
+            *_, export_file, export_info = client.predict([handle_file(str(more[0]))], name, api_name="/add_images")
+            assert export_file is None and export_info == ""
         finally:
             client.close()
 
