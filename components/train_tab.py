@@ -150,6 +150,7 @@ def banner_markdown(service: TrainingService, provider_key: str, session_key=Non
     return f"✅ {provider.label} is configured."
 
 
+CHECKPOINTING = {"auto": None, "on": True, "off": False}  # the Train tab's choice -> TrainRequest
 NO_DATASET = "No dataset picked yet: save one on the Dataset tab, then pick it here."
 
 
@@ -200,6 +201,9 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
                                elem_id="train-iterations")
         learning_rate = gr.Textbox(label="Learning rate", placeholder="empty = default (1e-4 LoRA, 1e-5 full)",
                                    elem_id="train-lr")
+        checkpointing = gr.Radio(list(CHECKPOINTING), value="auto", label="Gradient checkpointing",
+                                 elem_id="train-checkpointing",
+                                 info="Local engine: much less GPU memory for slower steps. Auto: on for real models.")
     with gr.Row():
         lora_rank = gr.Radio(list(P.LORA_RANKS), value=preset["lora_rank"], label="LoRA rank")
         finetune_type = gr.Radio(list(P.FINETUNE_TYPES), value=preset["finetune_type"], label="Fine-tune type",
@@ -280,13 +284,14 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
 
     @shows_errors
     def on_launch(provider_key, dataset_, mode_, trigger_, name_, iterations_, lr_, rank_, type_, priority_,
-                  captioning_, seen_, key, request: gr.Request = None, progress=gr.Progress()):
+                  captioning_, checkpointing_, seen_, key, request: gr.Request = None, progress=gr.Progress()):
         owner = owner_for(request, settings)
         provider = access.get(provider_key, owner, key, cost=1)
         req = P.TrainRequest(
             name=name_ or "", mode=mode_, trigger_word=(trigger_ or "").strip(), iterations=int(iterations_),
             learning_rate=parse_learning_rate(lr_), lora_rank=int(rank_), finetune_type=type_,
             priority=priority_, captioning=bool(captioning_),
+            gradient_checkpointing=CHECKPOINTING.get(checkpointing_ or "auto"),
         )
         progress(0, desc="Exporting dataset")
 
@@ -409,7 +414,7 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
     launch.click(
         on_launch,
         [provider, dataset, mode, trigger, name, iterations, learning_rate, lora_rank, finetune_type, priority,
-         captioning, seen, session_key],
+         captioning, checkpointing, seen, session_key],
         [launch_result, jobs, detail, selected, timer, seen, banner],
         concurrency_limit=4, api_name="launch_finetune",
     )

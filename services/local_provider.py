@@ -433,7 +433,8 @@ class LocalProvider:
             "seed": 0,
             "guidance": 1.0,
             "max_sequence_length": tiny_consts.MAX_SEQUENCE_LENGTH if tiny else (256 if schnell else 512),
-            "gradient_checkpointing": not tiny,
+            "gradient_checkpointing": (not tiny) if request.gradient_checkpointing is None
+            else bool(request.gradient_checkpointing),
             "sample_every": sample_every,
             "checkpoint_every": ckpt_every,
             "sample_prompt": "",

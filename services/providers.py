@@ -45,6 +45,9 @@ class TrainRequest:
     finetune_type: str = "lora"
     priority: str = "quality"
     captioning: bool = True
+    # Local engine only: recompute activations in the backward pass (much less GPU memory, slower steps).
+    # None = automatic: on for real models, off for the tiny test model.
+    gradient_checkpointing: bool | None = None
 
     def problems(self) -> dict[str, str]:
         """Every field that is wrong, with what to do, before anything is sent."""

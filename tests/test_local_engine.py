@@ -311,3 +311,27 @@ def test_publish_uploads_the_lora_and_never_stores_the_token(trained, monkeypatc
     secret = HF_TOKEN.encode()
     leaks = [p for p in settings.data_dir.rglob("*") if p.is_file() and secret in p.read_bytes()]
     assert leaks == []
+
+
+def test_gradient_checkpointing_is_an_option_and_trains(settings, tmp_path, monkeypatch):
+    from diffusers import FluxTransformer2DModel
+
+    enabled: list[bool] = []
+    original = FluxTransformer2DModel.enable_gradient_checkpointing
+
+    def spy(self, *a, **kw):
+        original(self, *a, **kw)
+        enabled.append(self.is_gradient_checkpointing)
+
+    monkeypatch.setattr(FluxTransformer2DModel, "enable_gradient_checkpointing", spy)
+    provider = LocalProvider(settings, steps_per_sample=0, checkpoint_every=0)
+    zip_path = make_zip(tmp_path / "ds.zip")
+    auto = provider.submit(zip_path, request(3), tag="auto")
+    forced = provider.submit(zip_path, request(3, gradient_checkpointing=True), tag="forced")
+    for remote_id in (auto, forced):
+        assert wait_terminal(provider, remote_id).state == "ready"
+    config = {rid: json.loads((settings.data_dir / "local_jobs" / rid / "config.json").read_text())
+              for rid in (auto, forced)}
+    assert config[auto]["gradient_checkpointing"] is False  # auto: off for the tiny model
+    assert config[forced]["gradient_checkpointing"] is True
+    assert enabled == [True]  # switched on in the model for the forced job only, and it still trained
