@@ -427,6 +427,11 @@ class FakeCometAPI:
             task = self._tasks.get(task_id)
             return asdict(task) if task else None
 
+    def release(self, task_id: str) -> None:
+        """Let a pending job finish at its next poll (a test holds it pending until it is ready to watch)."""
+        with self._lock:
+            self._tasks[task_id].pending_polls = 0
+
     # ----------------------------------------------------------------- ASGI entry
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:

@@ -45,9 +45,11 @@ def test_dataset_tab_end_to_end(settings, tmp_path):
             page.click("#dataset-trigger-first")
             _cell(page, 0, 1).get_by_text("TOK").wait_for(timeout=15_000)
             _cell(page, 0, 1).dblclick()
-            page.keyboard.press("Control+A")
-            page.keyboard.type("TOK, a product photo on white")
-            page.keyboard.press("Enter")
+            # Into the cell's editor once it is there: keys sent before it has focus go nowhere or append.
+            editor = _cell(page, 0, 1).locator("textarea, input").first
+            editor.wait_for(timeout=10_000)
+            editor.fill("TOK, a product photo on white")
+            editor.press("Enter")
             # Saved: the gallery's captions are redrawn from what was written to disk.
             page.locator("#dataset-gallery").get_by_text("a product photo on white").first.wait_for(timeout=15_000)
 

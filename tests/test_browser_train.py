@@ -8,6 +8,7 @@ from playwright.sync_api import expect
 
 from services.config import Secret
 from services.dataset import DatasetStores
+from services.jobs import JobStore
 from tests import imagefactory as fx
 from tests.browser import chromium, click_launch, running_app, wait_for_train_dataset
 from tests.conftest import FAKE_COMETAPI_KEY
@@ -27,7 +28,7 @@ def test_launch_restart_and_see_it_finish(settings, fake_cometapi, tmp_path):
     name = store.create("mug").name
     store.add_files(name, fx.good_set(tmp_path / "g", count=6, size=(800, 800)))
     store.set_trigger_word(name, "MUG")
-    fake_cometapi.finetune_pending_polls = 4
+    fake_cometapi.finetune_pending_polls = 10**6  # held pending until the test lets it finish
 
     with chromium() as browser:
         # First run: the tracker looks once, then not for a minute, so the job is still pending at restart.
@@ -52,6 +53,11 @@ def test_launch_restart_and_see_it_finish(settings, fake_cometapi, tmp_path):
             page = browser.new_page()
             _open_train_tab(page, url)
             cells = page.locator("#train-jobs [role=gridcell]")
+            cells.filter(has_text="mug-v1").first.wait_for(timeout=15_000)
+            assert "ready" not in " ".join(cells.all_inner_texts())
+            # Tracked again after the restart: it finishes while the page watches, and the page says so.
+            [job] = JobStore.from_settings(settings).list("local")
+            fake_cometapi.release(job.remote_id)
             cells.filter(has_text="ready").first.wait_for(timeout=30_000)
             page.get_by_text("Fine-tune 'mug-v1' is ready").wait_for(timeout=10_000)
             cells.filter(has_text="mug-v1").first.click()
