@@ -114,9 +114,14 @@ def read_losses(job: Path) -> tuple[tuple[int, float], ...]:
     return tuple(sorted(by_step.items()))
 
 
+def loss_lines(points) -> list[str]:
+    """losses.csv lines: ``step,loss`` with the float's repr, so reading it back gives the same value."""
+    return [f"{st},{v!r}\n" for st, v in points]
+
+
 def write_losses(job: Path, points) -> None:
     tmp = Path(job) / f".{LOSSES_FILE}.tmp"
-    tmp.write_text("".join(f"{st},{v!r}\n" for st, v in points), encoding="utf-8")
+    tmp.write_text("".join(loss_lines(points)), encoding="utf-8")
     os.replace(tmp, Path(job) / LOSSES_FILE)
 
 
@@ -483,7 +488,7 @@ class LocalProvider:
             try:
                 if job.is_dir():
                     with open(job / LOSSES_FILE, "a", encoding="utf-8") as f:
-                        f.writelines(f"{st},{v!r}\n" for st, v in fresh)
+                        f.writelines(loss_lines(fresh))
             except OSError as exc:  # the curve is a nicety: never fail a training run over it
                 log.warning("Could not save the loss curve of %s: %s", run.remote_id, exc)
 
