@@ -167,6 +167,12 @@ def _view(ds: Dataset | None, settings: Settings):
     return gallery_items(ds), captions_frame(ds), warnings_markdown(ds, settings), (ds.trigger_word if ds else "")
 
 
+def _view_without_export(ds: Dataset | None, settings: Settings):
+    """The view, and the export outputs cleared: a zip made before this dataset changed (or for another
+    one) no longer matches it, so it is not offered."""
+    return (*_view(ds, settings), None, "")
+
+
 def _wire(tab: DatasetTab, stores: Callable[[str], DatasetStore], settings: Settings, new_btn, add_btn, remove_btn,
           trigger_btn, find, replace, replace_btn, prefix, suffix, affix_btn, clear_btn, export_btn) -> None:
     view = [tab.gallery, tab.table, tab.warnings, tab.trigger]
@@ -180,7 +186,7 @@ def _wire(tab: DatasetTab, stores: Callable[[str], DatasetStore], settings: Sett
     def on_pick(name: str | None, request: gr.Request = None):
         store = stores(owner_for(request, settings))
         ds = store.open(name) if name else None
-        return (*_view(ds, settings), None, "")
+        return _view_without_export(ds, settings)
 
     @shows_errors
     def on_new(name: str, request: gr.Request = None):
@@ -188,7 +194,7 @@ def _wire(tab: DatasetTab, stores: Callable[[str], DatasetStore], settings: Sett
         if not (name or "").strip():
             raise InputError("The new dataset needs a name.", hint="Type one next to the button, e.g. my-product.")
         ds = store.create(name)
-        return gr.update(choices=store.list_names(), value=ds.name), "", *_view(ds, settings), None, ""
+        return gr.update(choices=store.list_names(), value=ds.name), "", *_view_without_export(ds, settings)
 
     @shows_errors
     def on_add(files: list[str] | None, name: str | None, progress=gr.Progress(), request: gr.Request = None):
@@ -202,9 +208,8 @@ def _wire(tab: DatasetTab, stores: Callable[[str], DatasetStore], settings: Sett
         ds, report = store.add_files(name, files, progress=progress_callback(progress))
         if report.rejected:
             gr.Warning(f"{len(report.rejected)} file(s) could not be used; see the import report for why.")
-        # The export (if any) no longer matches the dataset: clear it rather than offer a stale zip.
         return (gr.update(choices=store.list_names(), value=ds.name), None, report_markdown(report),
-                *_view(ds, settings), None, "")
+                *_view_without_export(ds, settings))
 
     @shows_errors
     def on_table_edit(table: pd.DataFrame, name: str | None, request: gr.Request = None):
