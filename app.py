@@ -3,7 +3,12 @@
 Run ``python app.py`` (or ``make run``). In a notebook::
 
     from app import create_app
-    create_app().launch()
+    demo = create_app()
+    demo.launch()
+    ...
+    demo.close()  # also stops the job tracker and any local training (at a checkpoint)
+
+Importing this module builds nothing: ``app.demo`` (for ``gradio app.py``) is built on first use.
 """
 from __future__ import annotations
 
@@ -64,6 +69,28 @@ def captioner_factory(settings: Settings, access: ProviderAccess):
     return make
 
 
+class StudioBlocks(gr.Blocks):
+    """The app's Blocks: closing it also stops what the app runs in the background.
+
+    The job tracker is joined and each provider is closed (a local training stops at a checkpoint
+    and stays resumable, as after a restart), so that nothing of this app still runs or writes."""
+
+    studio_tracker: Tracker | None = None
+    studio_training: TrainingService | None = None
+
+    def close(self, verbose: bool = True) -> None:
+        try:
+            super().close(verbose)
+        finally:
+            self.stop_background_work()
+
+    def stop_background_work(self) -> None:
+        if self.studio_tracker is not None:
+            self.studio_tracker.stop()
+        if self.studio_training is not None:
+            self.studio_training.close()
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -87,7 +114,7 @@ def create_app(
     access = ProviderAccess(settings, providers, cometapi_with_key)
     results = ResultStore(settings)
     # Gradio copies every served file into its cache; sweep copies older than a day, hourly.
-    with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
+    with StudioBlocks(title=TITLE, analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
         gr.Markdown(f"# {TITLE}\nTurn a folder of photos into your own fine-tuned FLUX model, and see what it learned.")
         session_key = session_panel.build(settings, on_key=lambda owner, key: training.adopt(owner, cometapi_with_key(key)))
         with gr.Tabs():
@@ -102,7 +129,7 @@ def create_app(
         # Also on opening a tab: a dataset made a moment ago, or a fine-tune that became ready
         # while the person was elsewhere, shows up there.
         gr.on([demo.load, train_page.select], train.on_load, [train.provider, train.dataset, session_key],
-              [train.banner, train.dataset, train.jobs, train.timer, train.seen], show_progress="hidden")
+              [train.banner, train.dataset, train.jobs, train.queue, train.timer, train.seen], show_progress="hidden")
         gr.on([demo.load, compare_page.select], compare.on_load, None, [compare.finetune, compare.history],
               show_progress="hidden")
     # Polling ticks are cheap and must never wait behind uploads; heavy events set their own limits.
@@ -110,8 +137,8 @@ def create_app(
     training.resume_on_start()
     tracker = Tracker(training, interval=track_interval).start()
     demo.studio_settings = settings  # type: ignore[attr-defined]
-    demo.studio_training = training  # type: ignore[attr-defined]
-    demo.studio_tracker = tracker  # type: ignore[attr-defined]
+    demo.studio_training = training
+    demo.studio_tracker = tracker
     demo.studio_results = results  # type: ignore[attr-defined]
     return demo
 
@@ -162,11 +189,23 @@ def main(argv: Sequence[str] | None = None) -> None:
         auth = parse_auth(args.auth if args.auth is not None else settings.auth)
     except ConfigError as exc:
         sys.exit(str(exc))
-    app = demo if settings == demo.studio_settings else create_app(settings)
-    app.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth, **launch_options(settings))
+    global demo  # the launched app is the module's ``demo``: `gradio app.py` (hot reload) looks for it there
+    demo = create_app(settings)
+    try:
+        demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
+                    **launch_options(settings))
+    finally:  # Ctrl+C: stop local trainings at a checkpoint, so they resume after the next start
+        demo.stop_background_work()
 
 
-demo = create_app()
+def __getattr__(name: str):
+    """``app.demo``, built on first use: ``gradio app.py`` looks it up; a plain import starts nothing."""
+    if name == "demo":
+        global demo
+        demo = create_app()
+        return demo
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 if __name__ == "__main__":
     main()

@@ -14,7 +14,7 @@ from components.identity import owner_for
 from services import compare as cmp
 from services.access import ProviderAccess
 from services.cometapi_provider import BASE_FOR
-from services.config import Settings
+from services.config import THREAD_PREFIX, Settings
 from services.errors import InputError
 from services.jobs import JobStore
 from services.providers import ASPECT_RATIOS, OUTPUT_FORMATS, GenerateRequest
@@ -22,6 +22,8 @@ from services.results import ResultStore
 
 TUNED_MODELS = list(BASE_FOR)  # flux-pro-1.1-ultra-finetuned, flux-pro-finetuned
 PASTED = "__pasted__"
+# The picker's hint starts as this; on_load replaces it, which also tells that the lists have arrived.
+LOADING_FINETUNES = "Loading your fine-tunes…"
 
 
 @dataclass
@@ -55,6 +57,12 @@ def ready_targets(jobs: JobStore, owner: str) -> list[Target]:
 
 def target_choices(targets: list[Target]) -> list[tuple[str, str]]:
     return [(t.label, f"{t.provider_key}|{t.finetune_id}") for t in targets]
+
+
+def finetunes_info(count: int) -> str:
+    if not count:
+        return "None of yours is ready yet: train one on the Train tab, or paste a fine-tune id."
+    return f"{count} ready fine-tune(s) of yours, newest first."
 
 
 def parse_target(choice: str | None, pasted: str, provider_keys: list[str]) -> Target:
@@ -102,7 +110,8 @@ def build(access: ProviderAccess, jobs: JobStore, results: ResultStore, settings
     provider_keys = list(access.providers)
     gr.Markdown("Run one prompt with one seed through the base model and your fine-tune, side by side.")
     with gr.Row():
-        finetune = gr.Dropdown(choices=[], value=None, label="Ready fine-tune", scale=3, elem_id="compare-finetune")
+        finetune = gr.Dropdown(choices=[], value=None, label="Ready fine-tune", scale=3, elem_id="compare-finetune",
+                               info=LOADING_FINETUNES)
         pasted = gr.Textbox(label="…or paste a fine-tune id", scale=2, elem_id="compare-pasted")
         tuned_model = gr.Radio(TUNED_MODELS, value=TUNED_MODELS[0], label="Tuned model (CometAPI)", scale=2,
                                elem_id="compare-model")
@@ -163,7 +172,8 @@ def build(access: ProviderAccess, jobs: JobStore, results: ResultStore, settings
     def on_load(request: gr.Request = None):
         owner = owner_for(request, settings)
         targets = ready_targets(jobs, owner)
-        return gr.update(choices=target_choices(targets), value=target_choices(targets)[0][1] if targets else None), \
+        choices = target_choices(targets)
+        return gr.update(choices=choices, value=choices[0][1] if targets else None, info=finetunes_info(len(targets))), \
             history_items(results, owner)
 
     def on_pick(choice: str | None, request: gr.Request = None):
@@ -239,7 +249,7 @@ def build(access: ProviderAccess, jobs: JobStore, results: ResultStore, settings
             finally:
                 done_event.set()
 
-        worker = threading.Thread(target=run, name="grid", daemon=True)
+        worker = threading.Thread(target=run, name=f"{THREAD_PREFIX}grid", daemon=True)
         worker.start()
         shown = -1
         # Stream cells to the page as they finish.

@@ -22,6 +22,11 @@ from services.training import TrainingService
 
 JOB_COLUMNS = ["job", "name", "provider", "dataset", "status", "progress", "elapsed", "created"]
 TICK_SECONDS = 2.0
+# Polling goes on this long after the last change to any of the visitor's jobs. A tick that read the
+# jobs just before a Resume or a Launch can reach the page after that event's own reply; were it
+# allowed to switch the timer off, the page would stop updating while the job runs.
+LINGER_SECONDS = 30.0
+LOADING = "Loading your jobs…"
 
 
 @dataclass
@@ -41,6 +46,7 @@ class TrainTab:
     launch: gr.Button
     launch_result: gr.Markdown
     jobs: gr.Dataframe
+    queue: gr.Markdown
     detail: gr.Markdown
     selected: gr.State
     timer: gr.Timer
@@ -91,6 +97,38 @@ def job_markdown(job: Job | None, now: float | None = None) -> str:
     params = {k: v for k, v in job.params.items() if v not in (None, "")}
     lines.append("**Settings:** " + ", ".join(f"{k}={v}" for k, v in params.items()))
     return "\n\n".join(lines)
+
+
+def keep_polling(jobs: list[Job], now: float | None = None) -> bool:
+    """Whether the page should go on polling: a job is moving, or one changed a moment ago."""
+    now = time.time() if now is None else now
+    return any(j.is_active or now - j.updated_at < LINGER_SECONDS for j in jobs)
+
+
+def queue_markdown(service: TrainingService, owner: str, jobs: list[Job]) -> str:
+    """One line over the jobs table: how many jobs, and which job the local engine is busy with.
+
+    The engine trains one job at a time for everyone on this server, so a queued job waits for
+    whichever holds it; naming it (when it is the visitor's own) says what to cancel to go first."""
+    moving = sum(1 for j in jobs if j.is_active)
+    parts = [f"{len(jobs)} job(s), {moving} queued or running." if jobs else "No jobs yet."]
+    for key, provider in service.providers.items():
+        training_now = getattr(provider, "training_now", None)
+        if training_now is None:
+            continue
+        holder = training_now()
+        if holder is None:
+            parts.append(f"{provider.label}: idle.")
+            continue
+        mine = service.jobs.find_by_remote(owner, key, holder.remote_id)
+        what = f"'{mine.name}'" if mine else "a job that is not in your list"
+        doing = "stopping" if holder.cancelling else (
+            f"step {holder.step} of {holder.total}" if holder.step is not None and holder.total else "preparing")
+        line = f"{provider.label}: busy with {what} ({doing})"
+        if holder.waiting:
+            line += f"; {holder.waiting} job(s) wait for it" + (", cancel it to start the next" if mine else "")
+        parts.append(line + ".")
+    return " ".join(parts)
 
 
 RAW, SMOOTHED = "per step", "smoothed"
@@ -215,6 +253,9 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
     launch = gr.Button("Launch fine-tune", variant="primary", elem_id="train-launch")
     launch_result = gr.Markdown(elem_id="train-launch-result")
     gr.Markdown("### Jobs")
+    # Starts with text, like the other lines, so that filling it in shifts nothing; its change from
+    # LOADING also tells that the visitor's lists have arrived.
+    queue = gr.Markdown(LOADING, elem_id="train-queue")
     jobs = gr.Dataframe(value=jobs_frame([]), headers=JOB_COLUMNS, interactive=False, elem_id="train-jobs",
                         label="History (click a row for details; click a header to sort)")
     detail = gr.Markdown(job_markdown(None), elem_id="train-job-detail")
@@ -252,13 +293,14 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
             banner_markdown(service, provider_key, key, settings),
             dataset_choices(owner, current),
             jobs_frame(owned),
-            gr.Timer(active=any(j.is_active for j in owned)),
+            queue_markdown(service, owner, owned),
+            gr.Timer(active=keep_polling(owned)),
             {j.id: j.status for j in owned},
         )
 
     tab = TrainTab(banner, provider, dataset, mode, trigger, name, iterations, learning_rate, lora_rank,
-                   finetune_type, priority, captioning, launch, launch_result, jobs, detail, selected, timer, seen,
-                   on_load=on_load)
+                   finetune_type, priority, captioning, launch, launch_result, jobs, queue, detail, selected, timer,
+                   seen, on_load=on_load)
 
     # -- handlers
 
@@ -330,10 +372,11 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
         plot, gallery = progress_views(owner, current)
         return (
             jobs_frame(owned),
+            queue_markdown(service, owner, owned),
             job_markdown(current) if current else gr.update(),
             plot,
             gallery,
-            gr.Timer(active=any(j.is_active for j in owned)),
+            gr.Timer(active=keep_polling(owned)),
             {j.id: j.status for j in owned},
             banner_markdown(service, provider_key, key, settings),
         )
@@ -418,7 +461,8 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
         [launch_result, jobs, detail, selected, timer, seen, banner],
         concurrency_limit=4, api_name="launch_finetune",
     )
-    timer.tick(on_tick, [selected, seen, provider, session_key], [jobs, detail, loss_plot, samples, timer, seen, banner],
+    timer.tick(on_tick, [selected, seen, provider, session_key],
+               [jobs, queue, detail, loss_plot, samples, timer, seen, banner],
                concurrency_limit=None, show_progress="hidden")
     jobs.select(on_select, [jobs], [selected, detail, loss_plot, samples])
     resume.click(on_resume, [selected], [jobs, detail, timer])

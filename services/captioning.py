@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 
 from services.cometapi import CometAPIClient
+from services.config import THREAD_PREFIX
 from services.dataset import DatasetStore, trigger_first
 from services.errors import AuthError, EndpointUnavailableError, InputError, InsufficientCreditsError, StudioError
 
@@ -102,7 +103,7 @@ class Captioner:
         total = len(todo)
         if progress:
             progress(0, total, "Captioning")
-        with self._client_factory() as client, ThreadPoolExecutor(self.concurrency, thread_name_prefix="caption") as pool:
+        with self._client_factory() as client, ThreadPoolExecutor(self.concurrency, thread_name_prefix=f"{THREAD_PREFIX}caption") as pool:
             futures = {pool.submit(self._one, client, ds.image_path(f), prompt, trigger): f for f in todo}
             for done, fut in enumerate(as_completed(futures), start=1):
                 file = futures[fut]

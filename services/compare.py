@@ -19,6 +19,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from services.config import THREAD_PREFIX
 from services.errors import InputError, ModeratedError, StudioError
 from services.providers import GenerateRequest, Provider
 from services.results import ResultStore
@@ -146,7 +147,7 @@ def compare_pair(provider: Provider, request: GenerateRequest, *, finetune_id: s
     kw = dict(finetune_id=finetune_id.strip(), models=models, out_dir=group_dir, owner=owner, results=results,
               group_id=results_group)
     started = time.monotonic()
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="compare") as pool:
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"{THREAD_PREFIX}compare") as pool:
         base = pool.submit(_run_cell, provider, _Cell(0, 0, request, False), **kw)
         tuned = pool.submit(_run_cell, provider, _Cell(0, 1, request, True), **kw)
         pair = base.result(), tuned.result()
@@ -219,7 +220,7 @@ def run_grid(provider: Provider, prompts: Sequence[str], strengths: Sequence[flo
                 log.exception("on_cell callback failed")
 
     started = time.monotonic()
-    with ThreadPoolExecutor(max_workers=max(1, min(max_concurrency, total)), thread_name_prefix="grid") as pool:
+    with ThreadPoolExecutor(max_workers=max(1, min(max_concurrency, total)), thread_name_prefix=f"{THREAD_PREFIX}grid") as pool:
         for future in [pool.submit(work, job) for job in jobs]:
             future.result()
     cells = [[c for c in row if c is not None] for row in grid]

@@ -12,6 +12,9 @@ from typing import Mapping
 
 from services.errors import ConfigError
 
+# Every thread the app starts is named with this prefix, so that tests can tell that none outlived its work.
+THREAD_PREFIX = "studio-"
+
 
 class Secret:
     """A string that never shows itself in reprs, logs or tracebacks.

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
-from services.config import Settings
+from services.config import THREAD_PREFIX, Settings
 from services.errors import DatasetError, InputError
 from services.images import Prepared, Source, prepare_image, sha256_of
 
@@ -338,7 +338,7 @@ def prepare_all(
     done = 0
     if progress:
         progress(0, total, "Preparing images")
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="prep") as pool:
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{THREAD_PREFIX}prep") as pool:
         for fut in as_completed([pool.submit(run, i) for i in range(total)]):
             i, res = fut.result()
             results[i] = res

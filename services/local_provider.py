@@ -9,8 +9,9 @@ Jobs live in ``<data_dir>/local_jobs/<remote_id>/``::
     checkpoints/       the latest checkpoint: LoRA + optimizer + step + RNG
     output/            pytorch_lora_weights.safetensors, README.md (model card), samples/
 
-One training runs at a time (per process); further jobs wait in a queue. Training runs in a
-daemon thread; if the app stops mid-run, ``status`` reports the job as failed but resumable
+One training runs at a time (per process); further jobs wait in line for the training slot
+(``services.local_queue``). Each run has a daemon thread. ``close()`` stops this provider's runs
+at a checkpoint; if the app stops mid-run, ``status`` reports the job as failed but resumable
 from its last checkpoint, and ``resume`` continues it from there.
 
 torch / diffusers are imported lazily (only in the worker and in ``generate``), so importing
@@ -32,7 +33,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.config import Secret, Settings
+from services.config import THREAD_PREFIX, Secret, Settings
 from services.errors import (
     EngineUnavailableError,
     InputError,
@@ -41,6 +42,7 @@ from services.errors import (
     TaskNotFoundError,
 )
 from services.local_engine import release_gpu_memory
+from services.local_queue import SLOT, Holder, Run, TrainingSlot
 from services.providers import GeneratedImage, GenerateRequest, ProgressFn, TrainRequest, TrainStatus
 
 log = logging.getLogger("flux_studio.local")
@@ -54,18 +56,13 @@ _TAG_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _ID_RE = re.compile(r"^local-[A-Za-z0-9_-]{1,64}$")
 _STATE_WRITE_EVERY_S = 1.0
 
-# One training at a time in this process, whichever LocalProvider started it (one GPU).
-_TRAIN_SLOT = threading.Lock()
-
-
 class _Engine:
-    """The queue and the runs of one jobs folder, shared by every LocalProvider on it in this process."""
+    """The runs of one jobs folder, shared by every LocalProvider on it in this process."""
 
     def __init__(self) -> None:
         self.lock = threading.RLock()
-        self.queue: deque[str] = deque()
-        self.active: dict[str, "_Run"] = {}
-        self.runner: threading.Thread | None = None
+        self.active: dict[str, Run] = {}  # queued or running
+        self.evicted: dict[str, Run] = {}  # gave the slot up by force; their threads may still be alive
 
 
 _ENGINES: dict[str, _Engine] = {}
@@ -75,22 +72,6 @@ _ENGINES_LOCK = threading.Lock()
 def _engine_for(root: Path) -> _Engine:
     with _ENGINES_LOCK:
         return _ENGINES.setdefault(str(root.resolve()), _Engine())
-
-
-@dataclass
-class _Run:
-    """A job queued or running in this process."""
-
-    remote_id: str
-    resume: bool = False
-    cancel: threading.Event = field(default_factory=threading.Event)
-    done: threading.Event = field(default_factory=threading.Event)
-    started: bool = False
-    deleted: bool = False
-    live: dict = field(default_factory=dict)
-    last_write: float = 0.0
-    losses: list[tuple[int, float]] = field(default_factory=list)  # this run's whole curve
-    losses_saved: int = 0  # how many of ``losses`` are in losses.csv already
 
 
 LOSSES_FILE = "losses.csv"
@@ -126,6 +107,7 @@ def write_losses(job: Path, points) -> None:
 
 
 RESUME_WAIT_S = 60.0  # how long Resume waits for a just-cancelled run to write its checkpoint
+CLOSE_WAIT_S = 30.0  # how long close() waits for this provider's runs to stop at a checkpoint
 
 
 class LocalProvider:
@@ -135,8 +117,9 @@ class LocalProvider:
 
     def __init__(self, settings: Settings, *, model: str | None = None, steps_per_sample: int | None = None,
                  checkpoint_every: int | None = None, resolution: int | None = None,
-                 device: str | None = None) -> None:
+                 device: str | None = None, slot: TrainingSlot | None = None) -> None:
         self.settings = settings
+        self.slot = slot or SLOT
         self.model = (settings.local_model if model is None else model).strip()
         self.steps_per_sample = steps_per_sample
         self.checkpoint_every = checkpoint_every
@@ -145,7 +128,6 @@ class LocalProvider:
         self.root = Path(settings.data_dir) / "local_jobs"
         self._engine = _engine_for(self.root)
         self._lock = self._engine.lock
-        self._queue = self._engine.queue
         self._active = self._engine.active
 
     # ------------------------------------------------------------ model
@@ -303,12 +285,9 @@ class LocalProvider:
         with self._lock:
             run = self._active.get(remote_id)
             if run is not None:
-                run.cancel.set()
-                if not run.started:  # still queued: drop it
-                    if remote_id in self._queue:
-                        self._queue.remove(remote_id)
+                self.slot.cancel(run)  # a queued run leaves the line; a running one stops at its next step
+                if not run.started:
                     self._active.pop(remote_id, None)
-                    run.done.set()
                     self._update_state(remote_id, state="cancelled", message="Cancelled before it started.")
                 else:
                     run.live["message"] = "Cancelling: saving a checkpoint…"
@@ -331,6 +310,10 @@ class LocalProvider:
             if remote_id in self._active:
                 raise ProviderError("This local job is still running or stopping.",
                                     hint="Wait a few seconds and press Resume again.")
+            stuck = self._engine.evicted.get(remote_id)
+            if stuck is not None and not stuck.done.is_set():
+                raise ProviderError("The earlier run of this job is stuck and may still write to its folder.",
+                                    hint="Restart the app, then resume it.")
             state = self._read_state(remote_id)
             if state.get("state") == "ready":
                 raise ProviderError("This local job has already finished.", hint="Use it on the Compare tab.")
@@ -341,10 +324,39 @@ class LocalProvider:
             self._enqueue(remote_id, resume=True)
 
     def join(self, remote_id: str, timeout: float | None = None) -> bool:
-        """Wait until the job is no longer queued or running here; True when it is not."""
+        """Wait until the job's worker thread has finished here; True when it has (or there is none)."""
         with self._lock:
-            run = self._active.get(remote_id)
+            run = self._active.get(remote_id) or self._engine.evicted.get(remote_id)
         return True if run is None else run.done.wait(timeout)
+
+    def training_now(self) -> Holder | None:
+        """The local job that holds the training slot in this process (whichever provider started it)."""
+        return self.slot.holder()
+
+    def close(self, timeout: float = CLOSE_WAIT_S) -> None:
+        """Stop the runs this provider started and wait for their threads (the app is closing).
+
+        A running job stops at a checkpoint and stays resumable, exactly as after a restart; a queued
+        one stays queued for the next start. Afterwards nothing of this provider writes any more."""
+        with self._lock:
+            mine = [r for r in self._active.values() if r.owner is self]
+            for run in mine:
+                run.closing = True
+                self.slot.cancel(run)
+                if not run.started:
+                    self._active.pop(run.remote_id, None)
+        deadline = time.monotonic() + timeout
+        for run in mine:
+            if run.thread is not None:
+                run.thread.join(max(0.0, deadline - time.monotonic()))
+            if not run.done.is_set():  # stuck: let it go, silenced, and free the slot for others
+                log.warning("Local job %s did not stop within %.0f s of closing; leaving it", run.remote_id, timeout)
+                run.evicted = True
+                self.slot.release(run)
+                with self._lock:
+                    if self._active.get(run.remote_id) is run:
+                        self._active.pop(run.remote_id)
+                    self._engine.evicted[run.remote_id] = run
 
     def delete(self, remote_id: str) -> None:
         job = self._job_dir(remote_id)
@@ -478,12 +490,12 @@ class LocalProvider:
             state.update(changes, updated_at=time.time())
             _write_json(job / "state.json", state)
 
-    def _save_losses(self, run: _Run) -> None:
+    def _save_losses(self, run: Run) -> None:
         """Append the steps not yet on disk to losses.csv, so the curve survives a restart."""
         with self._lock:
             fresh = run.losses[run.losses_saved:]
             run.losses_saved = len(run.losses)
-        if fresh and not run.deleted:
+        if fresh and not run.silenced:
             job = self.root / run.remote_id
             try:
                 if job.is_dir():
@@ -503,58 +515,63 @@ class LocalProvider:
         with self._lock:
             if remote_id in self._active:
                 return
-            self._active[remote_id] = _Run(remote_id, resume=resume)
-            self._queue.append(remote_id)
-            eng = self._engine
-            if eng.runner is None or not eng.runner.is_alive():
-                eng.runner = threading.Thread(target=self._runner_loop, name="local-train", daemon=True)
-                eng.runner.start()
+            run = Run(remote_id, resume=resume, owner=self)
+            self._active[remote_id] = run
+            self.slot.join_line(run)
+            run.thread = threading.Thread(target=self._work, args=(run,), name=f"{THREAD_PREFIX}local-train-{remote_id}",
+                                          daemon=True)
+            run.thread.start()
 
-    def _runner_loop(self) -> None:
-        me = threading.current_thread()
-        try:
-            while True:
-                with self._lock:
-                    if not self._queue:
-                        self._engine.runner = None
-                        return
-                    remote_id = self._queue.popleft()
-                    run = self._active.get(remote_id)
-                if run is not None:
-                    self._run(run)
-        finally:
-            with self._lock:
-                if self._engine.runner is me:
-                    self._engine.runner = None
-
-    def _run(self, run: _Run) -> None:
+    def _work(self, run: Run) -> None:
+        """A run's thread: wait for the slot, train, free the memory, hand the slot on."""
         rid = run.remote_id
         trainer = None
         try:
-            with _TRAIN_SLOT:
-                with self._lock:
-                    if run.cancel.is_set():
-                        return
-                    run.started = True
-                    run.live = {"message": "Preparing: encoding the images and captions once…"}
-                self._update_state(rid, state="running", message=run.live["message"], error="")
-                trainer = self._train(run)
+            if not self.slot.acquire(run, _evict):
+                return  # cancelled (or the app closed) while it waited: cancel()/close() said so
+            with self._lock:
+                if run.cancel.is_set() or self._active.get(rid) is not run:
+                    return
+                run.started = True
+                run.live = {"message": "Preparing: encoding the images and captions once…"}
+            self._update_run_state(run, state="running", message=run.live["message"], error="")
+            trainer = self._train(run)
         except Exception as exc:  # any failure ends this job only
             log.exception("Local training %s failed", rid)
-            if not run.deleted:
-                self._save_losses(run)
-                msg = exc.user_message() if isinstance(exc, StudioError) else f"{type(exc).__name__}: {exc}"
-                self._update_state(rid, state="failed", message=f"The local training failed: {msg}"[:500],
-                                   eta_s=None)
+            self._save_losses(run)
+            msg = exc.user_message() if isinstance(exc, StudioError) else f"{type(exc).__name__}: {exc}"
+            self._update_run_state(run, state="failed", message=f"The local training failed: {msg}"[:500], eta_s=None)
         finally:
-            with self._lock:
-                self._active.pop(rid, None)
-            run.done.set()
-            del trainer
+            # Free the memory before the next job may load its model (one GPU), then hand the slot on.
+            trainer = None
             gc.collect()
             release_gpu_memory()
+            self.slot.release(run)
+            with self._lock:
+                if self._active.get(rid) is run:
+                    self._active.pop(rid)
+            run.done.set()
 
-    def _train(self, run: _Run):
+    def _on_evicted(self, run: Run) -> None:
+        """``run`` was cancelled but did not stop within the grace period, and a job waits for the slot."""
+        log.warning("Local job %s did not stop within %.0f s of its cancel; the next job takes the engine",
+                    run.remote_id, self.slot.grace_s)
+        with self._lock:
+            if self._active.get(run.remote_id) is run:
+                self._active.pop(run.remote_id)
+            self._engine.evicted[run.remote_id] = run
+            if not run.deleted:
+                self._update_state(run.remote_id, state="cancelled", eta_s=None, message=(
+                    f"Cancelled. The run did not stop within {self.slot.grace_s:.0f} s, so the engine moved on to "
+                    "the next job. Restart the app to resume it from its last checkpoint."))
+
+    def _update_run_state(self, run: Run, **changes) -> None:
+        """The worker's writes: none once the run was deleted or evicted."""
+        with self._lock:
+            if not run.silenced:
+                self._update_state(run.remote_id, **changes)
+
+    def _train(self, run: Run):
         from services.local_engine import infer
         from services.local_engine.train import Callbacks, Trainer, config_from_json, pick_device
 
@@ -570,14 +587,18 @@ class LocalProvider:
         trainer = Trainer(cfg, job / "dataset.zip", job)
         trainer.prepare()
         if run.cancel.is_set() and not run.resume and self._checkpoint(rid) is None:
-            # cancelled while preparing: nothing trained yet, nothing to keep
-            self._update_state(rid, state="cancelled", message="Cancelled before the first step.")
+            # Stopped while preparing: nothing trained yet, nothing to keep. If the app is closing,
+            # it stays queued, and the next start trains it from the beginning.
+            if run.closing:
+                self._update_run_state(run, state="pending", step=0, message="Queued.")
+            else:
+                self._update_run_state(run, state="cancelled", message="Cancelled before the first step.")
             return trainer
         samples = [f"samples/{p.name}" for p in sorted((job / "samples").glob("step_*.png"))] if run.resume else []
         lora_note = " (the local engine trains LoRAs only)" if raw.get("_finetune_type") == "full" else ""
 
         def on_step(step: int, total: int, loss: float, eta_s: float | None) -> None:
-            if run.deleted:
+            if run.silenced:
                 return
             msg = run.live.get("message", "")
             if not msg.startswith("Cancelling"):
@@ -589,18 +610,16 @@ class LocalProvider:
             if now - run.last_write >= _STATE_WRITE_EVERY_S or step == total:
                 run.last_write = now
                 self._save_losses(run)
-                self._update_state(rid, state="running", step=step, loss=loss, eta_s=eta_s, message=msg)
+                self._update_run_state(run, state="running", step=step, loss=loss, eta_s=eta_s, message=msg)
 
         def on_sample(step: int, path: Path) -> None:
             samples.append(f"samples/{path.name}")
             run.live["samples"] = list(samples)
-            if not run.deleted:
-                self._update_state(rid, samples=list(samples))
+            self._update_run_state(run, samples=list(samples))
 
         def on_checkpoint(step: int, path: Path) -> None:
-            if not run.deleted:
-                self._save_losses(run)
-                self._update_state(rid, checkpoint_step=step, step=step, loss=run.live.get("loss"))
+            self._save_losses(run)
+            self._update_run_state(run, checkpoint_step=step, step=step, loss=run.live.get("loss"))
 
         if run.resume:
             from services.local_engine.train import checkpoint_step, latest_checkpoint
@@ -611,22 +630,27 @@ class LocalProvider:
             kept = [(st, v) for st, v in read_losses(job) if st <= run.live["step"]]
             write_losses(job, kept)
             run.losses, run.losses_saved = kept, len(kept)
-            self._update_state(rid, resumed_from=run.live["step"])
+            self._update_run_state(run, resumed_from=run.live["step"])
         result = trainer.run(Callbacks(on_step, on_sample, on_checkpoint, run.cancel), resume=run.resume)
         self._save_losses(run)  # before the state turns final: from then on status() reads the file
-        if run.deleted:
-            return trainer
         if result.state == "ready":
-            self._update_state(rid, state="ready", step=result.step, total=result.total,
-                               loss=result.losses[-1] if result.losses else None, eta_s=0, samples=samples,
-                               lora_path=f"output/{_lora_file()}", train_seconds=round(result.seconds, 2),
-                               message="Ready: use it on the Compare tab.")
+            self._update_run_state(run, state="ready", step=result.step, total=result.total,
+                                   loss=result.losses[-1] if result.losses else None, eta_s=0, samples=samples,
+                                   lora_path=f"output/{_lora_file()}", train_seconds=round(result.seconds, 2),
+                                   message="Ready: use it on the Compare tab.")
+        elif run.closing:  # left as "running" with its checkpoint: the next start offers to resume it
+            self._update_run_state(run, step=result.step, eta_s=None, samples=samples,
+                                   message=f"Stopped at step {result.step} of {result.total} when the app closed.")
         else:
-            self._update_state(rid, state="cancelled", step=result.step, eta_s=None, samples=samples,
-                               loss=result.losses[-1] if result.losses else None,
-                               message=f"Cancelled at step {result.step} of {result.total}. The checkpoint is kept; "
-                                       "resume it any time.")
+            self._update_run_state(run, state="cancelled", step=result.step, eta_s=None, samples=samples,
+                                   loss=result.losses[-1] if result.losses else None,
+                                   message=f"Cancelled at step {result.step} of {result.total}. The checkpoint is "
+                                           "kept; resume it any time.")
         return trainer
+
+
+def _evict(run: Run) -> None:
+    run.owner._on_evicted(run)
 
 
 def _lora_file() -> str:

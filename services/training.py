@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from services.config import THREAD_PREFIX
 from services.dataset import DatasetStore
 from services.errors import (
     EndpointUnavailableError,
@@ -287,6 +288,13 @@ class TrainingService:
                            hint=exc.hint or "Try again, or launch it again.") from None
         return self.jobs.update(owner, job_id, status="running", error="", message="Resuming from the last checkpoint…")
 
+    def close(self) -> None:
+        """Stop what the providers run in this process (local trainings stop at a checkpoint)."""
+        for provider in self.providers.values():
+            close = getattr(provider, "close", None)
+            if close is not None:
+                close()
+
     def delete(self, owner: str, job_id: str) -> Job:
         job = self.jobs.get(owner, job_id)
         provider = self.providers.get(job.provider)
@@ -324,7 +332,7 @@ class Tracker:
 
     def start(self) -> "Tracker":
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="job-tracker", daemon=True)
+            self._thread = threading.Thread(target=self._run, name=f"{THREAD_PREFIX}job-tracker", daemon=True)
             self._thread.start()
         return self
 
@@ -336,8 +344,11 @@ class Tracker:
                 log.exception("Tracking pass failed")
             self._stop.wait(self.interval)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop polling and wait for a pass in progress to finish (it may be waiting on a slow provider)."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=10)
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("The job tracker did not stop within %.0f s", timeout)
             self._thread = None

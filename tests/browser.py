@@ -29,8 +29,7 @@ def running_app(settings, **create_kwargs) -> Iterator[str]:
     try:
         yield url
     finally:
-        demo.studio_tracker.stop()
-        demo.close()
+        demo.close()  # also stops its tracker and local trainings
 
 
 @contextlib.contextmanager

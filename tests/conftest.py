@@ -5,6 +5,7 @@ import atexit
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -12,12 +13,31 @@ import pytest
 # Gradio must not phone home from tests, and the app must not pick up a developer's key.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.pop("COMETAPI_KEY", None)
-# `import app` builds the module-level demo from the environment: keep its data out of the repo.
+# Anything that reads the environment's settings (app.demo, main()) keeps its data out of the repo.
 os.environ["FLUX_STUDIO_DATA_DIR"] = tempfile.mkdtemp(prefix="flux-studio-test-")
 atexit.register(shutil.rmtree, os.environ["FLUX_STUDIO_DATA_DIR"], ignore_errors=True)
 
-from services.config import Settings  # noqa: E402
+from services.config import THREAD_PREFIX, Settings  # noqa: E402
 from services.dataset import DatasetStore  # noqa: E402
+
+# A thread that has signalled it is done may still be returning; this long, at most, to let it.
+THREAD_EXIT_S = 10.0
+
+
+@pytest.fixture(autouse=True)
+def no_thread_of_ours_left_behind():
+    """Fail any test that leaves one of the app's threads alive (daemon or not): a tracker, a local
+    training, a grid. One that outlives its test holds the training slot, or writes into the next
+    test's data, and makes a later test slow or wrong."""
+    before = set(threading.enumerate())
+    yield
+    ours = [t for t in threading.enumerate() if t not in before and t.name.startswith(THREAD_PREFIX)]
+    for thread in ours:
+        thread.join(THREAD_EXIT_S)
+    alive = sorted(t.name for t in ours if t.is_alive())
+    if alive:
+        pytest.fail(f"The test left these threads of the app running: {', '.join(alive)}. "
+                    "Close the app (demo.close()) or the provider (provider.close()) it started.")
 
 
 @pytest.fixture

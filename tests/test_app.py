@@ -1,6 +1,7 @@
 """The app as a whole: factory, launch options, flags, and its API driven by gradio_client."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import zipfile
@@ -29,6 +30,17 @@ def test_launch_options_serve_only_the_data_dir(settings):
     opts = app_module.launch_options(settings)
     assert opts["allowed_paths"] == [str(settings.data_dir.resolve())]
     assert opts["max_file_size"] == settings.max_upload_bytes
+
+
+def test_importing_the_app_builds_and_starts_nothing(tmp_path):
+    """`import app` in a notebook must not start a second tracker or create a database."""
+    code = ("import threading, app; print(sorted(t.name for t in threading.enumerate())); "
+            "print('demo' in vars(app))")
+    env = {**os.environ, "FLUX_STUDIO_DATA_DIR": str(tmp_path / "data")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["['MainThread']", "False"]
+    assert not (tmp_path / "data").exists()
 
 
 def test_cli_help_lists_flags():
@@ -143,4 +155,4 @@ def test_queue_limits_per_event(settings):
         assert ticks and all(fn.concurrency_limit is None for fn in ticks)  # polling never waits
         assert demo._queue.max_size == 64
     finally:
-        demo.studio_tracker.stop()
+        demo.close()

@@ -125,13 +125,12 @@ def test_two_visitors_never_see_each_others_work_and_the_key_leaks_nowhere(setti
 
         # Bob sees none of it: not the dataset, not the job, not the fine-tune, not the images.
         _tab(bob, "2 · Train")
-        bob.locator("#train-launch").wait_for()
-        bob.wait_for_timeout(1000)
+        # The page has loaded Bob's lists (empty) when the line over the jobs table says so.
+        bob.locator("#train-queue").get_by_text("No jobs yet.").wait_for(timeout=15_000)
         assert bob.locator("#train-dataset input").input_value() == ""  # no dataset to pick at all
         assert "alice" not in " ".join(bob.locator("#train-jobs [role=gridcell]").all_inner_texts())
         _tab(bob, "3 · Compare")
-        bob.locator("#compare-go").wait_for()
-        bob.wait_for_timeout(500)
+        bob.locator("#compare-finetune").get_by_text("None of yours is ready yet").wait_for(timeout=15_000)
         assert bob.locator("#compare-finetune input").input_value() == ""
         assert bob.locator("#compare-history img").count() == 0
         # Bob has no key of his own and there is no shared key: he is told so, and nothing is sent.

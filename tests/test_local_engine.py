@@ -26,6 +26,7 @@ from services.errors import AuthError, EngineUnavailableError, ProviderError  # 
 from services.local_engine import tiny  # noqa: E402
 from services.local_engine.train import Trainer, TrainConfig  # noqa: E402
 from services.local_provider import WAITING, LocalProvider, read_losses  # noqa: E402
+from services.local_queue import SLOT, TrainingSlot  # noqa: E402
 from services.providers import GenerateRequest, Provider, TrainRequest  # noqa: E402
 from tests.imagefactory import jpeg_bytes, photo  # noqa: E402
 
@@ -335,3 +336,86 @@ def test_gradient_checkpointing_is_an_option_and_trains(settings, tmp_path, monk
     assert config[auto]["gradient_checkpointing"] is False  # auto: off for the tiny model
     assert config[forced]["gradient_checkpointing"] is True
     assert enabled == [True]  # switched on in the model for the forced job only, and it still trained
+
+
+def _wait_for_step(provider: LocalProvider, remote_id: str, step: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (provider.status(remote_id).step or 0) < step:
+        assert time.monotonic() < deadline, provider.status(remote_id)
+        time.sleep(0.02)
+
+
+def test_cancelling_a_stuck_job_frees_the_engine_for_the_next(settings, tmp_path, monkeypatch):
+    """A run that hangs where no step checks its cancel flag (a stalled download) must not block
+    every other local job for ever: once cancelled and past the grace period, the next job evicts it."""
+    now = [0.0]
+    slot = TrainingSlot(clock=lambda: now[0], grace_s=30.0)
+    stalled, release = threading.Event(), threading.Event()
+    original = Trainer.prepare
+
+    def prepare(self, *a, **kw):
+        if self.job_dir.name.endswith("stuck"):
+            stalled.set()
+            assert release.wait(60)
+        return original(self, *a, **kw)
+
+    monkeypatch.setattr(Trainer, "prepare", prepare)
+    provider = LocalProvider(settings, steps_per_sample=0, checkpoint_every=0, slot=slot)
+    zip_path = make_zip(tmp_path / "ds.zip")
+    stuck = provider.submit(zip_path, request(5), tag="stuck")
+    assert stalled.wait(60)
+    waiting = provider.submit(zip_path, request(3), tag="next")
+    assert provider.status(waiting).message == WAITING
+    holder = provider.training_now()  # what the Train tab shows: who everyone waits for
+    assert (holder.remote_id, holder.cancelling, holder.waiting) == (stuck, False, 1)
+
+    provider.cancel(stuck)
+    assert provider.training_now().cancelling and provider.status(waiting).state == "pending"
+    now[0] += 30.0  # the grace period is over
+    slot.wake()
+    done = wait_terminal(provider, waiting)
+    assert done.state == "ready" and done.step == 3, done.message
+    evicted = provider.status(stuck)
+    assert evicted.state == "cancelled" and "did not stop within 30 s" in evicted.message
+    with pytest.raises(ProviderError, match="stuck"):
+        provider.resume(stuck)  # its thread may still write into the folder
+
+    state_file = settings.data_dir / "local_jobs" / stuck / "state.json"
+    before = state_file.read_bytes()
+    release.set()  # the stalled run comes back to life...
+    assert provider.join(stuck, 60)
+    assert state_file.read_bytes() == before  # ...and writes nothing over what the user was told
+    assert slot.holder() is None
+
+
+def test_closing_the_provider_stops_its_runs_and_keeps_them_for_the_next_start(settings, tmp_path):
+    provider = LocalProvider(settings, steps_per_sample=0, checkpoint_every=0)
+    zip_path = make_zip(tmp_path / "ds.zip")
+    running = provider.submit(zip_path, request(1000), tag="running")
+    queued = provider.submit(zip_path, request(3), tag="queued")
+    _wait_for_step(provider, running, 3)
+    provider.close()
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("studio-local-train")]
+    assert SLOT.holder() is None
+    state = json.loads((settings.data_dir / "local_jobs" / running / "state.json").read_text())
+    assert state["state"] == "running" and "when the app closed" in state["message"]
+
+    after = LocalProvider(settings, steps_per_sample=0, checkpoint_every=0)  # the app started again
+    interrupted = after.status(running)
+    assert interrupted.state == "failed" and interrupted.result == {"resumable": True}
+    assert interrupted.message.startswith(f"Interrupted by a restart at step {state['step']} of 1000.")
+    assert after.status(queued).state == "pending"  # never started: the first look queues it again...
+    assert wait_terminal(after, queued).state == "ready"  # ...and it trains
+
+
+def test_closing_the_app_stops_its_tracker_and_local_training(settings, tmp_path):
+    import app as app_module
+
+    demo = app_module.create_app(settings, track_interval=0.05)
+    local = demo.studio_training.providers["local"]
+    remote_id = local.submit(make_zip(tmp_path / "ds.zip"), request(1000), tag="app-job")
+    _wait_for_step(local, remote_id, 2)
+    assert {t.name for t in threading.enumerate()} >= {"studio-job-tracker", f"studio-local-train-{remote_id}"}
+    demo.close()
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("studio-")]  # joined, not left behind
+    assert SLOT.holder() is None and local.status(remote_id).result == {"resumable": True}

@@ -1,7 +1,11 @@
-"""Pure helpers of the Train tab: the loss plot's data and the samples gallery."""
+"""Pure helpers of the Train tab: the loss plot's data, the samples gallery, polling, the engine line."""
 from __future__ import annotations
 
-from components.train_tab import RAW, SMOOTHED, loss_frame, sample_items
+from components.train_tab import (LINGER_SECONDS, RAW, SMOOTHED, keep_polling, loss_frame, queue_markdown,
+                                  sample_items)
+from services.jobs import Job, JobStore
+from services.local_queue import Holder
+from services.training import TrainingService
 
 
 def _event(step, loss=None, samples=()):
@@ -40,3 +44,48 @@ def test_the_suggested_name_follows_dataset_and_mode_but_never_replaces_a_typed_
     assert suggest_name("cup", "style", "mug-style") == "cup-style"
     assert suggest_name("mug", "style", "mug-v1") == {"__type__": "update"}  # the user's own: kept
     assert suggest_name(None, "style", "") == {"__type__": "update"}
+
+
+def _job(status: str, updated_at: float) -> Job:
+    return Job(id="j", owner="o", provider="local", kind="finetune", name="n", dataset_name="d", dataset_hash="h",
+               status=status, updated_at=updated_at)
+
+
+def test_polling_goes_on_while_a_job_moves_and_a_moment_after_the_last_change():
+    now = 10_000.0
+    assert keep_polling([_job("running", now - 3600)], now)
+    # A tick that read the jobs just before a Resume sees a job cancelled a moment ago: it must not
+    # switch the timer off, or its late reply would stop the page for good while the job trains.
+    assert keep_polling([_job("cancelled", now - 2)], now)
+    assert not keep_polling([_job("cancelled", now - LINGER_SECONDS - 1), _job("ready", now - 600)], now)
+    assert not keep_polling([], now)
+
+
+class _Engine:
+    key, label = "local", "Local engine"
+
+    def __init__(self, holder):
+        self.holder = holder
+
+    def training_now(self):
+        return self.holder
+
+
+def test_the_engine_line_names_the_job_that_holds_the_engine_only_to_its_owner(tmp_path):
+    jobs = JobStore(tmp_path / "jobs.sqlite3")
+    mine = jobs.create("ann", "local", "finetune", "cup-v1", "cup", "h", {})
+    jobs.update("ann", mine.id, status="running", remote_id="local-abc")
+    engine = _Engine(Holder("local-abc", step=120, total=600, cancelling=False, waiting=1))
+    service = TrainingService(jobs, {"local": engine}, lambda owner: None)
+    ann = queue_markdown(service, "ann", jobs.list("ann"))
+    assert ann == ("1 job(s), 1 queued or running. Local engine: busy with 'cup-v1' (step 120 of 600); "
+                   "1 job(s) wait for it, cancel it to start the next.")
+    bob = queue_markdown(service, "bob", [])
+    assert bob == "No jobs yet. Local engine: busy with a job that is not in your list (step 120 of 600); " \
+                  "1 job(s) wait for it."
+    assert "cup" not in bob
+    engine.holder = Holder("local-abc", step=121, total=600, cancelling=True, waiting=0)
+    assert queue_markdown(service, "ann", []).endswith("busy with 'cup-v1' (stopping).")
+    engine.holder = None
+    assert queue_markdown(service, "ann", []) == "No jobs yet. Local engine: idle."
+    jobs.close()
