@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import threading
 
 import pytest
 from playwright.sync_api import expect
@@ -94,29 +95,55 @@ def test_no_key_banner(settings):
         page.locator("#train-banner").get_by_text("No CometAPI key is set").wait_for(timeout=15_000)
 
 
-def test_local_job_cancel_then_resume(settings, tmp_path):
-    """The local engine in the browser: cancel keeps the checkpoint, resume finishes from it."""
+def test_local_job_cancel_then_resume(settings, tmp_path, monkeypatch):
+    """The local engine in the browser: cancel keeps the checkpoint, resume finishes from it.
+
+    Also the race that once froze this page: a poll that read the jobs before Resume and answered
+    after it. A barrier holds one poll between its read and its reply while Resume runs; its late
+    reply must not switch polling off, or the page never shows the job finish."""
     pytest.importorskip("diffusers")
+    import components.train_tab as train_tab
+
     store = DatasetStores(settings)("local")
     name = store.create("cup").name
     store.add_files(name, fx.good_set(tmp_path / "g", count=5, size=(640, 480)))
+    armed, held, release = threading.Event(), threading.Event(), threading.Event()
+    real_queue_markdown = train_tab.queue_markdown
+
+    def queue_markdown(*args):  # called by a poll after it has read the jobs, before it replies
+        if armed.is_set() and not held.is_set():
+            held.set()
+            release.wait(60)
+        return real_queue_markdown(*args)
+
+    monkeypatch.setattr(train_tab, "queue_markdown", queue_markdown)
     with chromium() as browser, running_app(settings, track_interval=0.5) as url:
-        page = browser.new_page()
-        _open_train_tab(page, url)
-        page.locator("#train-banner").get_by_text("Local engine").wait_for(timeout=15_000)
-        expect(page.locator("#train-dataset input")).to_have_value(re.compile("cup"), timeout=15_000)
-        wait_for_train_dataset(page)
-        iterations = page.locator("#train-iterations input[type=number]")
-        iterations.fill("600")
-        iterations.press("Enter")
-        click_launch(page)
-        cells = page.locator("#train-jobs [role=gridcell]")
-        # Past the first steps (before them there is no checkpoint, and Resume says so).
-        # In the first half, so that the cancel lands well before the end even on a slow machine.
-        cells.filter(has_text=re.compile(r"^\s*([1-9]|[1-4]\d)%\s*$")).first.wait_for(timeout=60_000)
-        page.click("#train-cancel")
-        cells.filter(has_text="cancelled").first.wait_for(timeout=30_000)
-        page.click("#train-resume")
-        page.get_by_text("Resuming").first.wait_for(timeout=15_000)
-        cells.filter(has_text="ready").first.wait_for(timeout=240_000)
-        assert "100%" in " ".join(cells.all_inner_texts())
+        try:
+            page = browser.new_page()
+            _open_train_tab(page, url)
+            page.locator("#train-banner").get_by_text("Local engine").wait_for(timeout=15_000)
+            expect(page.locator("#train-dataset input")).to_have_value(re.compile("cup"), timeout=15_000)
+            wait_for_train_dataset(page)
+            iterations = page.locator("#train-iterations input[type=number]")
+            iterations.fill("600")
+            iterations.press("Enter")
+            click_launch(page)
+            cells = page.locator("#train-jobs [role=gridcell]")
+            # Past the first steps (before them there is no checkpoint, and Resume says so).
+            # In the first half, so that the cancel lands well before the end even on a slow machine.
+            cells.filter(has_text=re.compile(r"^\s*([1-9]|[1-4]\d)%\s*$")).first.wait_for(timeout=60_000)
+            # The line over the table names the job that holds the engine (everyone else's waits for it).
+            page.locator("#train-queue").get_by_text(
+                re.compile(r"Local engine: busy with 'cup-\w+' \(step \d+ of 600\)")).wait_for(timeout=15_000)
+            page.click("#train-cancel")
+            cells.filter(has_text="cancelled").first.wait_for(timeout=30_000)
+            armed.set()
+            assert held.wait(60), "no poll came while the job was cancelled"  # it has read: 'cancelled'
+            page.click("#train-resume")
+            page.get_by_text("Resuming").first.wait_for(timeout=60_000)
+            release.set()  # the stale poll answers now, after Resume did
+            cells.filter(has_text="ready").first.wait_for(timeout=240_000)
+            assert "100%" in " ".join(cells.all_inner_texts())
+            page.locator("#train-queue").get_by_text("Local engine: idle.").wait_for(timeout=15_000)
+        finally:
+            release.set()
