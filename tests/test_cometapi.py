@@ -492,8 +492,12 @@ def test_read_timeout_on_post_is_not_resent(fake_cometapi, clock):
             c.generate("flux-dev", prompt="x")
     assert "did not answer" in str(info.value)
     assert len(fake_cometapi.requests("/flux/v1/flux-dev")) == 1 and clock.sleeps == []
-    time.sleep(0.4)  # the server did start the job after all: exactly why it must not be re-sent
-    assert len(fake_cometapi.task_ids()) == 1
+    # The server did start the job after all: exactly why it must not be re-sent.
+    deadline = time.monotonic() + 30
+    while not fake_cometapi.task_ids():
+        assert time.monotonic() < deadline, "the delayed request never created its task"
+        time.sleep(0.01)
+    assert len(fake_cometapi.task_ids()) == 1 and len(fake_cometapi.requests("/flux/v1/flux-dev")) == 1
 
 
 def test_connection_reset_on_get_is_retried(client, fake_cometapi, clock):
