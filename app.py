@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import gradio as gr
+from gradio import utils as gr_utils
 from PIL import Image
 
 from components import compare_tab, dataset_tab, session_panel, train_tab
@@ -158,8 +159,9 @@ def launch_options(settings: Settings) -> dict:
     """Arguments for ``Blocks.launch`` that every way of starting the app shares."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     return {
-        # Only the data dir is served; Gradio's own temp dir is allowed implicitly.
-        "allowed_paths": [str(settings.data_dir.resolve())],
+        # Nothing of the data dir is served: pages get copies in Gradio's cache (components/serving.py).
+        # deep_links/ holds whole sessions' component values, written by a route anyone can call.
+        "blocked_paths": [str(settings.data_dir.resolve()), str(Path(gr_utils.get_upload_folder()) / "deep_links")],
         "max_file_size": settings.max_upload_bytes,
         "theme": gr.themes.Soft(),
         "head": VISITOR_HEAD if settings.hosted else "",

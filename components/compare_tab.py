@@ -11,6 +11,7 @@ import gradio as gr
 
 from components.feedback import shows_errors
 from components.identity import owner_for
+from components.serving import servable, servable_items
 from services import compare as cmp
 from services.access import ProviderAccess
 from services.cometapi_provider import BASE_FOR
@@ -102,7 +103,7 @@ def history_items(results: ResultStore, owner: str) -> list[tuple[str, str]]:
         when = dt.datetime.fromtimestamp(r.created_at).strftime("%m-%d %H:%M")
         strength = "" if r.finetune_id is None else f" · strength {r.strength:g}"
         items.append((str(results.path_for(owner, r)), f"{when} · {r.model}{strength} · seed {r.seed} · {r.prompt[:60]}"))
-    return items
+    return servable_items(items)
 
 
 def build(access: ProviderAccess, jobs: JobStore, results: ResultStore, settings: Settings,
@@ -205,8 +206,7 @@ def build(access: ProviderAccess, jobs: JobStore, results: ResultStore, settings
                 f"wall time {result.wall_s:.1f}s" + (" (both ran at once)." if overlapped else "."))
         if getattr(provider, "is_tiny", False):
             info += "\n\n*Local engine on the tiny test model: its images are noise by design; set FLUX_LOCAL_MODEL for real ones.*"
-        return (str(result.base.path) if result.base.path else None,
-                str(result.tuned.path) if result.tuned.path else None, info, history_items(results, owner))
+        return servable(result.base.path), servable(result.tuned.path), info, history_items(results, owner)
 
     @shows_errors
     def on_grid(choice, pasted_, model_, key, prompts_, strengths_, include_base_, prompt_, seed_, strength_,
@@ -222,7 +222,8 @@ def build(access: ProviderAccess, jobs: JobStore, results: ResultStore, settings
                                 fmt_)
         total = len(lines) * len(columns)
         provider = access.get(target.provider_key, owner, key, cost=total)
-        cells: list = [(str(placeholder), f"{lines[i // len(columns)][:40]} · {columns[i % len(columns)]} · waiting…")
+        waiting = servable(placeholder)
+        cells: list = [(waiting, f"{lines[i // len(columns)][:40]} · {columns[i % len(columns)]} · waiting…")
                        for i in range(total)]
         updates: list = []
         lock = threading.Lock()
@@ -231,7 +232,7 @@ def build(access: ProviderAccess, jobs: JobStore, results: ResultStore, settings
         def on_cell(cell, grid_progress):
             with lock:
                 idx = cell.row * len(columns) + cell.col
-                path = str(cell.path) if cell.path else str(placeholder)
+                path = servable(cell.path) if cell.path else waiting
                 cells[idx] = (path, f"{cell.prompt[:40]} · {cell_caption(cell)}")
                 updates.append(grid_progress.done)
 
@@ -279,7 +280,7 @@ def build(access: ProviderAccess, jobs: JobStore, results: ResultStore, settings
             raise InputError("There is no grid yet.", hint="Run a grid first.")
         owner = owner_for(request, settings)
         path = results.out_dir(owner) / f"contact-sheet-{grid_result.group_id}.png"
-        return str(cmp.contact_sheet(grid_result, path))
+        return servable(cmp.contact_sheet(grid_result, path))
 
     fields = [prompt, seed, strength, aspect, width, height, steps, guidance, safety, fmt]
     finetune.change(on_pick, [finetune], [prompt])

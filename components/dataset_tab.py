@@ -11,6 +11,7 @@ import pandas as pd
 
 from components.feedback import progress_callback, shows_errors
 from components.identity import owner_for
+from components.serving import servable, servable_items
 from services import dataset as ds_service
 from services.config import Settings
 from services.dataset import Dataset, DatasetStore
@@ -48,7 +49,8 @@ def captions_frame(ds: Dataset | None) -> pd.DataFrame:
 def gallery_items(ds: Dataset | None) -> list[tuple[str, str]]:
     if not ds:
         return []
-    return [(str(ds.image_path(i.file)), f"{i.file}: {i.caption}" if i.caption else i.file) for i in ds.items]
+    return servable_items([(str(ds.image_path(i.file)), f"{i.file}: {i.caption}" if i.caption else i.file)
+                           for i in ds.items])
 
 
 def warnings_markdown(ds: Dataset | None, settings: Settings) -> str:
@@ -274,7 +276,7 @@ def _wire(tab: DatasetTab, stores: Callable[[str], DatasetStore], settings: Sett
         ratio = f" ({result.size_bytes / result.source_bytes:.0%} of the {human_size(result.source_bytes)} uploaded)" if result.source_bytes else ""
         info = (f"**{result.path.name}**: {result.image_count} images, {result.caption_count} captions, "
                 f"{human_size(result.size_bytes)}{ratio}.")
-        return str(result.path), info
+        return servable(result.path), info
 
     export = [tab.export_file, tab.export_info]
     # .input, not .change: only a user's pick reloads the view. Handlers that set the picker themselves

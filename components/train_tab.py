@@ -12,6 +12,7 @@ import pandas as pd
 
 from components.feedback import shows_errors
 from components.identity import owner_for
+from components.serving import servable_items
 from services import providers as P
 from services.config import Secret, Settings
 from services.dataset import DatasetStore
@@ -385,7 +386,7 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
         if job is None:
             return gr.update(), gr.update()
         events = service.jobs.events(owner, job.id, "step")
-        return loss_plot_value(events), sample_items(events)
+        return loss_plot_value(events), servable_items(sample_items(events))
 
     def on_select(table: pd.DataFrame, evt: gr.SelectData, request: gr.Request = None):
         owner = owner_for(request, settings)

@@ -26,9 +26,11 @@ def test_parse_auth():
             app_module.parse_auth(bad)
 
 
-def test_launch_options_serve_only_the_data_dir(settings):
+def test_launch_options_serve_nothing_of_the_data_dir(settings):
     opts = app_module.launch_options(settings)
-    assert opts["allowed_paths"] == [str(settings.data_dir.resolve())]
+    assert "allowed_paths" not in opts
+    assert str(settings.data_dir.resolve()) in opts["blocked_paths"]
+    assert any(p.endswith("deep_links") for p in opts["blocked_paths"])
     assert opts["max_file_size"] == settings.max_upload_bytes
 
 

@@ -1,0 +1,69 @@
+"""Hosted mode as an attacker sees it: no file of the data dir is served to anyone, by any path.
+
+Two visitors do real work through the API; then an anonymous client asks the file route for every
+file under the data dir (the owner secret, the database, local job folders, every owner's datasets
+and exports) and for a session's deep-link dump. The visitors' own results still reach them, as
+copies in Gradio's cache: that positive control shows the probe could tell the difference."""
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+from urllib.parse import quote
+
+import httpx
+from gradio import utils as gr_utils
+from gradio_client import Client, handle_file
+
+from tests import imagefactory as fx
+from tests.browser import running_app
+
+
+def _file_url(url: str, path: Path | str) -> str:
+    return f"{url.rstrip('/')}/gradio_api/file={quote(str(path))}"
+
+
+def test_no_file_of_the_data_dir_is_served_and_deep_links_are_blocked(settings, tmp_path):
+    settings = settings.with_(hosted=True)
+    photos = fx.good_set(tmp_path / "g", count=3, size=(640, 640))
+    with running_app(settings) as url:
+        visitors = [Client(url, verbose=False) for _ in range(2)]
+        try:
+            exports = []
+            for client in visitors:
+                picker, *_ = client.predict([handle_file(str(p)) for p in photos], None, api_name="/add_images")
+                zip_path, info = client.predict(picker["value"], api_name="/export_zip")
+                assert "3 images" in info
+                exports.append(zip_path)
+            # A local job folder and a trained LoRA, as the local engine leaves them.
+            job = settings.data_dir / "local_jobs" / "local-0123456789abcdef"
+            (job / "output").mkdir(parents=True)
+            (job / "dataset.zip").write_bytes(Path(exports[0]).read_bytes())
+            (job / "output" / "pytorch_lora_weights.safetensors").write_bytes(b"lora")
+            (job / "state.json").write_text("{}")
+
+            files = sorted(p for p in settings.data_dir.rglob("*") if p.is_file())
+            names = {p.name for p in files}
+            assert {".owner-secret", "jobs.sqlite3", "dataset.zip", "dataset.json"} <= names, names
+            assert sum(1 for p in files if p.suffix == ".jpg") >= 6  # both visitors' photos are there
+            with httpx.Client(timeout=30) as anonymous:
+                served = {str(p.relative_to(settings.data_dir)): anonymous.get(_file_url(url, p)).status_code
+                          for p in files}
+                assert {path: code for path, code in served.items() if code != 403} == {}
+
+                # The visitor's own export reached her (gradio_client downloaded it from its cache copy)...
+                with zipfile.ZipFile(exports[0]) as zf:
+                    assert len(zf.namelist()) == 3
+                # ...and a cache copy is served: the route does answer 200 where it should.
+                cached = next(Path(gr_utils.get_upload_folder()).rglob(Path(exports[0]).name))
+                assert anonymous.get(_file_url(url, cached)).status_code == 200
+
+                # A deep link dumps a session's component values under the upload dir: never served.
+                session = visitors[0].session_hash
+                link = anonymous.get(f"{url.rstrip('/')}/gradio_api/deep_link", params={"session_hash": session}).json()
+                dumps = list((Path(gr_utils.get_upload_folder()) / "deep_links").rglob("state.json"))
+                assert link and dumps
+                assert {anonymous.get(_file_url(url, d)).status_code for d in dumps} == {403}
+        finally:
+            for client in visitors:
+                client.close()
+    print(f"probed {len(files)} data-dir files + {len(dumps)} deep-link dump(s): all refused")
