@@ -34,6 +34,7 @@ from services.dataset import DatasetStores
 from services.errors import ConfigError
 from services.jobs import JobStore
 from services.local_provider import LocalProvider
+from services.owners import installation_secret
 from services.providers import Provider
 from services.results import ResultStore
 from services.training import Tracker, TrainingService
@@ -101,6 +102,8 @@ def create_app(
     """Build the whole app. Pass ``settings`` to point it at another data dir or service,
     ``providers`` to plug in other training back-ends (tests pass one wired to a fake)."""
     settings = settings or Settings.from_env()
+    if settings.hosted:
+        installation_secret(settings)  # a lost secret stops the app here, not on each visitor's request
     datasets = DatasetStores(settings)
     providers = providers if providers is not None else default_providers(settings)
     training = TrainingService(
@@ -192,7 +195,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ConfigError as exc:
         sys.exit(str(exc))
     global demo  # the launched app is the module's ``demo``: `gradio app.py` (hot reload) looks for it there
-    demo = create_app(settings)
+    try:
+        demo = create_app(settings)
+    except ConfigError as exc:
+        sys.exit(exc.user_message())
     try:
         demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
                     **launch_options(settings))

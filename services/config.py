@@ -124,6 +124,9 @@ class Settings:
     shared_key_limit: int = 20
     hosted: bool = False
     space_id: str = ""
+    # Keys the hosted owner folders' names (hex, 64 digits). Empty: kept in <data_dir>/.owner-secret.
+    # On a Space, set it as a secret, so that it lives apart from the data it protects.
+    owner_secret: Secret = field(default_factory=lambda: Secret(""))
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -147,6 +150,7 @@ class Settings:
             shared_key_limit=_int(env, "FLUX_STUDIO_SHARED_KEY_LIMIT", d.shared_key_limit, minimum=0),
             hosted=_bool(env, "FLUX_STUDIO_HOSTED", False) or bool(env.get("SPACE_ID", "").strip()),
             space_id=env.get("SPACE_ID", "").strip(),
+            owner_secret=Secret(env.get("FLUX_STUDIO_OWNER_SECRET")),
         )
 
     def with_(self, **changes) -> "Settings":
