@@ -150,18 +150,18 @@ def build(stores: Callable[[str], DatasetStore], settings: Settings,
         export_file = gr.File(label="Training zip", interactive=False, elem_id="dataset-export-file")
     export_info = gr.Markdown(elem_id="dataset-export-info")
 
+    def refresh(current: str | None = None, request: gr.Request = None):
+        """This visitor's saved datasets (the annotation is what makes Gradio pass the request)."""
+        names = stores(owner_for(request, settings)).list_names()
+        return gr.update(choices=names, value=current if current in names else None)
+
     tab = DatasetTab(dataset, new_name, upload, report, gallery, selected, trigger, table, warnings, export_file,
-                     export_info, refresh=lambda current=None, request=None: _refresh(stores, settings, current, request))
-    refresh_btn.click(tab.refresh, [tab.dataset], [tab.dataset])
+                     export_info, refresh=refresh)
+    refresh_btn.click(refresh, [tab.dataset], [tab.dataset], api_name="list_datasets")
     _wire(tab, stores, settings, new_btn, add_btn, remove_btn, trigger_btn,
           find, replace, replace_btn, prefix, suffix, affix_btn, clear_btn, export_btn)
     _wire_captioning(tab, stores, settings, captioner_for, session_key, caption_mode, only_empty, caption_btn)
     return tab
-
-
-def _refresh(stores, settings: Settings, current: str | None, request: gr.Request | None):
-    names = stores(owner_for(request, settings)).list_names()
-    return gr.update(choices=names, value=current if current in names else None)
 
 
 def _view(ds: Dataset | None, settings: Settings):

@@ -67,3 +67,26 @@ def test_no_file_of_the_data_dir_is_served_and_deep_links_are_blocked(settings, 
             for client in visitors:
                 client.close()
     print(f"probed {len(files)} data-dir files + {len(dumps)} deep-link dump(s): all refused")
+
+
+def test_the_dataset_list_is_each_visitors_own_not_anonymous(settings, tmp_path):
+    """The Dataset tab's list (on load and on Refresh) once came from the 'anonymous' owner for every
+    visitor, so a dataset planted there showed in everyone's list and nobody saw their own."""
+    from services.dataset import DatasetStores
+
+    settings = settings.with_(hosted=True)
+    DatasetStores(settings)("anonymous").create("planted-by-anonymous")
+    photo = fx.good_set(tmp_path / "g", count=1, size=(640, 640))[0]
+    with running_app(settings) as url:
+        alice, bob = Client(url, verbose=False), Client(url, verbose=False)
+        try:
+            picker, *_ = alice.predict([handle_file(str(photo))], None, api_name="/add_images")
+            mine = picker["value"]
+            alice_list = alice.predict(None, api_name="/list_datasets")
+            bob_list = bob.predict(None, api_name="/list_datasets")
+        finally:
+            alice.close()
+            bob.close()
+    choices = lambda update: [c[0] if isinstance(c, (list, tuple)) else c for c in update["choices"]]  # noqa: E731
+    assert choices(alice_list) == [mine]
+    assert choices(bob_list) == []
