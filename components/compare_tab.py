@@ -9,6 +9,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from components import feedback
 from components.feedback import shows_errors
 from components.identity import owner_for
 from components.serving import servable, servable_items
@@ -198,7 +199,7 @@ def build(access: ProviderAccess, jobs: JobStore, results: ResultStore, settings
         )
         for cell in (result.base, result.tuned):
             if cell.status != "ok":
-                gr.Warning(f"{'Base' if cell is result.base else 'Fine-tune'}: {cell.error}")
+                feedback.warning(f"{'Base' if cell is result.base else 'Fine-tune'}: {cell.error}")
         # A hosted service renders both at once; a local engine with one pipeline takes turns.
         overlapped = result.wall_s < 0.9 * (result.base.latency_s + result.tuned.latency_s)
         info = (f"Same prompt, seed {req.seed}. Base `{result.base.model}`: {_cell_summary(result.base)} · "

@@ -9,6 +9,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
+from components import feedback
 from components.feedback import progress_callback, shows_errors
 from components.identity import owner_for
 from components.serving import servable, servable_items
@@ -209,7 +210,7 @@ def _wire(tab: DatasetTab, stores: Callable[[str], DatasetStore], settings: Sett
             name = store.create(base).name
         ds, report = store.add_files(name, files, progress=progress_callback(progress))
         if report.rejected:
-            gr.Warning(f"{len(report.rejected)} file(s) could not be used; see the import report for why.")
+            feedback.warning(f"{len(report.rejected)} file(s) could not be used; see the import report for why.")
         return (gr.update(choices=store.list_names(), value=ds.name), None, report_markdown(report),
                 *_view_without_export(ds, settings))
 
@@ -266,7 +267,7 @@ def _wire(tab: DatasetTab, stores: Callable[[str], DatasetStore], settings: Sett
         if not file:
             raise InputError("No image is selected.", hint="Click an image in the gallery, then Remove.")
         ds = store.remove_images(require(name), [file])
-        gr.Info(f"Removed {file}.")
+        feedback.info(f"Removed {file}.")
         return (*_view(ds, settings), None)
 
     @shows_errors
@@ -314,7 +315,7 @@ def _wire_captioning(tab: DatasetTab, stores, settings: Settings, captioner_for,
                                            progress=progress_callback(progress))
         lines = [f"**{report.summary()}**"] + [f"- {f}: {why}" for f, why in report.failed.items()]
         if report.failed:
-            gr.Warning(f"{len(report.failed)} image(s) could not be captioned; the others were saved.")
+            feedback.warning(f"{len(report.failed)} image(s) could not be captioned; the others were saved.")
         return ("\n".join(lines), *_view(store.open(name), settings))
 
     inputs = [tab.dataset, mode, only_empty] + ([session_key] if session_key is not None else [])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import html
 import inspect
 import logging
 from collections.abc import Callable
@@ -15,6 +16,21 @@ log = logging.getLogger("flux_studio.ui")
 F = TypeVar("F", bound=Callable)
 
 
+def plain(text: object) -> str:
+    """User text (a name, a caption, a provider's message) made safe to show: toasts and Markdown
+    render HTML, so ``<img ...>`` in a fine-tune name would otherwise become an element."""
+    return html.escape(str(text), quote=False)
+
+
+def info(text: str) -> None:
+    """A toast; ``text`` is shown as text, never as HTML."""
+    gr.Info(plain(text))
+
+
+def warning(text: str) -> None:
+    gr.Warning(plain(text))
+
+
 def shows_errors(fn: F) -> F:
     """Wrap a handler: a StudioError becomes a gr.Error toast with its message.
 
@@ -23,7 +39,7 @@ def shows_errors(fn: F) -> F:
 
     def translate(exc: BaseException) -> gr.Error:
         if isinstance(exc, StudioError):
-            return gr.Error(exc.user_message(), print_exception=False)
+            return gr.Error(plain(exc.user_message()), print_exception=False)
         log.error("Unexpected error in %s", fn.__name__, exc_info=exc)
         return gr.Error(
             "Something went wrong on our side. Your data is unchanged; try again, "

@@ -5,6 +5,7 @@ from collections.abc import Callable
 
 import gradio as gr
 
+from components import feedback
 from components.identity import owner_for
 from services.config import Secret, Settings
 
@@ -34,10 +35,10 @@ def build(settings: Settings, on_key: Callable[[str, Secret], None]) -> gr.State
     def on_use(raw: str, request: gr.Request = None):
         raw = (raw or "").strip()
         if not raw:
-            gr.Warning("The key box is empty. Paste your CometAPI key, then press 'Use my key'.")
+            feedback.warning("The key box is empty. Paste your CometAPI key, then press 'Use my key'.")
             return None, "", "No key set for this session."
         if any(c.isspace() for c in raw) or len(raw) > 200:
-            gr.Warning("That does not look like a CometAPI key (it has spaces or is too long). Paste it again.")
+            feedback.warning("That does not look like a CometAPI key (it has spaces or is too long). Paste it again.")
             return None, "", "No key set for this session."
         key = Secret(raw)
         on_key(owner_for(request, settings), key)

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import gradio as gr
 import pandas as pd
 
-from components.feedback import shows_errors
+from components import feedback
+from components.feedback import plain, shows_errors
 from components.identity import owner_for
 from components.serving import servable_items
 from services import providers as P
@@ -83,20 +84,21 @@ def job_markdown(job: Job | None, now: float | None = None) -> str:
     if job is None:
         return "Select a job in the table to see its details."
     now = now or time.time()
-    lines = [f"### {job.name}", f"**Status:** {job.status}" + (f" ({job.progress:.0%})" if job.progress is not None else "")]
+    lines = [f"### {plain(job.name)}",
+             f"**Status:** {job.status}" + (f" ({job.progress:.0%})" if job.progress is not None else "")]
     if job.message:
-        lines.append(f"**Latest:** {job.message}")
+        lines.append(f"**Latest:** {plain(job.message)}")
     if job.error:
-        lines.append(f"**Error:** {job.error}")
+        lines.append(f"**Error:** {plain(job.error)}")
     if job.eta_s:
         lines.append(f"**ETA:** {fmt_elapsed(job.eta_s)}")
     lines.append(f"**Elapsed:** {fmt_elapsed((job.finished_at or now) - job.created_at)}")
     lines.append(f"**Provider:** {job.provider}" + (f", id `{job.remote_id}`" if job.remote_id else ""))
-    lines.append(f"**Dataset:** {job.dataset_name} (hash `{job.dataset_hash[:12]}`)")
+    lines.append(f"**Dataset:** {plain(job.dataset_name)} (hash `{job.dataset_hash[:12]}`)")
     if job.result:
         lines.append("**Result:** " + ", ".join(f"{k} `{v}`" for k, v in job.result.items()))
     params = {k: v for k, v in job.params.items() if v not in (None, "")}
-    lines.append("**Settings:** " + ", ".join(f"{k}={v}" for k, v in params.items()))
+    lines.append("**Settings:** " + ", ".join(f"{k}={plain(v)}" for k, v in params.items()))
     return "\n\n".join(lines)
 
 
@@ -122,7 +124,7 @@ def queue_markdown(service: TrainingService, owner: str, jobs: list[Job]) -> str
             parts.append(f"{provider.label}: idle.")
             continue
         mine = service.jobs.find_by_remote(owner, key, holder.remote_id)
-        what = f"'{mine.name}'" if mine else "a job that is not in your list"
+        what = f"'{plain(mine.name)}'" if mine else "a job that is not in your list"
         doing = "stopping" if holder.cancelling else (
             f"step {holder.step} of {holder.total}" if holder.step is not None and holder.total else "preparing")
         line = f"{provider.label}: busy with {what} ({doing})"
@@ -345,17 +347,17 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
             job = service.launch(owner, provider_key, dataset_, req, on_upload=uploaded, provider=provider)
         except ProviderError as exc:
             # The job row records the failure; show it in place, not only as a toast.
-            gr.Warning(exc.user_message())
+            feedback.warning(exc.user_message())
             owned = service.jobs.list(owner)
             failed = owned[0] if owned and owned[0].status == "failed" else None
-            return (f"❌ Launch failed: {exc.user_message()}", jobs_frame(owned), job_markdown(failed),
+            return (f"❌ Launch failed: {plain(exc.user_message())}", jobs_frame(owned), job_markdown(failed),
                     failed.id if failed else None, gr.Timer(), seen_, banner_markdown(service, provider_key, key, settings))
         owned = service.jobs.list(owner)
         if job.remote_id:
-            msg = f"🚀 Launched **{job.name}** on {job.provider} (id `{job.remote_id}`). Tracking it below."
-            gr.Info(f"Launched {job.name}.")
+            msg = f"🚀 Launched **{plain(job.name)}** on {job.provider} (id `{job.remote_id}`). Tracking it below."
+            feedback.info(f"Launched {job.name}.")
         else:
-            msg = f"⏳ {job.message}"
+            msg = f"⏳ {plain(job.message)}"
         return (msg, jobs_frame(owned), job_markdown(job), job.id, gr.Timer(active=True),
                 {**seen_, job.id: job.status}, banner_markdown(service, provider_key, key, settings))
 
@@ -366,9 +368,9 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
             before = seen_.get(j.id)
             if before is not None and before != j.status:
                 if j.status == "ready":
-                    gr.Info(f"Fine-tune '{j.name}' is ready. Try it on the Compare tab.")
+                    feedback.info(f"Fine-tune '{j.name}' is ready. Try it on the Compare tab.")
                 elif j.status == "failed":
-                    gr.Warning(f"Fine-tune '{j.name}' failed: {j.error}")
+                    feedback.warning(f"Fine-tune '{j.name}' failed: {j.error}")
         current = next((j for j in owned if j.id == selected_), None)
         plot, gallery = progress_views(owner, current)
         return (
@@ -404,7 +406,7 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
         require_selection(selected_)
         owner = owner_for(request, settings)
         job = service.resume(owner, selected_)
-        gr.Info(f"Resuming '{job.name}' from its last checkpoint.")
+        feedback.info(f"Resuming '{job.name}' from its last checkpoint.")
         return jobs_frame(service.jobs.list(owner)), job_markdown(job), gr.Timer(active=True)
 
     @shows_errors
@@ -412,7 +414,7 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
         require_selection(selected_)
         owner = owner_for(request, settings)
         job = service.cancel(owner, selected_)
-        gr.Info(f"Cancelled '{job.name}'." + (" Its last checkpoint is kept: Resume continues from it."
+        feedback.info(f"Cancelled '{job.name}'." + (" Its last checkpoint is kept: Resume continues from it."
                                                if hasattr(service.providers.get(job.provider), "resume") else ""))
         return jobs_frame(service.jobs.list(owner)), job_markdown(job)
 
@@ -421,7 +423,7 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
         require_selection(selected_)
         owner = owner_for(request, settings)
         job = service.delete(owner, selected_)
-        gr.Info(f"Deleted '{job.name}'.")
+        feedback.info(f"Deleted '{job.name}'.")
         return jobs_frame(service.jobs.list(owner)), job_markdown(None), None
 
     def list_jobs(request: gr.Request = None) -> list[dict]:
@@ -447,7 +449,7 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
         if not (token or "").strip():
             raise InputError("The token is empty.", hint="Paste a Hugging Face token with write access.")
         url = local.publish(job.remote_id, repo.strip(), Secret(token), private=bool(private_))
-        gr.Info(f"Published '{job.name}'.")
+        feedback.info(f"Published '{job.name}'.")
         return f"✅ Published to [{repo.strip()}]({url}) ({'private' if private_ else 'public'}).", ""
 
     publish.click(on_publish, [selected, repo_id, hf_token, private], [publish_result, hf_token], concurrency_limit=2)

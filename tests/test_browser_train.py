@@ -147,3 +147,23 @@ def test_local_job_cancel_then_resume(settings, tmp_path, monkeypatch):
             page.locator("#train-queue").get_by_text("Local engine: idle.").wait_for(timeout=15_000)
         finally:
             release.set()
+
+
+def test_user_text_is_shown_as_text_never_as_html(settings, fake_cometapi, tmp_path):
+    """A fine-tune name is echoed in a toast, the launch line and the job details: as text, never markup."""
+    settings = settings.with_(cometapi_base_url=fake_cometapi.url, cometapi_key=Secret(FAKE_COMETAPI_KEY))
+    store = DatasetStores(settings)("local")
+    name = store.create("mug").name
+    store.add_files(name, fx.good_set(tmp_path / "g", count=5, size=(640, 640)))
+    hostile = 'mug <img src=x id=pwned onerror="window.pwned=1"><b>bold</b>'
+    with chromium() as browser, running_app(settings) as url:
+        page = browser.new_page()
+        _open_train_tab(page, url)
+        wait_for_train_dataset(page)
+        page.locator("#train-name textarea, #train-name input").first.fill(hostile)
+        click_launch(page)
+        page.get_by_text(f"Launched {hostile}.").wait_for(timeout=15_000)  # the toast, word for word
+        assert hostile in page.locator("#train-launch-result").inner_text()
+        assert hostile in page.locator("#train-job-detail").inner_text()
+        assert page.locator("#pwned").count() == 0 and page.locator("b", has_text="bold").count() == 0
+        assert page.evaluate("window.pwned") is None
