@@ -67,6 +67,25 @@ def finetunes_info(count: int) -> str:
     return f"{count} ready fine-tune(s) of yours, newest first."
 
 
+def authorize_target(target: Target, jobs: JobStore, owner: str, settings: Settings, own_key: bool) -> Target:
+    """The target, if this visitor may use it: one of their own ready fine-tunes, or, hosted, a
+    CometAPI id from elsewhere only with their own key (never another visitor's local LoRA, and
+    never on the app's shared key). Checked before anything is charged or sent."""
+    for mine in ready_targets(jobs, owner):
+        if (mine.provider_key, mine.finetune_id) == (target.provider_key, target.finetune_id):
+            return mine
+    if not settings.hosted:
+        return target  # one person's app: an id from a notebook or another install is theirs
+    if target.provider_key == "cometapi" and own_key:
+        return target  # their key, their account: the service decides what it may use
+    if target.provider_key == "cometapi":
+        raise InputError("No CometAPI key of your own is set, and a fine-tune id that is not one of yours "
+                         "works only with your own key.",
+                         hint="Enter your key at the top of the page, or pick one of your ready fine-tunes.")
+    raise InputError(f"{target.finetune_id[:40]} is not one of your fine-tunes.",
+                     hint="Pick one of your ready fine-tunes, or train one on the Train tab.")
+
+
 def parse_target(choice: str | None, pasted: str, provider_keys: list[str]) -> Target:
     pasted = (pasted or "").strip()
     if pasted:
@@ -190,7 +209,7 @@ def build(access: ProviderAccess, jobs: JobStore, results: ResultStore, settings
     def on_compare(choice, pasted_, model_, key, prompt_, seed_, strength_, aspect_, width_, height_, steps_,
                    guidance_, safety_, fmt_, request: gr.Request = None):
         owner = owner_for(request, settings)
-        target = parse_target(choice, pasted_, provider_keys)
+        target = authorize_target(parse_target(choice, pasted_, provider_keys), jobs, owner, settings, bool(key))
         req = request_from(prompt_, seed_, strength_, aspect_, width_, height_, steps_, guidance_, safety_, fmt_)
         provider = access.get(target.provider_key, owner, key, cost=2)
         result = cmp.compare_pair(
@@ -214,7 +233,7 @@ def build(access: ProviderAccess, jobs: JobStore, results: ResultStore, settings
                 aspect_, width_, height_, steps_, guidance_, safety_, fmt_, request: gr.Request = None,
                 progress=gr.Progress()):
         owner = owner_for(request, settings)
-        target = parse_target(choice, pasted_, provider_keys)
+        target = authorize_target(parse_target(choice, pasted_, provider_keys), jobs, owner, settings, bool(key))
         strengths_list = parse_strengths(strengths_)
         # Validated before the shared-key limit is charged for it.
         lines, columns = cmp.plan_grid((prompts_ or "").splitlines(), strengths_list, include_base_,

@@ -90,3 +90,47 @@ def test_the_dataset_list_is_each_visitors_own_not_anonymous(settings, tmp_path)
     choices = lambda update: [c[0] if isinstance(c, (list, tuple)) else c for c in update["choices"]]  # noqa: E731
     assert choices(alice_list) == [mine]
     assert choices(bob_list) == []
+
+
+def test_a_fine_tune_id_resolves_against_the_callers_own_jobs_only(settings, fake_cometapi):
+    """Pasting another visitor's local job id, or a CometAPI id on the shared key, is refused before
+    anything is charged or sent; one's own ready fine-tune works."""
+    import re
+
+    from gradio_client.exceptions import AppError
+
+    from services.config import Secret
+    from services.jobs import JobStore
+    from tests.conftest import FAKE_COMETAPI_KEY
+
+    settings = settings.with_(hosted=True, cometapi_base_url=fake_cometapi.url,
+                              cometapi_key=Secret(FAKE_COMETAPI_KEY), shared_key_limit=10)
+    fake_cometapi.pending_polls = 0
+    finetune = fake_cometapi.add_finetune()
+    fields = ["a photo of TOK", 5, 1.0, "1:1", 1024, 768, 28, 2.5, 2, "jpeg"]
+    with running_app(settings) as url:
+        alice, bob = Client(url, verbose=False), Client(url, verbose=False)
+        try:
+            jobs = JobStore.from_settings(settings)
+            alice_owner = "session-" + re.sub(r"[^A-Za-z0-9]", "", alice.session_hash)[:64]
+            for remote, result in ((finetune, {"finetune_id": finetune}), ("local-alicesjob", {})):
+                job = jobs.create(alice_owner, "cometapi" if remote == finetune else "local", "finetune", "a", "d",
+                                  "h", {})
+                jobs.update(alice_owner, job.id, remote_id=remote, status="ready", result=result)
+            jobs.close()
+            before = len(fake_cometapi.requests())
+            for pasted, why in (("local-alicesjob", "is not one of your fine-tunes"),
+                                (finetune, "works only with your own key")):
+                try:
+                    bob.predict(None, pasted, "flux-pro-1.1-ultra-finetuned", *fields, api_name="/compare")
+                except AppError as exc:
+                    assert why in str(exc)
+                else:
+                    raise AssertionError(f"Bob used {pasted}")
+            assert len(fake_cometapi.requests()) == before  # nothing was sent, nothing charged
+            base, tuned, *_ = alice.predict(None, finetune, "flux-pro-1.1-ultra-finetuned", *fields,
+                                            api_name="/compare")
+            assert Path(base).is_file() and Path(tuned).is_file()
+        finally:
+            alice.close()
+            bob.close()

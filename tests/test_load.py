@@ -2,6 +2,7 @@
 and a cheap call stays quick while generation queues (loopback app + fake CometAPI only)."""
 from __future__ import annotations
 
+import re
 import statistics
 import threading
 import time
@@ -10,6 +11,7 @@ from pathlib import Path
 from gradio_client import Client
 
 from services.config import Secret
+from services.jobs import JobStore
 from tests.browser import running_app
 from tests.conftest import FAKE_COMETAPI_KEY
 
@@ -29,6 +31,12 @@ def test_twenty_sessions_stay_responsive_and_isolated(settings, fake_cometapi):
     with running_app(settings) as url:
         clients = [Client(url, verbose=False) for _ in range(SESSIONS + 1)]
         probe_client, visitors = clients[0], clients[1:]
+        jobs = JobStore.from_settings(settings)
+        for client in visitors:  # each compares a ready fine-tune of their own (a pasted id must be theirs)
+            owner = "session-" + re.sub(r"[^A-Za-z0-9]", "", client.session_hash)[:64]
+            job = jobs.create(owner, "cometapi", "finetune", "mine", "ds", "h", {})
+            jobs.update(owner, job.id, remote_id=finetune, status="ready", result={"finetune_id": finetune})
+        jobs.close()
         outcomes: dict[int, object] = {}
         probe_latencies: list[float] = []
         stop = threading.Event()
