@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import re
 import time
 from collections.abc import Callable
@@ -18,9 +19,11 @@ from services import providers as P
 from services.config import Secret, Settings
 from services.dataset import DatasetStore
 from services.access import ProviderAccess
-from services.errors import InputError, ProviderError
+from services.errors import InputError, ProviderError, StudioError
 from services.jobs import Job
 from services.training import TrainingService
+
+log = logging.getLogger("flux_studio.ui")
 
 JOB_COLUMNS = ["job", "name", "provider", "dataset", "status", "progress", "elapsed", "created"]
 TICK_SECONDS = 2.0
@@ -434,8 +437,20 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
 
     # API only (gradio_client): cheap, so it never waits in the queue behind uploads or generation.
     gr.api(list_jobs, api_name="list_jobs", concurrency_limit=None)
-    @shows_errors
+
     def on_publish(selected_: str | None, repo: str, token: str, private_: bool, request: gr.Request = None):
+        """Publish, and clear the token box whatever happens: a token must not wait in the page."""
+        try:
+            return publish_selected(selected_, repo, token, private_, request), ""
+        except Exception as exc:
+            known = isinstance(exc, StudioError)
+            if not known:
+                log.error("Publishing failed", exc_info=exc)
+            msg = exc.user_message() if known else "Something went wrong on our side; try again."
+            feedback.warning(f"Publish failed: {msg}")
+            return f"❌ Publish failed: {plain(msg)} Paste the token again to retry.", ""
+
+    def publish_selected(selected_: str | None, repo: str, token: str, private_: bool, request) -> str:
         require_selection(selected_)
         owner = owner_for(request, settings)
         job = service.jobs.get(owner, selected_)
@@ -450,7 +465,7 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
             raise InputError("The token is empty.", hint="Paste a Hugging Face token with write access.")
         url = local.publish(job.remote_id, repo.strip(), Secret(token), private=bool(private_))
         feedback.info(f"Published '{job.name}'.")
-        return f"✅ Published to [{repo.strip()}]({url}) ({'private' if private_ else 'public'}).", ""
+        return f"✅ Published to [{repo.strip()}]({url}) ({'private' if private_ else 'public'})."
 
     publish.click(on_publish, [selected, repo_id, hf_token, private], [publish_result, hf_token], concurrency_limit=2)
     provider.change(on_provider, [provider, session_key], [banner])

@@ -167,3 +167,20 @@ def test_user_text_is_shown_as_text_never_as_html(settings, fake_cometapi, tmp_p
         assert hostile in page.locator("#train-job-detail").inner_text()
         assert page.locator("#pwned").count() == 0 and page.locator("b", has_text="bold").count() == 0
         assert page.evaluate("window.pwned") is None
+
+
+def test_a_failed_publish_clears_the_token_box(settings):
+    """The Hugging Face token is used once and cleared on every outcome, a failure included."""
+    token = "hf_FAKEtoken0123456789abcdefSECRET"
+    with chromium() as browser, running_app(settings) as url:
+        page = browser.new_page()
+        _open_train_tab(page, url)
+        page.locator("#train-publish-box").get_by_text("Publish a local LoRA").click()
+        box = page.locator("#train-publish-token input")
+        box.fill(token)
+        page.locator("#train-publish-repo textarea, #train-publish-repo input").first.fill("me/my-lora")
+        page.click("#train-publish")  # no job selected: it fails
+        page.locator("#train-publish-result").get_by_text("Publish failed: No job is selected.").wait_for(
+            timeout=15_000)
+        expect(box).to_have_value("")
+        assert token not in page.content()
