@@ -21,10 +21,11 @@ from pathlib import Path
 
 import gradio as gr
 from gradio import utils as gr_utils
+from starlette.middleware import Middleware
 from PIL import Image
 
 from components import compare_tab, dataset_tab, session_panel, train_tab
-from components.identity import VISITOR_HEAD
+from components.identity import VisitorGate
 from services.access import ProviderAccess
 from services.captioning import Captioner
 from services.cometapi import CometAPIClient
@@ -161,15 +162,17 @@ def placeholder_image(settings: Settings) -> Path:
 def launch_options(settings: Settings) -> dict:
     """Arguments for ``Blocks.launch`` that every way of starting the app shares."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    return {
+    options = {
         # Nothing of the data dir is served: pages get copies in Gradio's cache (components/serving.py).
         # deep_links/ holds whole sessions' component values, written by a route anyone can call.
         "blocked_paths": [str(settings.data_dir.resolve()), str(Path(gr_utils.get_upload_folder()) / "deep_links")],
         "max_file_size": settings.max_upload_bytes,
         "theme": gr.themes.Soft(),
-        "head": VISITOR_HEAD if settings.hosted else "",
         "css": CSS,
     }
+    if settings.hosted:  # server-minted visitor cookies; other sites' pages may not act as a visitor
+        options["app_kwargs"] = {"middleware": [Middleware(VisitorGate, settings=settings)]}
+    return options
 
 
 def parse_auth(raw: str) -> tuple[str, str] | None:

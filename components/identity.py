@@ -1,42 +1,35 @@
 """Who is using the app: the owner every dataset, job and result belongs to."""
 from __future__ import annotations
 
-import hashlib
 import re
+import secrets
+from http.cookies import CookieError, SimpleCookie
 
 import gradio as gr
+from starlette.datastructures import Headers
+from starlette.responses import PlainTextResponse
 
+from services import visitors
 from services.config import Settings
 from services.owners import LOCAL_OWNER
 
 ANONYMOUS = "anonymous"
 VISITOR_COOKIE = "flux_studio_visitor"
-_TOKEN_RE = re.compile(r"[0-9a-f]{32}")
-
-# Hosted and not signed in, a visitor is known by a random token their browser keeps in a cookie,
-# so a reload finds their work again. Set before the app's first request (launch(head=...)).
-# Cross-site frames (a Space inside huggingface.co) need SameSite=None; Secure; where the browser
-# refuses the cookie, identity falls back to the page session.
-VISITOR_HEAD = """<script>
-(function () {
-  try {
-    var name = "%s=";
-    if (document.cookie.split("; ").some(function (c) { return c.indexOf(name) === 0; })) return;
-    var bytes = new Uint8Array(16);
-    crypto.getRandomValues(bytes);
-    var token = Array.prototype.map.call(bytes, function (b) { return ("0" + b.toString(16)).slice(-2); }).join("");
-    var secure = location.protocol === "https:";
-    document.cookie = name + token + "; path=/; max-age=31536000; SameSite=" + (secure ? "None; Secure" : "Lax");
-  } catch (e) { /* no cookies: the session identifies the visitor */ }
-})();
-</script>""" % VISITOR_COOKIE
+# A year: the cookie is what brings a visitor back to their work after a reload or a restart.
+COOKIE_MAX_AGE_S = 365 * 24 * 3600
+# Pages a Space is shown in: its own *.hf.space origin, inside huggingface.co's frame.
+SPACE_ORIGINS = re.compile(r"https://([a-z0-9-]+\.hf\.space|huggingface\.co)")
+_UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 
 
 def owner_for(request: gr.Request | None, settings: Settings) -> str:
-    """Locally everything belongs to one person; hosted, each login, browser or session is its own owner.
+    """Locally everything belongs to one person; hosted, each login or each browser is its own owner.
 
-    ``gr.Request`` is None when a handler is called directly (tests, notebooks). Hosted, that
-    and a request without a session never fall back to the local owner's files.
+    Hosted identity is set by the server only: the ``--auth`` login, else a token the server
+    minted into an HttpOnly cookie (``VisitorGate``). Gradio's ``session_hash`` is chosen by the
+    client and is never an identity. A request with no valid token (a browser that refuses the
+    cookie) gets an owner of its own that nobody else can reach, not a shared one.
+    ``gr.Request`` is None only when a handler is called directly (tests, notebooks).
     """
     if not settings.hosted:
         return LOCAL_OWNER
@@ -45,18 +38,78 @@ def owner_for(request: gr.Request | None, settings: Settings) -> str:
     username = getattr(request, "username", None)
     if username:
         return "user-" + re.sub(r"[^A-Za-z0-9_-]", "_", username)[:64]
-    token = _visitor_token(request)
-    if token:
-        # Only a hash is kept (in job rows, folder names): the token itself is the capability.
-        return "visitor-" + hashlib.sha256(token.encode()).hexdigest()[:32]
-    session = re.sub(r"[^A-Za-z0-9]", "", getattr(request, "session_hash", None) or "")[:64]
-    return f"session-{session}" if session else ANONYMOUS
+    owner = visitors.owner_of(settings, _cookie(request))
+    return owner or "nocookie-" + secrets.token_hex(16)
 
 
-def _visitor_token(request: gr.Request) -> str:
+def _cookie(request: gr.Request) -> str:
     # gr.Request turns the cookie dict into its own mapping type: index it, don't .get() it.
     try:
         token = request.cookies[VISITOR_COOKIE]
     except (AttributeError, KeyError, TypeError):
         return ""
-    return token if isinstance(token, str) and _TOKEN_RE.fullmatch(token) else ""
+    return token if isinstance(token, str) else ""
+
+
+class VisitorGate:
+    """ASGI middleware for hosted mode (``launch_options`` installs it).
+
+    * Refuses state-changing requests (POST, ...) whose ``Origin`` is another site's: Gradio echoes
+      any origin with credentials, so without this a page elsewhere could act as a visitor.
+      Requests with no Origin (scripts, gradio_client) carry no one else's cookie and pass.
+    * Gives every client without a valid visitor cookie a fresh server-minted one: HttpOnly (no
+      script can read it), and Secure, SameSite=None and Partitioned (CHIPS) over HTTPS, so it
+      works inside huggingface.co's frame. gradio_client keeps the cookie from its first request.
+    """
+
+    def __init__(self, app, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = Headers(scope=scope)
+        if scope["method"] in _UNSAFE_METHODS and not self._same_site(headers, scope):
+            response = PlainTextResponse("Requests from other sites are refused.", status_code=403)
+            return await response(scope, receive, send)
+        if visitors.owner_of(self.settings, _cookie_from(headers)):
+            return await self.app(scope, receive, send)
+        cookie = self._set_cookie(visitors.mint(self.settings), _is_https(headers, scope))
+
+        async def send_with_cookie(message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"set-cookie", cookie.encode("latin-1"))]
+            await send(message)
+
+        await self.app(scope, receive, send_with_cookie)
+
+    def _same_site(self, headers: Headers, scope) -> bool:
+        origin = headers.get("origin")
+        if origin is None:
+            return True
+        host = headers.get("host", "")
+        if origin in (f"http://{host}", f"https://{host}"):
+            return True
+        return bool(self.settings.space_id) and bool(SPACE_ORIGINS.fullmatch(origin))
+
+    @staticmethod
+    def _set_cookie(token: str, https: bool) -> str:
+        flags = "; Secure; SameSite=None; Partitioned" if https else "; SameSite=Lax"
+        return f"{VISITOR_COOKIE}={token}; Path=/; Max-Age={COOKIE_MAX_AGE_S}; HttpOnly{flags}"
+
+
+def _cookie_from(headers: Headers) -> str:
+    jar = SimpleCookie()
+    try:
+        jar.load(headers.get("cookie", ""))
+    except CookieError:
+        return ""
+    morsel = jar.get(VISITOR_COOKIE)
+    return morsel.value if morsel else ""
+
+
+def _is_https(headers: Headers, scope) -> bool:
+    # Spaces terminate TLS at a proxy, which says so in X-Forwarded-Proto.
+    return scope.get("scheme") == "https" or headers.get("x-forwarded-proto", "").split(",")[0].strip() == "https"

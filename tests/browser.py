@@ -74,3 +74,13 @@ def upload_files(page, elem_id: str, paths) -> None:
     paths = [str(p) for p in paths]
     page.locator(f"#{elem_id} input[type=file]").set_input_files(paths)
     expect(page.locator(f"#{elem_id} tr.file")).to_have_count(len(paths), timeout=60_000)
+
+
+def client_owner(settings, client) -> str:
+    """The owner a gradio_client Client is, hosted: from the visitor cookie the server minted for it."""
+    from components.identity import VISITOR_COOKIE
+    from services import visitors
+
+    owner = visitors.owner_of(settings, client.cookies.get(VISITOR_COOKIE))
+    assert owner, f"the server minted no visitor cookie for this client: {client.cookies}"
+    return owner

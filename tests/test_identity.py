@@ -1,12 +1,11 @@
-"""Who owns what: local, signed-in, cookie visitor, page session."""
+"""Who owns what: local, signed-in, or a visitor known by a token only the server can mint."""
 from __future__ import annotations
 
 import gradio as gr
 
 from components.identity import VISITOR_COOKIE, owner_for
+from services import visitors
 from services.config import Settings
-
-TOKEN = "0123456789abcdef0123456789abcdef"
 
 
 def test_local_is_one_owner(tmp_path):
@@ -14,16 +13,20 @@ def test_local_is_one_owner(tmp_path):
     assert owner_for(gr.Request(username="ann"), Settings(data_dir=tmp_path)) == "local"
 
 
-def test_hosted_owner_order_login_then_cookie_then_session(tmp_path):
+def test_hosted_owner_is_the_login_or_a_server_minted_token_never_the_session(tmp_path):
     hosted = Settings(data_dir=tmp_path, hosted=True)
     assert owner_for(gr.Request(username="ann/../x", session_hash="s1"), hosted) == "user-ann____x"
-    by_cookie = owner_for(gr.Request(cookies={VISITOR_COOKIE: TOKEN}, session_hash="s1"), hosted)
-    assert by_cookie.startswith("visitor-") and TOKEN not in by_cookie  # only a hash is kept
+    token = visitors.mint(hosted)
+    by_cookie = owner_for(gr.Request(cookies={VISITOR_COOKIE: token}, session_hash="s1"), hosted)
+    assert by_cookie.startswith("visitor-") and token.split(".")[0] not in by_cookie  # a keyed hash only
     # Same browser, a new page session (a reload): the same owner.
-    assert owner_for(gr.Request(cookies={VISITOR_COOKIE: TOKEN}, session_hash="s2"), hosted) == by_cookie
-    other = owner_for(gr.Request(cookies={VISITOR_COOKIE: "f" * 32}, session_hash="s1"), hosted)
-    assert other != by_cookie
-    # A malformed cookie is ignored, never trusted as an id.
-    assert owner_for(gr.Request(cookies={VISITOR_COOKIE: "../etc"}, session_hash="s-1"), hosted) == "session-s1"
-    assert owner_for(gr.Request(session_hash="abc"), hosted) == "session-abc"
+    assert owner_for(gr.Request(cookies={VISITOR_COOKIE: token}, session_hash="s2"), hosted) == by_cookie
+    assert owner_for(gr.Request(cookies={VISITOR_COOKIE: visitors.mint(hosted)}), hosted) != by_cookie
+    # A token the client made up (or one with its MAC changed) is no token: a fresh owner each time,
+    # never the session's and never a shared one.
+    forged = token.split(".")[0] + "." + "0" * 32
+    for cookies, session in (({VISITOR_COOKIE: forged}, "s1"), ({VISITOR_COOKIE: "f" * 32}, "s1"), ({}, "abc")):
+        first = owner_for(gr.Request(cookies=cookies, session_hash=session), hosted)
+        again = owner_for(gr.Request(cookies=cookies, session_hash=session), hosted)
+        assert first.startswith("nocookie-") and first != again and session not in first
     assert owner_for(None, hosted) == "anonymous"

@@ -2,7 +2,6 @@
 and a cheap call stays quick while generation queues (loopback app + fake CometAPI only)."""
 from __future__ import annotations
 
-import re
 import statistics
 import threading
 import time
@@ -12,7 +11,7 @@ from gradio_client import Client
 
 from services.config import Secret
 from services.jobs import JobStore
-from tests.browser import running_app
+from tests.browser import client_owner, running_app
 from tests.conftest import FAKE_COMETAPI_KEY
 
 SESSIONS = 20
@@ -33,7 +32,7 @@ def test_twenty_sessions_stay_responsive_and_isolated(settings, fake_cometapi):
         probe_client, visitors = clients[0], clients[1:]
         jobs = JobStore.from_settings(settings)
         for client in visitors:  # each compares a ready fine-tune of their own (a pasted id must be theirs)
-            owner = "session-" + re.sub(r"[^A-Za-z0-9]", "", client.session_hash)[:64]
+            owner = client_owner(settings, client)
             job = jobs.create(owner, "cometapi", "finetune", "mine", "ds", "h", {})
             jobs.update(owner, job.id, remote_id=finetune, status="ready", result={"finetune_id": finetune})
         jobs.close()

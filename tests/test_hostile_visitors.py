@@ -1,9 +1,11 @@
-"""Hosted mode as an attacker sees it: no file of the data dir is served to anyone, by any path.
+"""Hosted mode as an attacker sees it, with two visitors and an anonymous client over real HTTP.
 
-Two visitors do real work through the API; then an anonymous client asks the file route for every
-file under the data dir (the owner secret, the database, local job folders, every owner's datasets
-and exports) and for a session's deep-link dump. The visitors' own results still reach them, as
-copies in Gradio's cache: that positive control shows the probe could tell the difference."""
+* No file of the data dir is served to anyone, by any path: two visitors do real work through the
+  API, then an anonymous client asks the file route for every file under the data dir and for a
+  session's deep-link dump. The visitors' own results still reach them (the positive control).
+* Identity is the server's: a replayed session_hash or a made-up cookie gets nothing.
+* Another site's page may not act as a visitor.
+* A fine-tune id resolves against the caller's own jobs only."""
 from __future__ import annotations
 
 import zipfile
@@ -15,7 +17,7 @@ from gradio import utils as gr_utils
 from gradio_client import Client, handle_file
 
 from tests import imagefactory as fx
-from tests.browser import running_app
+from tests.browser import client_owner, running_app
 
 
 def _file_url(url: str, path: Path | str) -> str:
@@ -95,8 +97,6 @@ def test_the_dataset_list_is_each_visitors_own_not_anonymous(settings, tmp_path)
 def test_a_fine_tune_id_resolves_against_the_callers_own_jobs_only(settings, fake_cometapi):
     """Pasting another visitor's local job id, or a CometAPI id on the shared key, is refused before
     anything is charged or sent; one's own ready fine-tune works."""
-    import re
-
     from gradio_client.exceptions import AppError
 
     from services.config import Secret
@@ -112,7 +112,7 @@ def test_a_fine_tune_id_resolves_against_the_callers_own_jobs_only(settings, fak
         alice, bob = Client(url, verbose=False), Client(url, verbose=False)
         try:
             jobs = JobStore.from_settings(settings)
-            alice_owner = "session-" + re.sub(r"[^A-Za-z0-9]", "", alice.session_hash)[:64]
+            alice_owner = client_owner(settings, alice)
             for remote, result in ((finetune, {"finetune_id": finetune}), ("local-alicesjob", {})):
                 job = jobs.create(alice_owner, "cometapi" if remote == finetune else "local", "finetune", "a", "d",
                                   "h", {})
@@ -134,3 +134,70 @@ def test_a_fine_tune_id_resolves_against_the_callers_own_jobs_only(settings, fak
         finally:
             alice.close()
             bob.close()
+
+
+def test_a_replayed_session_hash_or_a_made_up_cookie_gets_nothing(settings, tmp_path):
+    from components.identity import VISITOR_COOKIE
+
+    settings = settings.with_(hosted=True)
+    photo = fx.good_set(tmp_path / "g", count=1, size=(640, 640))[0]
+    with running_app(settings) as url:
+        alice = Client(url, verbose=False)
+        # Bob knows Alice's session hash, and makes up a cookie shaped like a token.
+        bob = Client(url, verbose=False)
+        mallory = Client(url, verbose=False, httpx_kwargs={"cookies": {VISITOR_COOKIE: "a" * 32 + "." + "b" * 32}})
+        try:
+            picker, *_ = alice.predict([handle_file(str(photo))], None, api_name="/add_images")
+            bob.session_hash = alice.session_hash
+            mallory.session_hash = alice.session_hash
+            lists = {who: c.predict(None, api_name="/list_datasets")["choices"]
+                     for who, c in (("alice", alice), ("bob", bob), ("mallory", mallory))}
+            owners = {client_owner(settings, c) for c in (alice, bob)}
+        finally:
+            for c in (alice, bob, mallory):
+                c.close()
+    assert len(lists["alice"]) == 1 and lists["bob"] == [] and lists["mallory"] == []
+    assert len(owners) == 2
+
+
+def test_another_sites_page_may_not_act_as_a_visitor_and_the_cookie_is_out_of_scripts_reach(settings):
+    settings = settings.with_(hosted=True)
+    with running_app(settings) as url, httpx.Client(timeout=30) as http:
+        base = url.rstrip("/")
+        host = httpx.URL(base).netloc.decode()
+        page = http.get(base + "/")
+        cookie = page.headers["set-cookie"]
+        assert "HttpOnly" in cookie and "SameSite=Lax" in cookie  # plain http: no Secure flag possible
+        http.cookies.clear()
+        behind_tls = http.get(base + "/", headers={"x-forwarded-proto": "https"}).headers["set-cookie"]
+        assert all(flag in behind_tls for flag in ("HttpOnly", "Secure", "SameSite=None", "Partitioned"))
+        body = {"data": [None], "fn_index": 0, "session_hash": "evil0001"}
+        join = base + "/gradio_api/queue/join"
+        refused = http.post(join, json=body, headers={"origin": "https://evil.example"})
+        assert refused.status_code == 403 and "other sites" in refused.text
+        for origin in (f"http://{host}", None):
+            headers = {"origin": origin} if origin else {}
+            assert http.post(join, json=body, headers=headers).status_code != 403, origin
+
+
+def test_on_a_space_its_own_origins_are_the_same_site(settings):
+    """A Space's page lives on <name>.hf.space, shown inside huggingface.co: both may act; others not."""
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from components.identity import VisitorGate
+
+    async def ok(request):
+        return PlainTextResponse("ok")
+
+    space = settings.with_(hosted=True, space_id="someone/studio")
+    app = VisitorGate(Starlette(routes=[Route("/", ok, methods=["POST"])]), space)
+    with TestClient(app, base_url="https://someone-studio.hf.space") as client:
+        codes = {origin: client.post("/", headers={"origin": origin}).status_code for origin in (
+            "https://someone-studio.hf.space", "https://huggingface.co", "https://evil.example",
+            "https://huggingface.co.evil.example", "http://huggingface.co")}
+    assert codes == {"https://someone-studio.hf.space": 200, "https://huggingface.co": 200,
+                     "https://evil.example": 403, "https://huggingface.co.evil.example": 403,
+                     "http://huggingface.co": 403}
