@@ -105,6 +105,11 @@ class Settings:
     max_zip_bytes: int = 500 * 1024 * 1024
     # Upper bound on what a zip may inflate to, so a zip bomb cannot fill the disk.
     max_unzipped_bytes: int = 2 * 1024 * 1024 * 1024
+    # A training set is a few dozen images: more entries than this is a mistake or an attack.
+    max_zip_entries: int = 1000
+    max_zip_entry_bytes: int = 64 * 1024 * 1024
+    # Photos barely compress (JPEG about 1:1, PNG a few to one); a zip entry far past this is a bomb.
+    max_zip_ratio: int = 100
     max_upload_bytes: int = 600 * 1024 * 1024
     # Worker threads for image preparation; 0 = one per CPU core.
     workers: int = 0

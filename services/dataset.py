@@ -203,7 +203,10 @@ def _human_mb(n: int) -> str:
     return f"{n / 2**20:.1f} MB"
 
 
-def _collect(paths: Sequence[Path], original_names: Sequence[str], settings: Settings) -> _Collected:
+def _collect(paths: Sequence[Path], original_names: Sequence[str], settings: Settings,
+             unzip_dir: Path) -> _Collected:
+    """Sort the upload into images and captions. Zip entries are extracted once, streamed into
+    ``unzip_dir`` under caps, so that no worker re-opens a zip and nothing is held whole in memory."""
     out = _Collected()
     for path, shown in zip(paths, original_names):
         try:
@@ -213,7 +216,7 @@ def _collect(paths: Sequence[Path], original_names: Sequence[str], settings: Set
             continue
         ext = Path(shown).suffix.lower()
         if ext == ".zip" or (size and ext not in (".txt",) and zipfile.is_zipfile(path)):
-            _collect_zip(path, shown, size, settings, out)
+            _collect_zip(path, shown, size, settings, out, unzip_dir)
             continue
         if _is_hidden_or_metadata(shown):
             out.skipped.append(FileMessage(shown, "hidden or system file"))
@@ -233,7 +236,7 @@ def _collect(paths: Sequence[Path], original_names: Sequence[str], settings: Set
     return out
 
 
-def _collect_zip(path: Path, shown: str, size: int, settings: Settings, out: _Collected) -> None:
+def _collect_zip(path: Path, shown: str, size: int, settings: Settings, out: _Collected, unzip_dir: Path) -> None:
     if size == 0:
         out.rejected.append(FileMessage(shown, "empty zip (0 bytes)"))
         return
@@ -250,10 +253,15 @@ def _collect_zip(path: Path, shown: str, size: int, settings: Settings, out: _Co
         out.rejected.append(FileMessage(shown, "not a valid zip (corrupt or truncated); re-create it and upload again"))
         return
     with zf:
+        entries = [info for info in zf.infolist() if not info.is_dir()]
+        if len(entries) > settings.max_zip_entries:
+            out.rejected.append(FileMessage(shown, (
+                f"the zip holds {len(entries):,} files, over the limit of {settings.max_zip_entries:,}; "
+                "a training set needs a few dozen images: zip only those")))
+            return
+        unzip_dir.mkdir(parents=True, exist_ok=True)
         inflated = 0
-        for info in zf.infolist():
-            if info.is_dir():
-                continue
+        for number, info in enumerate(entries):
             name = _decode_zip_name(info)
             label = f"{shown}:{name}"
             if _unsafe_zip_path(name):
@@ -265,27 +273,53 @@ def _collect_zip(path: Path, shown: str, size: int, settings: Settings, out: _Co
             if info.flag_bits & 0x1:
                 out.rejected.append(FileMessage(label, "encrypted zip entry; zip it again without a password"))
                 continue
-            inflated += info.file_size
-            if inflated > settings.max_unzipped_bytes:
-                out.rejected.append(FileMessage(
-                    label,
-                    f"the zip expands to more than {_human_mb(settings.max_unzipped_bytes)}; "
-                    "this and the remaining entries were not read",
-                ))
-                return
+            if info.compress_size and info.file_size > settings.max_zip_ratio * info.compress_size:
+                out.rejected.append(FileMessage(label, (
+                    f"it inflates {info.file_size // info.compress_size:,} times over, far more than any photo "
+                    "(a zip bomb?); skipped")))
+                continue
             pure = PurePosixPath(name.replace("\\", "/"))
             group = f"{shown}|{pure.parent}"
-            if pure.suffix.lower() == ".txt":
-                if info.file_size > MAX_CAPTION_BYTES:
-                    out.rejected.append(FileMessage(label, f"caption file is too large ({info.file_size:,} bytes)"))
-                    continue
-                out.captions[(group, pure.stem)] = _read_caption(zf.read(info))
-                out.caption_sources[(group, pure.stem)] = label
+            is_caption = pure.suffix.lower() == ".txt"
+            limit = MAX_CAPTION_BYTES if is_caption else settings.max_zip_entry_bytes
+            if info.file_size > limit:
+                what = "caption file" if is_caption else "file"
+                out.rejected.append(FileMessage(label, f"{what} is too large ({info.file_size:,} bytes)"))
                 continue
-            if info.file_size == 0:
+            if info.file_size == 0 and not is_caption:
                 out.rejected.append(FileMessage(label, "empty file (0 bytes)"))
                 continue
-            out.candidates.append(_Candidate(Source(label, str(path), info.filename), group, pure.stem))
+            dest = unzip_dir / f"{number:05d}{pure.suffix.lower()[:8]}"
+            try:
+                written = _extract(zf, info, dest, min(limit, settings.max_unzipped_bytes - inflated))
+            except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+                out.rejected.append(FileMessage(label, "corrupt zip entry; re-create the zip and upload again"))
+                continue
+            if written is None:
+                dest.unlink(missing_ok=True)
+                out.rejected.append(FileMessage(label, (
+                    f"the zip expands to more than {_human_mb(settings.max_unzipped_bytes)}, or this entry is "
+                    "bigger than it says; this and the remaining entries were not read")))
+                return
+            inflated += written
+            if is_caption:
+                out.captions[(group, pure.stem)] = _read_caption(dest.read_bytes())
+                out.caption_sources[(group, pure.stem)] = label
+                dest.unlink()
+                continue
+            out.candidates.append(_Candidate(Source(label, str(dest)), group, pure.stem))
+
+
+def _extract(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path, limit: int) -> int | None:
+    """Stream one entry to ``dest``; the bytes written, or None past ``limit`` (headers can lie)."""
+    written = 0
+    with zf.open(info) as src, open(dest, "wb") as out:
+        while chunk := src.read(1 << 20):
+            written += len(chunk)
+            if written > limit:
+                return None
+            out.write(chunk)
+    return written
 
 
 # ---------------------------------------------------------------- preparing
@@ -524,16 +558,15 @@ class DatasetStore:
                 f"The upload is {_human_mb(total_size)}, over the {_human_mb(self.settings.max_upload_bytes)} limit.",
                 hint="Upload fewer files at a time.",
             )
-        collected = _collect(paths, names, self.settings)
-        report = ImportReport(rejected=collected.rejected, skipped=collected.skipped)
-
         # Decoding takes seconds for a big upload: do it outside the store lock, in a staging
         # dir of its own, so captions can be edited and other imports run meanwhile.
         ds = self.open(name)
-        stems = _unique_stems(collected.candidates, {Path(i.file).stem for i in ds.items})
         staging = ds.path / f".staging-{uuid.uuid4().hex[:8]}"
         staging.mkdir(parents=True, exist_ok=True)
         try:
+            collected = _collect(paths, names, self.settings, staging / "unzipped")
+            report = ImportReport(rejected=collected.rejected, skipped=collected.skipped)
+            stems = _unique_stems(collected.candidates, {Path(i.file).stem for i in ds.items})
             results = prepare_all(
                 [(c.source, s) for c, s in zip(collected.candidates, stems)], staging, self.settings, progress
             )

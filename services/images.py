@@ -35,7 +35,7 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 @dataclass(frozen=True)
 class Source:
-    """Where the bytes of an upload live: a file on disk, or one entry of a zip on disk.
+    """Where the bytes of an upload live: a file on disk (zip entries are extracted first).
 
     Passing the location (not the bytes) to a worker keeps memory flat: each worker
     reads and decodes one image at a time.
@@ -43,13 +43,9 @@ class Source:
 
     display_name: str  # what the user recognises: "photo.jpg" or "shoot.zip:folder/photo.jpg"
     path: str
-    zip_entry: str | None = None
 
     def read_bytes(self) -> bytes:
-        if self.zip_entry is None:
-            return Path(self.path).read_bytes()
-        with zipfile.ZipFile(self.path) as zf:
-            return zf.read(self.zip_entry)
+        return Path(self.path).read_bytes()
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 import zipfile
 from pathlib import Path
 
@@ -225,7 +226,8 @@ def test_zip_over_size_limit_refused(tmp_path, bad):
 
 
 def test_zip_bomb_stops_reading(tmp_path):
-    settings = Settings(data_dir=tmp_path / "d", max_unzipped_bytes=2 * 2**20)
+    # The ratio check would refuse this entry first; switched off, the running total stops it.
+    settings = Settings(data_dir=tmp_path / "d", max_unzipped_bytes=2 * 2**20, max_zip_ratio=10**6)
     store = DatasetStore(settings.datasets_dir, settings)
     z = tmp_path / "bomb.zip"
     with zipfile.ZipFile(z, "w", zipfile.ZIP_DEFLATED) as zf:
@@ -432,3 +434,81 @@ def test_hosted_owners_get_separate_unguessable_roots(settings):
     # The token is stable across restarts (the secret is kept in the data dir, mode 0600).
     assert DatasetStores(settings)("user-alice").root == alice.root
     assert oct((settings.data_dir / ".owner-secret").stat().st_mode & 0o777) == "0o600"
+
+
+def test_a_zip_with_thousands_of_entries_is_refused_at_once(tmp_path):
+    """Each entry once cost a re-read of the whole zip: 5,000 entries took minutes of CPU."""
+    settings = Settings(data_dir=tmp_path / "d")
+    store = DatasetStore(settings.datasets_dir, settings)
+    z = tmp_path / "many.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        for i in range(5000):
+            zf.writestr(f"f{i}.jpg", b"x")
+    started = time.monotonic()
+    ds, report = store.add_files(store.create("s").name, [z])
+    elapsed = time.monotonic() - started
+    assert ds.items == [] and "holds 5,000 files, over the limit of 1,000" in _messages(report, "rejected")["many.zip"]
+    assert elapsed < 5, elapsed  # the issue's bound; it reads the central directory only
+    print(f"5,000-entry zip refused in {elapsed * 1000:.0f} ms")
+
+
+def test_a_zip_under_the_entry_cap_is_opened_once(tmp_path, monkeypatch):
+    settings = Settings(data_dir=tmp_path / "d")
+    store = DatasetStore(settings.datasets_dir, settings)
+    z = tmp_path / "some.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        for i in range(300):
+            zf.writestr(f"f{i}.jpg", b"x")
+    opened: list[str] = []
+    real = zipfile.ZipFile.__init__
+
+    def counting(self, file, *a, **kw):
+        opened.append(str(file))
+        real(self, file, *a, **kw)
+
+    monkeypatch.setattr(zipfile.ZipFile, "__init__", counting)
+    ds, report = store.add_files(store.create("s").name, [z])
+    assert ds.items == [] and len(report.rejected) == 300  # one-byte "images": each refused with a reason
+    assert opened.count(str(z)) == 1
+
+
+BOMB_SCRIPT = """
+import re, sys, zipfile
+from pathlib import Path
+from services.config import Settings
+from services.dataset import DatasetStore
+
+tmp = Path(sys.argv[1])
+bomb = tmp / "bomb.zip"
+with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zf:
+    for name in ("a.png", "b.png"):
+        with zf.open(name, "w", force_zip64=True) as entry:
+            zero = bytes(1 << 20)
+            for _ in range(1024):
+                entry.write(zero)
+settings = Settings(data_dir=tmp / "d")
+store = DatasetStore(settings.datasets_dir, settings)
+ds, report = store.add_files(store.create("s").name, [bomb])
+# This process's own peak (ru_maxrss would include the forking parent's).
+peak_kb = int(re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1))
+print(bomb.stat().st_size, len(ds.items), peak_kb // 1024)
+for m in report.rejected:
+    print(m.source, "|", m.message)
+"""
+
+
+def test_a_zip_bomb_is_refused_without_the_process_growing(tmp_path):
+    """Two 1 GiB entries of zeros in a 2 MiB zip: refused by their ratio, never inflated."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", BOMB_SCRIPT, str(tmp_path)], cwd=root, capture_output=True,
+                         text=True, timeout=240)
+    assert out.returncode == 0, out.stderr
+    head, *rejected = out.stdout.strip().splitlines()
+    zip_bytes, items, peak_mb = map(int, head.split())
+    assert zip_bytes < 4 * 2**20 and items == 0
+    assert len(rejected) == 2 and all("zip bomb" in line for line in rejected), rejected
+    assert peak_mb < 300, peak_mb
+    print(f"zip bomb ({zip_bytes / 2**20:.1f} MiB, 2 GiB inflated) refused; peak RSS {peak_mb} MB")
