@@ -39,7 +39,12 @@ def owner_for(request: gr.Request | None, settings: Settings) -> str:
     if username:
         return "user-" + re.sub(r"[^A-Za-z0-9_-]", "_", username)[:64]
     owner = visitors.owner_of(settings, _cookie(request))
-    return owner or "nocookie-" + secrets.token_hex(16)
+    if owner:
+        return owner
+    # One throwaway owner per event, however often its handler asks (gr.Request is per event).
+    owner = vars(request).get("_studio_owner") or "nocookie-" + secrets.token_hex(16)
+    request._studio_owner = owner
+    return owner
 
 
 def _cookie(request: gr.Request) -> str:

@@ -26,7 +26,9 @@ def test_hosted_owner_is_the_login_or_a_server_minted_token_never_the_session(tm
     # never the session's and never a shared one.
     forged = token.split(".")[0] + "." + "0" * 32
     for cookies, session in (({VISITOR_COOKIE: forged}, "s1"), ({VISITOR_COOKIE: "f" * 32}, "s1"), ({}, "abc")):
-        first = owner_for(gr.Request(cookies=cookies, session_hash=session), hosted)
+        event = gr.Request(cookies=cookies, session_hash=session)
+        first = owner_for(event, hosted)
         again = owner_for(gr.Request(cookies=cookies, session_hash=session), hosted)
         assert first.startswith("nocookie-") and first != again and session not in first
+        assert owner_for(event, hosted) == first  # stable within one event's handler
     assert owner_for(None, hosted) == "anonymous"
