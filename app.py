@@ -56,16 +56,17 @@ def default_providers(settings: Settings) -> dict[str, Provider]:
 
 
 def captioner_factory(settings: Settings, access: ProviderAccess):
-    """``(visitor key, owner) -> Captioner | None``: the visitor's key, else the shared one (rate-limited when hosted)."""
+    """``(visitor key, owner, address, images) -> Captioner | None``: the visitor's key, else the shared
+    one, charged one paid call per image to caption when hosted."""
 
-    def make(key: Secret | None, owner: str) -> Captioner | None:
+    def make(key: Secret | None, owner: str, address: str, images: int) -> Captioner | None:
         if key:
             return Captioner(lambda: CometAPIClient(settings.cometapi_base_url, key), settings.caption_model,
                              settings.caption_concurrency)
         if not settings.cometapi_key:
             return None
         if settings.hosted:
-            access.limiter.check(owner)
+            access.budget.charge(owner, address, images)
         return Captioner(lambda: CometAPIClient.from_settings(settings), settings.caption_model,
                          settings.caption_concurrency)
 

@@ -11,7 +11,7 @@ import gradio as gr
 
 from components import feedback
 from components.feedback import shows_errors
-from components.identity import owner_for
+from components.identity import client_address, owner_for
 from components.serving import servable, servable_items
 from services import compare as cmp
 from services.access import ProviderAccess
@@ -204,6 +204,13 @@ def build(access: ProviderAccess, jobs: JobStore, results: ResultStore, settings
             return gr.update(info=f"Use the trigger word “{target.trigger}” so the fine-tune knows what to draw.")
         return gr.update()
 
+    def budget_note(target: Target, key, owner: str, request) -> str:
+        """Hosted, on the shared key: how many paid calls this visitor has left this hour."""
+        if not settings.hosted or target.provider_key != "cometapi" or key:
+            return ""
+        left = access.budget.remaining(owner, client_address(request, settings))
+        return f"\n\nShared key: {left} paid call(s) left for you this hour."
+
     @shows_errors
     # Explicit parameters, not *args: Gradio injects gr.Request / gr.Progress by position.
     def on_compare(choice, pasted_, model_, key, prompt_, seed_, strength_, aspect_, width_, height_, steps_,
@@ -211,7 +218,7 @@ def build(access: ProviderAccess, jobs: JobStore, results: ResultStore, settings
         owner = owner_for(request, settings)
         target = authorize_target(parse_target(choice, pasted_, provider_keys), jobs, owner, settings, bool(key))
         req = request_from(prompt_, seed_, strength_, aspect_, width_, height_, steps_, guidance_, safety_, fmt_)
-        provider = access.get(target.provider_key, owner, key, cost=2)
+        provider = access.get(target.provider_key, owner, key, cost=2, address=client_address(request, settings))
         result = cmp.compare_pair(
             provider, req, finetune_id=target.finetune_id, tuned_model=model_,
             out_dir=results.out_dir(owner), owner=owner, results=results,
@@ -226,6 +233,7 @@ def build(access: ProviderAccess, jobs: JobStore, results: ResultStore, settings
                 f"wall time {result.wall_s:.1f}s" + (" (both ran at once)." if overlapped else "."))
         if getattr(provider, "is_tiny", False):
             info += "\n\n*Local engine on the tiny test model: its images are noise by design; set FLUX_LOCAL_MODEL for real ones.*"
+        info += budget_note(target, key, owner, request)
         return servable(result.base.path), servable(result.tuned.path), info, history_items(results, owner)
 
     @shows_errors
@@ -241,7 +249,7 @@ def build(access: ProviderAccess, jobs: JobStore, results: ResultStore, settings
         template = request_from(lines[0], seed_, strength_, aspect_, width_, height_, steps_, guidance_, safety_,
                                 fmt_)
         total = len(lines) * len(columns)
-        provider = access.get(target.provider_key, owner, key, cost=total)
+        provider = access.get(target.provider_key, owner, key, cost=total, address=client_address(request, settings))
         waiting = servable(placeholder)
         cells: list = [(waiting, f"{lines[i // len(columns)][:40]} · {columns[i % len(columns)]} · waiting…")
                        for i in range(total)]
@@ -292,6 +300,7 @@ def build(access: ProviderAccess, jobs: JobStore, results: ResultStore, settings
                     for row in grid_result.cells for c in row if c.status != "ok"]
         if problems:
             summary += "\n\n" + "\n".join(problems[:12]) + ("\n- …" if len(problems) > 12 else "")
+        summary += budget_note(target, key, owner, request)
         yield list(cells), summary, grid_result, history_items(results, owner)
 
     @shows_errors

@@ -11,12 +11,12 @@ import pandas as pd
 
 from components import feedback
 from components.feedback import progress_callback, shows_errors
-from components.identity import owner_for
+from components.identity import client_address, owner_for
 from components.serving import servable, servable_items
 from services import dataset as ds_service
 from services.config import Settings
 from services.dataset import Dataset, DatasetStore
-from services.captioning import Captioner
+from services.captioning import Captioner, images_to_caption
 from services.errors import InputError
 
 COLUMNS = ["file", "caption", "width", "height", "notes"]
@@ -87,7 +87,7 @@ def table_captions(table: pd.DataFrame | None) -> dict[str, str]:
 
 
 def build(stores: Callable[[str], DatasetStore], settings: Settings,
-          captioner_for: Callable[..., Captioner | None] = lambda key, owner: None,
+          captioner_for: Callable[..., Captioner | None] = lambda key, owner, address, images: None,
           session_key: gr.State | None = None) -> DatasetTab:
     gr.Markdown(
         "Upload photos of your subject (JPG, PNG or WebP), or one .zip with images and optional "
@@ -304,13 +304,15 @@ def _wire_captioning(tab: DatasetTab, stores, settings: Settings, captioner_for,
     @shows_errors
     def on_caption(name: str | None, mode_: str, only_empty_: bool, key=None, progress=gr.Progress(),
                    request: gr.Request = None):
-        captioner = captioner_for(key, owner_for(request, settings))
+        if not name:
+            raise InputError("No dataset is selected.", hint="Pick one from the Dataset list or upload images first.")
+        owner = owner_for(request, settings)
+        store = stores(owner)
+        images = len(images_to_caption(store.open(name), bool(only_empty_)))  # one paid call each
+        captioner = captioner_for(key, owner, client_address(request, settings), images)
         if captioner is None:
             raise InputError("Auto-captioning needs a CometAPI key.",
                              hint="Set COMETAPI_KEY and restart the app, or write captions in the table.")
-        if not name:
-            raise InputError("No dataset is selected.", hint="Pick one from the Dataset list or upload images first.")
-        store = stores(owner_for(request, settings))
         report = captioner.caption_dataset(store, name, mode=mode_, only_empty=only_empty_,
                                            progress=progress_callback(progress))
         lines = [f"**{report.summary()}**"] + [f"- {f}: {why}" for f, why in report.failed.items()]

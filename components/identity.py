@@ -47,6 +47,19 @@ def owner_for(request: gr.Request | None, settings: Settings) -> str:
     return owner
 
 
+def client_address(request: gr.Request | None, settings: Settings) -> str:
+    """The address a request came from, for the shared-key budget. On a Space the app sits behind
+    Hugging Face's proxy, which puts the visitor's address first in X-Forwarded-For."""
+    if request is None:
+        return ""
+    if settings.space_id:
+        forwarded = (request.headers.get("x-forwarded-for") or "").split(",")[0].strip()
+        if forwarded:
+            return forwarded
+    client = getattr(request, "client", None)
+    return getattr(client, "host", "") or ""
+
+
 def _cookie(request: gr.Request) -> str:
     # gr.Request turns the cookie dict into its own mapping type: index it, don't .get() it.
     try:

@@ -13,7 +13,7 @@ import pandas as pd
 
 from components import feedback
 from components.feedback import plain, shows_errors
-from components.identity import owner_for
+from components.identity import client_address, owner_for
 from components.serving import servable_items
 from services import providers as P
 from services.config import Secret, Settings
@@ -170,7 +170,10 @@ def sample_items(events: list[dict], limit: int = 12) -> list[tuple[str, str]]:
     return [(path, f"step {step}") for path, step in first_seen.items()][-limit:]
 
 
-def banner_markdown(service: TrainingService, provider_key: str, session_key=None, settings: Settings | None = None) -> str:
+def banner_markdown(service: TrainingService, provider_key: str, session_key=None, settings: Settings | None = None,
+                    calls_left: int | None = None) -> str:
+    """The line over the Train tab: whether the provider can be used, and on whose key.
+    ``calls_left``: this visitor's shared-key budget for the hour, hosted."""
     provider = service.providers.get(provider_key)
     if provider is None:
         return ""
@@ -186,8 +189,9 @@ def banner_markdown(service: TrainingService, provider_key: str, session_key=Non
     if own_key:
         return f"✅ {provider.label}: using your own key for this session."
     if settings is not None and settings.hosted and provider_key == "cometapi":
+        left = "" if calls_left is None else f" {calls_left} left for you this hour."
         return (f"✅ {provider.label}: using this app's shared key, limited to {settings.shared_key_limit} paid "
-                "calls per hour per visitor. Enter your own key at the top for more.")
+                f"calls per hour per visitor.{left} Enter your own key at the top for more.")
     model = getattr(provider, "model_label", "")
     if model:  # the local engine says which model it runs (the tiny test model makes noise, by design)
         return f"✅ {provider.label}: {model}"
@@ -292,11 +296,14 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
         names = datasets_for(owner).list_names()
         return gr.update(choices=names, value=current if current in names else (names[0] if names else None))
 
+    def calls_left(owner: str, request: gr.Request | None) -> int:
+        return access.budget.remaining(owner, client_address(request, settings))
+
     def on_load(provider_key: str, current: str | None, key=None, request: gr.Request = None):
         owner = owner_for(request, settings)
         owned = service.jobs.list(owner)
         return (
-            banner_markdown(service, provider_key, key, settings),
+            banner_markdown(service, provider_key, key, settings, calls_left(owner, request)),
             dataset_choices(owner, current),
             jobs_frame(owned),
             queue_markdown(service, owner, owned),
@@ -310,8 +317,8 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
 
     # -- handlers
 
-    def on_provider(provider_key: str, key):
-        return banner_markdown(service, provider_key, key, settings)
+    def on_provider(provider_key: str, key, request: gr.Request = None):
+        return banner_markdown(service, provider_key, key, settings, calls_left(owner_for(request, settings), request))
 
     def on_refresh(current: str | None, request: gr.Request = None):
         return dataset_choices(owner_for(request, settings), current)
@@ -334,7 +341,7 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
     def on_launch(provider_key, dataset_, mode_, trigger_, name_, iterations_, lr_, rank_, type_, priority_,
                   captioning_, checkpointing_, seen_, key, request: gr.Request = None, progress=gr.Progress()):
         owner = owner_for(request, settings)
-        provider = access.get(provider_key, owner, key, cost=1)
+        provider = access.get(provider_key, owner, key, cost=1, address=client_address(request, settings))
         req = P.TrainRequest(
             name=name_ or "", mode=mode_, trigger_word=(trigger_ or "").strip(), iterations=int(iterations_),
             learning_rate=parse_learning_rate(lr_), lora_rank=int(rank_), finetune_type=type_,
@@ -354,7 +361,8 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
             owned = service.jobs.list(owner)
             failed = owned[0] if owned and owned[0].status == "failed" else None
             return (f"❌ Launch failed: {plain(exc.user_message())}", jobs_frame(owned), job_markdown(failed),
-                    failed.id if failed else None, gr.Timer(), seen_, banner_markdown(service, provider_key, key, settings))
+                    failed.id if failed else None, gr.Timer(), seen_,
+                    banner_markdown(service, provider_key, key, settings, calls_left(owner, request)))
         owned = service.jobs.list(owner)
         if job.remote_id:
             msg = f"🚀 Launched **{plain(job.name)}** on {job.provider} (id `{job.remote_id}`). Tracking it below."
@@ -362,7 +370,8 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
         else:
             msg = f"⏳ {plain(job.message)}"
         return (msg, jobs_frame(owned), job_markdown(job), job.id, gr.Timer(active=True),
-                {**seen_, job.id: job.status}, banner_markdown(service, provider_key, key, settings))
+                {**seen_, job.id: job.status},
+                banner_markdown(service, provider_key, key, settings, calls_left(owner, request)))
 
     def on_tick(selected_: str | None, seen_: dict, provider_key: str, key=None, request: gr.Request = None):
         owner = owner_for(request, settings)
@@ -384,7 +393,7 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
             gallery,
             gr.Timer(active=keep_polling(owned)),
             {j.id: j.status for j in owned},
-            banner_markdown(service, provider_key, key, settings),
+            banner_markdown(service, provider_key, key, settings, calls_left(owner, request)),
         )
 
     def progress_views(owner: str, job: Job | None):

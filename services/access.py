@@ -1,9 +1,9 @@
-"""Which provider a request may use: a visitor's own key, or the app's shared key, rate-limited."""
+"""Which provider a request may use: a visitor's own key, or the app's shared key on a budget."""
 from __future__ import annotations
 
 import threading
 import time
-from collections import defaultdict, deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 
 from services.config import Secret, Settings
@@ -12,38 +12,117 @@ from services.providers import Provider
 
 
 class RateLimiter:
-    """At most ``limit`` calls per ``window`` seconds for each owner (a sliding window)."""
+    """At most ``limit`` calls per ``window`` seconds for each key (a sliding window).
 
-    def __init__(self, limit: int, window: float = 3600.0, clock: Callable[[], float] = time.monotonic) -> None:
+    Memory is bounded: expired calls are dropped as keys are touched, and past ``max_keys``
+    keys the least recently used is forgotten (a visitor minting keys to evict others gains
+    nothing the global cap does not bound anyway)."""
+
+    def __init__(self, limit: int, window: float = 3600.0, clock: Callable[[], float] = time.monotonic,
+                 max_keys: int = 10_000) -> None:
         self.limit = limit
         self.window = window
+        self.max_keys = max_keys
         self._clock = clock
-        self._calls: dict[str, deque[float]] = defaultdict(deque)
-        self._lock = threading.Lock()
+        self._calls: OrderedDict[str, deque[float]] = OrderedDict()
+        self._lock = threading.RLock()
 
-    def check(self, owner: str, cost: int = 1) -> None:
-        now = self._clock()
+    def check(self, key: str, cost: int = 1) -> None:
+        """Count ``cost`` calls for ``key``, or raise RateLimitedError (counting nothing)."""
         with self._lock:
-            calls = self._calls[owner]
-            while calls and now - calls[0] >= self.window:
-                calls.popleft()
-            if len(calls) + cost > self.limit:
-                wait = self.window - (now - calls[0]) if calls else self.window
+            wait = self.refusal(key, cost)
+            if wait is not None:
+                used = self.used(key)
                 raise RateLimitedError(
-                    f"You have used this app's shared CometAPI key {len(calls)} times in the last "
+                    f"You have used this app's shared CometAPI key {used} times in the last "
                     f"{self.window / 3600:g} hour(s); the limit is {self.limit}.",
                     hint=f"Try again in {wait / 60:.0f} minutes, or enter your own CometAPI key at the top of the page.",
                     retry_after=wait,
                 )
-            calls.extend([now] * cost)
+            self.record(key, cost)
+
+    def refusal(self, key: str, cost: int) -> float | None:
+        """None if ``cost`` more calls fit now; else the seconds until they would."""
+        with self._lock:
+            calls = self._live(key)
+            if len(calls) + cost <= self.limit:
+                return None
+            return self.window - (self._clock() - calls[0]) if calls else self.window
+
+    def record(self, key: str, cost: int) -> None:
+        with self._lock:
+            calls = self._live(key)
+            calls.extend([self._clock()] * cost)
+            self._calls[key] = calls
+            self._calls.move_to_end(key)
+            while len(self._calls) > self.max_keys:
+                self._calls.popitem(last=False)
+
+    def used(self, key: str) -> int:
+        with self._lock:
+            return len(self._live(key))
+
+    def remaining(self, key: str) -> int:
+        return max(0, self.limit - self.used(key))
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+    def _live(self, key: str) -> deque[float]:
+        now = self._clock()
+        calls = self._calls.get(key, deque())
+        while calls and now - calls[0] >= self.window:
+            calls.popleft()
+        if not calls:
+            self._calls.pop(key, None)
+        return calls
+
+
+class SharedKeyBudget:
+    """Paid calls on the app owner's key, hosted: per visitor, per client address, and in all.
+
+    A new cookie or session is a new visitor, so the per-visitor limit alone is no limit: the
+    per-address and hourly caps bound what cookie churn can spend. All three are checked before
+    any is charged, so a refused request costs nothing."""
+
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic) -> None:
+        self.visitor = RateLimiter(settings.shared_key_limit, clock=clock)
+        self.address = RateLimiter(settings.shared_key_address_limit, clock=clock)
+        self.everyone = RateLimiter(settings.shared_key_hourly_cap, clock=clock)
+        self._lock = threading.Lock()
+
+    def charge(self, owner: str, address: str, cost: int) -> None:
+        with self._lock:
+            checks = ((self.visitor, owner, "You have used this app's shared CometAPI key {used} times in the last "
+                                            "hour; the limit is {limit} per visitor."),
+                      (self.address, address, "Visitors from your network have used this app's shared CometAPI key "
+                                              "{used} times in the last hour; the limit is {limit} per network."),
+                      (self.everyone, "", "This app's shared CometAPI key has used its {limit} paid calls for this "
+                                          "hour, for everyone."))
+            for limiter, key, message in checks:
+                wait = limiter.refusal(key, cost)
+                if wait is not None:
+                    raise RateLimitedError(
+                        message.format(used=limiter.used(key), limit=limiter.limit)
+                        + (f" This needs {cost} calls." if cost > 1 else ""),
+                        hint=f"Try again in {max(1, round(wait / 60))} minute(s), or enter your own CometAPI key at "
+                             "the top of the page.",
+                        retry_after=wait)
+            for limiter, key, _ in checks:
+                limiter.record(key, cost)
+
+    def remaining(self, owner: str, address: str) -> int:
+        """How many paid calls this visitor may still make this hour."""
+        with self._lock:
+            return min(self.visitor.remaining(owner), self.address.remaining(address), self.everyone.remaining(""))
 
 
 class ProviderAccess:
     """Resolves the provider for one request.
 
     A visitor's own key (hosted mode) gets a provider of its own, built per request and kept
-    nowhere. Without one, the app-wide provider is used; in hosted mode the shared key is
-    rate-limited per visitor so one visitor cannot spend the owner's credits.
+    nowhere. Without one, the app-wide provider is used; in hosted mode every paid call on the
+    shared key is charged to ``SharedKeyBudget``, so no visitor can spend the owner's credits.
     """
 
     def __init__(
@@ -51,20 +130,21 @@ class ProviderAccess:
         settings: Settings,
         providers: dict[str, Provider],
         with_key: Callable[[Secret], Provider] | None,
-        limiter: RateLimiter | None = None,
+        budget: SharedKeyBudget | None = None,
     ) -> None:
         self.settings = settings
         self.providers = providers
         self._with_key = with_key
-        self.limiter = limiter or RateLimiter(settings.shared_key_limit)
+        self.budget = budget or SharedKeyBudget(settings)
 
-    def get(self, provider_key: str, owner: str, session_key: Secret | None, *, cost: int = 0) -> Provider:
-        """The provider to use; ``cost`` paid calls are counted against the shared-key limit."""
+    def get(self, provider_key: str, owner: str, session_key: Secret | None, *, cost: int = 0,
+            address: str = "") -> Provider:
+        """The provider to use; ``cost`` paid calls are charged to the shared-key budget."""
         if provider_key not in self.providers:
             raise InputError(f"Provider '{provider_key}' is not available in this app.",
                              hint=f"Pick one of: {', '.join(self.providers)}.")
         if provider_key == "cometapi" and session_key and self._with_key is not None:
             return self._with_key(session_key)
         if provider_key == "cometapi" and self.settings.hosted and cost:
-            self.limiter.check(owner, cost)
+            self.budget.charge(owner, address, cost)
         return self.providers[provider_key]

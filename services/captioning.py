@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from services.cometapi import CometAPIClient
 from services.config import THREAD_PREFIX
-from services.dataset import DatasetStore, trigger_first
+from services.dataset import Dataset, DatasetStore, trigger_first
 from services.errors import AuthError, EndpointUnavailableError, InputError, InsufficientCreditsError, StudioError
 
 ProgressFn = Callable[[int, int, str], None]
@@ -54,6 +54,11 @@ class CaptionReport:
         return text
 
 
+def images_to_caption(ds: Dataset, only_empty: bool) -> list[str]:
+    """The files a captioning run sends, one paid vision call each."""
+    return [item.file for item in ds.items if not (only_empty and item.caption.strip())]
+
+
 def instruction(mode: str, trigger: str) -> str:
     if mode not in INSTRUCTIONS:
         raise InputError(f"Unknown captioning mode '{mode}'.", hint=f"Pick one of {', '.join(INSTRUCTIONS)}.")
@@ -92,12 +97,9 @@ class Captioner:
         trigger = ds.trigger_word or "TOK"
         prompt = instruction(mode, trigger)
         report = CaptionReport()
-        todo = []
-        for item in ds.items:
-            if only_empty and item.caption.strip():
-                report.skipped.append(item.file)
-            else:
-                todo.append(item.file)
+        todo = images_to_caption(ds, only_empty)
+        sending = set(todo)
+        report.skipped.extend(item.file for item in ds.items if item.file not in sending)
         if not todo:
             return report
         total = len(todo)

@@ -127,6 +127,10 @@ class Settings:
     auth: str = ""  # "user:pass" for a shared password; empty = none
     # Hosted mode: paid calls per visitor per hour on the app's own (shared) CometAPI key.
     shared_key_limit: int = 20
+    # ...per client address (a new cookie is a new visitor; an address is harder to change)...
+    shared_key_address_limit: int = 60
+    # ...and for everyone together: the most the owner's key can spend in an hour.
+    shared_key_hourly_cap: int = 300
     hosted: bool = False
     space_id: str = ""
     # Keys the hosted owner folders' names (hex, 64 digits). Empty: kept in <data_dir>/.owner-secret.
@@ -153,6 +157,9 @@ class Settings:
             local_model=env.get("FLUX_LOCAL_MODEL", "").strip(),
             auth=env.get("FLUX_STUDIO_AUTH", "").strip(),
             shared_key_limit=_int(env, "FLUX_STUDIO_SHARED_KEY_LIMIT", d.shared_key_limit, minimum=0),
+            shared_key_address_limit=_int(env, "FLUX_STUDIO_SHARED_KEY_ADDRESS_LIMIT", d.shared_key_address_limit,
+                                          minimum=0),
+            shared_key_hourly_cap=_int(env, "FLUX_STUDIO_SHARED_KEY_HOURLY_CAP", d.shared_key_hourly_cap, minimum=0),
             hosted=_bool(env, "FLUX_STUDIO_HOSTED", False) or bool(env.get("SPACE_ID", "").strip()),
             space_id=env.get("SPACE_ID", "").strip(),
             owner_secret=Secret(env.get("FLUX_STUDIO_OWNER_SECRET")),

@@ -55,3 +55,53 @@ def test_unknown_provider(tmp_path):
     access = ProviderAccess(Settings(data_dir=tmp_path), {"cometapi": Named("shared")}, None)
     with pytest.raises(InputError, match="not available"):
         access.get("nope", "local", None)
+
+
+def _budget(clock, **limits) -> "SharedKeyBudget":
+    from services.access import SharedKeyBudget
+
+    return SharedKeyBudget(Settings(**limits), clock=clock)
+
+
+def test_cookie_churn_is_capped_per_address_and_everyone_is_capped_in_all():
+    clock = Clock()
+    budget = _budget(clock, shared_key_limit=3, shared_key_address_limit=6, shared_key_hourly_cap=10)
+    # One person minting a new visitor identity per call, from one address: 6 calls, not unlimited.
+    spent = 0
+    for i in range(20):
+        try:
+            budget.charge(f"visitor-{i}", "10.0.0.1", 1)
+            spent += 1
+        except RateLimitedError as exc:
+            assert "from your network" in str(exc) and "limit is 6 per network" in str(exc)
+    assert spent == 6
+    # Many addresses: the hourly cap for everyone holds.
+    for i in range(4):
+        budget.charge(f"other-{i}", f"10.0.1.{i}", 1)
+    with pytest.raises(RateLimitedError, match="for everyone"):
+        budget.charge("late", "10.0.2.1", 1)
+    clock.t = 3601
+    budget.charge("late", "10.0.2.1", 1)
+
+
+def test_a_refused_charge_costs_nothing_and_remaining_says_what_is_left():
+    clock = Clock()
+    budget = _budget(clock, shared_key_limit=5, shared_key_address_limit=100, shared_key_hourly_cap=100)
+    assert budget.remaining("ann", "a") == 5
+    budget.charge("ann", "a", 4)
+    with pytest.raises(RateLimitedError, match="This needs 2 calls"):
+        budget.charge("ann", "a", 2)  # a two-image caption run that does not fit is not half-charged
+    assert budget.remaining("ann", "a") == 1
+    budget.charge("ann", "a", 1)
+    assert budget.remaining("ann", "a") == 0
+
+
+def test_the_limiters_memory_is_bounded():
+    clock = Clock()
+    limiter = RateLimiter(limit=5, window=60, clock=clock, max_keys=100)
+    for i in range(10_000):
+        limiter.check(f"churn-{i}")
+    assert len(limiter) == 100
+    clock.t = 61
+    limiter.check("fresh")
+    assert limiter.used("churn-9999") == 0 and len(limiter) <= 100

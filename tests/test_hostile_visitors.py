@@ -201,3 +201,62 @@ def test_on_a_space_its_own_origins_are_the_same_site(settings):
     assert codes == {"https://someone-studio.hf.space": 200, "https://huggingface.co": 200,
                      "https://evil.example": 403, "https://huggingface.co.evil.example": 403,
                      "http://huggingface.co": 403}
+
+
+def test_the_shared_key_budget_holds_against_cookie_churn_and_counts_captions_per_image(
+        settings, fake_cometapi, tmp_path):
+    """The reported attack: a new cookie per request got 18 paid generations past a limit of 3."""
+    from gradio_client.exceptions import AppError
+
+    from services.config import Secret
+    from services.jobs import JobStore
+    from tests.conftest import FAKE_COMETAPI_KEY
+
+    settings = settings.with_(hosted=True, cometapi_base_url=fake_cometapi.url, cometapi_key=Secret(FAKE_COMETAPI_KEY),
+                              shared_key_limit=3, shared_key_address_limit=6, shared_key_hourly_cap=100)
+    fake_cometapi.pending_polls = 0
+    finetune = fake_cometapi.add_finetune()
+    fields = ["a photo of TOK", 5, 1.0, "1:1", 1024, 768, 28, 2.5, 2, "jpeg"]
+    photos = fx.good_set(tmp_path / "g", count=4, size=(640, 640))
+    refusals: list[str] = []
+    with running_app(settings) as url:
+        churn = [Client(url, verbose=False) for _ in range(6)]  # six fresh cookies, one address
+        try:
+            jobs = JobStore.from_settings(settings)
+            for client in churn:
+                owner = client_owner(settings, client)
+                job = jobs.create(owner, "cometapi", "finetune", "mine", "ds", "h", {})
+                jobs.update(owner, job.id, remote_id=finetune, status="ready", result={"finetune_id": finetune})
+            jobs.close()
+            for client in churn:  # each compare is 2 paid calls
+                try:
+                    client.predict(None, finetune, "flux-pro-1.1-ultra-finetuned", *fields, api_name="/compare")
+                except AppError as exc:
+                    refusals.append(str(exc))
+            generations = len(fake_cometapi.requests("/flux/v1/flux-pro-1.1-ultra")) + len(
+                fake_cometapi.requests("/flux/v1/flux-pro-1.1-ultra-finetuned"))
+            assert generations == 6 and len(refusals) == 3
+            assert all("from your network" in r for r in refusals)
+        finally:
+            for client in churn:
+                client.close()
+
+    # Captions: one paid call per image, refused whole when the run does not fit.
+    settings = settings.with_(shared_key_limit=5, shared_key_address_limit=100)
+    fake_cometapi.reset()
+    with running_app(settings) as url:
+        visitor = Client(url, verbose=False)
+        try:
+            picker, *_ = visitor.predict([handle_file(str(p)) for p in photos], None, api_name="/add_images")
+            name = picker["value"]
+            report, *_ = visitor.predict(name, "product", True, api_name="/auto_caption")
+            assert "4" in report and len(fake_cometapi.requests("/v1/chat/completions")) == 4
+            try:
+                visitor.predict(name, "product", False, api_name="/auto_caption")  # 4 more: 8 > 5
+            except AppError as exc:
+                assert "This needs 4 calls" in str(exc)
+            else:
+                raise AssertionError("a caption run past the budget was let through")
+            assert len(fake_cometapi.requests("/v1/chat/completions")) == 4
+        finally:
+            visitor.close()
