@@ -25,7 +25,8 @@ _UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 def owner_for(request: gr.Request | None, settings: Settings) -> str:
     """Locally everything belongs to one person; hosted, each login or each browser is its own owner.
 
-    Hosted identity is set by the server only: the ``--auth`` login, else a token the server
+    Hosted identity is set by the server only: a Hugging Face sign-in (on a Space), else the
+    ``--auth`` login, else a token the server
     minted into an HttpOnly cookie (``VisitorGate``). Gradio's ``session_hash`` is chosen by the
     client and is never an identity. A request with no valid token (a browser that refuses the
     cookie) gets an owner of its own that nobody else can reach, not a shared one.
@@ -35,6 +36,9 @@ def owner_for(request: gr.Request | None, settings: Settings) -> str:
         return LOCAL_OWNER
     if request is None:
         return ANONYMOUS
+    signed_in = hf_username(request)
+    if signed_in:
+        return "hf-" + re.sub(r"[^A-Za-z0-9_-]", "_", signed_in)[:64]
     username = getattr(request, "username", None)
     if username:
         return "user-" + re.sub(r"[^A-Za-z0-9_-]", "_", username)[:64]
@@ -45,6 +49,24 @@ def owner_for(request: gr.Request | None, settings: Settings) -> str:
     owner = vars(request).get("_studio_owner") or "nocookie-" + secrets.token_hex(16)
     request._studio_owner = owner
     return owner
+
+
+def hf_username(request: gr.Request) -> str:
+    """The Hugging Face user signed in with the Space's LoginButton, or "".
+
+    Gradio hands handlers this as a ``gr.OAuthProfile`` parameter; reading the same session here
+    (with Gradio's own helpers, so expiry is honoured the same way) makes the sign-in the owner
+    for every handler without adding that parameter to each one."""
+    from gradio.helpers import _session_from_request
+    from gradio.oauth import _get_valid_oauth_info_from_session
+
+    try:
+        info = _get_valid_oauth_info_from_session(_session_from_request(request))
+    except Exception:  # no session middleware (no LoginButton): nobody is signed in
+        return ""
+    user = (info or {}).get("userinfo") or {}
+    name = user.get("preferred_username")
+    return name if isinstance(name, str) else ""
 
 
 def client_address(request: gr.Request | None, settings: Settings) -> str:

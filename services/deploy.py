@@ -82,9 +82,9 @@ class SpaceConfig:
 
 def pinned_gradio_version(requirements: Path) -> str:
     for line in requirements.read_text(encoding="utf-8").splitlines():
-        m = re.match(r"\s*gradio\s*==\s*([\w.]+)", line)
+        m = re.match(r"\s*gradio(\[[\w,\s]+\])?\s*==\s*([\w.]+)", line)
         if m:
-            return m.group(1)
+            return m.group(2)
     raise ConfigError("requirements.txt must pin gradio with == so the Space runs the same version.")
 
 
@@ -102,6 +102,8 @@ def front_matter(config: SpaceConfig, gradio_version: str) -> dict[str, Any]:
         "short_description": config.short_description,
         "license": config.license,
         "pinned": False,
+        # The LoginButton's "Sign in with Hugging Face": the sign-in becomes the visitor's identity.
+        "hf_oauth": True,
     }
 
 

@@ -33,7 +33,7 @@ def test_readme_front_matter_follows_space_yaml(project):
     front = _front(project / "README.md")
     assert front["sdk"] == "gradio"
     assert front["sdk_version"] == dp.pinned_gradio_version(ROOT / "requirements.txt")
-    assert front["app_file"] == "app.py"
+    assert front["app_file"] == "app.py" and front["hf_oauth"] is True
     assert front["python_version"] == "3.11" and "python_version: '3.11'" in (project / "README.md").read_text()
     assert front["short_description"] == config.short_description and front["license"] == config.license
     # Idempotent, and the body is kept.

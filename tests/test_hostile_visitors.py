@@ -260,3 +260,58 @@ def test_the_shared_key_budget_holds_against_cookie_churn_and_counts_captions_pe
             assert len(fake_cometapi.requests("/v1/chat/completions")) == 4
         finally:
             visitor.close()
+
+
+SPACE_SCRIPT = """
+import base64, hashlib, json, sys, tempfile, time
+from pathlib import Path
+import itsdangerous
+from gradio_client import Client, handle_file
+import app as A
+from services.config import Settings
+
+photo = sys.argv[1]
+settings = Settings.from_env().with_(data_dir=Path(tempfile.mkdtemp()) / "d")
+demo = A.create_app(settings)
+_, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **A.launch_options(settings))
+signer = itsdangerous.TimestampSigner(hashlib.sha256(b"fake-secret-v4").hexdigest())
+
+def signed_in(user):  # the session cookie Gradio's OAuth callback leaves after "Sign in with Hugging Face"
+    info = {"oauth_info": {"userinfo": {"preferred_username": user, "name": user, "profile": "", "picture": ""},
+                           "access_token": "hf_oauth_" + user, "expires_at": time.time() + 3600}}
+    value = signer.sign(base64.b64encode(json.dumps(info).encode())).decode()
+    return Client(url, verbose=False, httpx_kwargs={"cookies": {"session": value}})
+
+try:
+    ann, ann_again, bob = signed_in("ann"), signed_in("ann"), signed_in("bob")
+    picker, *_ = ann.predict([handle_file(photo)], None, api_name="/add_images")
+    lists = [c.predict(None, api_name="/list_datasets")["choices"] for c in (ann, ann_again, bob)]
+    print(json.dumps({"page_has_login": "Sign in" in __import__("httpx").get(url).text,
+                      "lists": [[c[0] if isinstance(c, list) else c for c in l] for l in lists],
+                      "owners": sorted(p.name for p in (settings.data_dir / "owners").iterdir())}))
+finally:
+    demo.close()
+"""
+
+
+def test_on_a_space_the_hugging_face_sign_in_is_the_identity(tmp_path):
+    """On a Space (hf_oauth), a signed-in visitor is their HF account: the same on another browser,
+    and never another account. Runs the app as a Space would, with Gradio's real OAuth wiring."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    photo = fx.good_set(tmp_path / "g", count=1, size=(640, 640))[0]
+    env = {**os.environ, "SYSTEM": "spaces", "SPACE_ID": "someone/studio", "OAUTH_CLIENT_ID": "fake-client",
+           "OAUTH_CLIENT_SECRET": "fake-secret", "OPENID_PROVIDER_URL": "https://huggingface.co",
+           "OAUTH_SCOPES": "openid profile", "SPACE_HOST": "someone-studio.hf.space"}
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", SPACE_SCRIPT, str(photo)], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("{")))
+    assert seen["page_has_login"]
+    ann, ann_elsewhere, bob = seen["lists"]
+    assert len(ann) == 1 and ann_elsewhere == ann and bob == []
+    assert len(seen["owners"]) == 1  # one folder, keyed from hf-ann

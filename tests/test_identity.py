@@ -32,3 +32,22 @@ def test_hosted_owner_is_the_login_or_a_server_minted_token_never_the_session(tm
         assert first.startswith("nocookie-") and first != again and session not in first
         assert owner_for(event, hosted) == first  # stable within one event's handler
     assert owner_for(None, hosted) == "anonymous"
+
+
+def test_a_hugging_face_sign_in_is_the_owner_until_it_expires(tmp_path):
+    import time
+
+    from starlette.requests import Request
+
+    hosted = Settings(data_dir=tmp_path, hosted=True)
+
+    def signed_in(expires_at: float, cookie: str = "") -> gr.Request:
+        session = {"oauth_info": {"userinfo": {"preferred_username": "ann-hf", "name": "Ann"},
+                                  "access_token": "hf_oauth_token", "expires_at": expires_at}}
+        headers = [(b"cookie", f"{VISITOR_COOKIE}={cookie}".encode())] if cookie else []
+        return gr.Request(request=Request({"type": "http", "headers": headers, "session": session}))
+
+    assert owner_for(signed_in(time.time() + 3600), hosted) == "hf-ann-hf"
+    token = visitors.mint(hosted)
+    expired = owner_for(signed_in(time.time() - 1, cookie=token), hosted)
+    assert expired == owner_for(gr.Request(cookies={VISITOR_COOKIE: token}), hosted)  # back to the browser's
