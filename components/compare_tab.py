@@ -10,7 +10,7 @@ from pathlib import Path
 import gradio as gr
 
 from components import feedback
-from components.feedback import shows_errors
+from components.feedback import plain, shows_errors
 from components.identity import client_address, owner_for
 from components.serving import servable, servable_items
 from services import compare as cmp
@@ -296,7 +296,7 @@ def build(access: ProviderAccess, jobs: JobStore, results: ResultStore, settings
         failed = sum(1 for row in grid_result.cells for c in row if c.status != "ok")
         summary = (f"{len(lines)} prompt(s) × {len(columns)} column(s), seed {template.seed}, "
                    f"wall time {grid_result.wall_s:.1f}s" + (f"; {failed} cell(s) failed (reason in the caption)." if failed else "."))
-        problems = [f"- row {c.row + 1} ({c.prompt[:40]}), {columns[c.col]}: **{c.status}**: {c.error}"
+        problems = [f"- row {c.row + 1} ({plain(c.prompt[:40])}), {columns[c.col]}: **{c.status}**: {plain(c.error)}"
                     for row in grid_result.cells for c in row if c.status != "ok"]
         if problems:
             summary += "\n\n" + "\n".join(problems[:12]) + ("\n- …" if len(problems) > 12 else "")
@@ -326,4 +326,4 @@ def build(access: ProviderAccess, jobs: JobStore, results: ResultStore, settings
 def _cell_summary(cell: "cmp.CellResult") -> str:
     if cell.status == "ok":
         return f"{cell.latency_s:.1f}s"
-    return f"{cell.status}: {cell.error}"
+    return f"{cell.status}: {plain(cell.error)}"

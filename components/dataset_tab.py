@@ -10,7 +10,7 @@ import gradio as gr
 import pandas as pd
 
 from components import feedback
-from components.feedback import progress_callback, shows_errors
+from components.feedback import plain, progress_callback, shows_errors
 from components.identity import client_address, owner_for
 from components.serving import servable, servable_items
 from services import dataset as ds_service
@@ -58,14 +58,14 @@ def warnings_markdown(ds: Dataset | None, settings: Settings) -> str:
     if ds is None:
         return "Pick a saved dataset or upload images to start a new one."
     found = ds_service.dataset_warnings(ds, settings)
-    head = f"**{ds.name}**: {len(ds.items)} image(s), {sum(1 for i in ds.items if i.caption.strip())} captioned."
+    head = f"**{plain(ds.name)}**: {len(ds.items)} image(s), {sum(1 for i in ds.items if i.caption.strip())} captioned."
     if not found:
         return head + "\n\nReady to export: no problems found."
-    return head + "\n\n" + "\n".join(f"- ⚠️ {w}" for w in found)
+    return head + "\n\n" + "\n".join(f"- ⚠️ {plain(w)}" for w in found)
 
 
 def report_markdown(report: ds_service.ImportReport) -> str:
-    lines = report.lines()
+    lines = [plain(line) for line in report.lines()]  # they quote the uploaded files' own names
     return "\n".join([f"**{lines[0]}**"] + [f"- {line}" for line in lines[1:]])
 
 
@@ -315,7 +315,7 @@ def _wire_captioning(tab: DatasetTab, stores, settings: Settings, captioner_for,
                              hint="Set COMETAPI_KEY and restart the app, or write captions in the table.")
         report = captioner.caption_dataset(store, name, mode=mode_, only_empty=only_empty_,
                                            progress=progress_callback(progress))
-        lines = [f"**{report.summary()}**"] + [f"- {f}: {why}" for f, why in report.failed.items()]
+        lines = [f"**{plain(report.summary())}**"] + [f"- {plain(f)}: {plain(why)}" for f, why in report.failed.items()]
         if report.failed:
             feedback.warning(f"{len(report.failed)} image(s) could not be captioned; the others were saved.")
         return ("\n".join(lines), *_view(store.open(name), settings))

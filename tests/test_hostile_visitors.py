@@ -315,3 +315,20 @@ def test_on_a_space_the_hugging_face_sign_in_is_the_identity(tmp_path):
     ann, ann_elsewhere, bob = seen["lists"]
     assert len(ann) == 1 and ann_elsewhere == ann and bob == []
     assert len(seen["owners"]) == 1  # one folder, keyed from hf-ann
+
+
+def test_uploaded_file_names_reach_the_page_as_text(settings, tmp_path):
+    """The import report quotes each upload's own names (Gradio cleans a file's name, not the names of
+    the entries inside a zip): markup in a name must arrive escaped."""
+    settings = settings.with_(hosted=True)
+    shoot = tmp_path / "shoot.zip"
+    with zipfile.ZipFile(shoot, "w") as zf:
+        zf.writestr('<img src=x id=pwned onerror="alert(1)">.jpg', b"not an image")
+    with running_app(settings) as url:
+        client = Client(url, verbose=False)
+        try:
+            _, _, report, *_ = client.predict([handle_file(str(shoot))], None, api_name="/add_images")
+        finally:
+            client.close()
+    assert "not a readable image" in report
+    assert "<img" not in report and '&lt;img src=x id=pwned onerror="alert(1)"&gt;.jpg' in report
