@@ -111,6 +111,7 @@ def create_app(
     training = TrainingService(
         JobStore.from_settings(settings), providers, datasets,
         max_images={key: getattr(p, "max_images", 0) for key, p in providers.items()},
+        max_active={"local": settings.visitor_max_local_jobs} if settings.hosted else None,
     )
     default_provider = next(iter(providers))
 

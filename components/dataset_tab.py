@@ -103,6 +103,7 @@ def build(stores: Callable[[str], DatasetStore], settings: Settings,
         new_name = gr.Textbox(label="New dataset name", placeholder="my-product", scale=2, elem_id="dataset-new-name")
         new_btn = gr.Button("New dataset", scale=1, elem_id="dataset-new")
         refresh_btn = gr.Button("↻ Refresh list", scale=1, size="sm")
+        delete_btn = gr.Button("Delete dataset", scale=1, size="sm", variant="stop", elem_id="dataset-delete")
     upload = gr.File(
         label="Images or .zip (drop many at once)", file_count="multiple", type="filepath", elem_id="dataset-upload",
     )
@@ -159,7 +160,7 @@ def build(stores: Callable[[str], DatasetStore], settings: Settings,
     tab = DatasetTab(dataset, new_name, upload, report, gallery, selected, trigger, table, warnings, export_file,
                      export_info, refresh=refresh)
     refresh_btn.click(refresh, [tab.dataset], [tab.dataset], api_name="list_datasets")
-    _wire(tab, stores, settings, new_btn, add_btn, remove_btn, trigger_btn,
+    _wire(tab, stores, settings, new_btn, delete_btn, add_btn, remove_btn, trigger_btn,
           find, replace, replace_btn, prefix, suffix, affix_btn, clear_btn, export_btn)
     _wire_captioning(tab, stores, settings, captioner_for, session_key, caption_mode, only_empty, caption_btn)
     return tab
@@ -176,8 +177,8 @@ def _view_without_export(ds: Dataset | None, settings: Settings):
     return (*_view(ds, settings), None, "")
 
 
-def _wire(tab: DatasetTab, stores: Callable[[str], DatasetStore], settings: Settings, new_btn, add_btn, remove_btn,
-          trigger_btn, find, replace, replace_btn, prefix, suffix, affix_btn, clear_btn, export_btn) -> None:
+def _wire(tab: DatasetTab, stores: Callable[[str], DatasetStore], settings: Settings, new_btn, delete_btn, add_btn,
+          remove_btn, trigger_btn, find, replace, replace_btn, prefix, suffix, affix_btn, clear_btn, export_btn) -> None:
     view = [tab.gallery, tab.table, tab.warnings, tab.trigger]
 
     def require(name: str | None) -> str:
@@ -190,6 +191,14 @@ def _wire(tab: DatasetTab, stores: Callable[[str], DatasetStore], settings: Sett
         store = stores(owner_for(request, settings))
         ds = store.open(name) if name else None
         return _view_without_export(ds, settings)
+
+    @shows_errors
+    def on_delete(name: str | None, request: gr.Request = None):
+        store = stores(owner_for(request, settings))
+        store.delete(require(name))
+        feedback.info(f"Deleted dataset {name}.")
+        return (gr.update(choices=store.list_names(), value=None), f"Deleted **{plain(name)}**.",
+                *_view_without_export(None, settings))
 
     @shows_errors
     def on_new(name: str, request: gr.Request = None):
@@ -284,6 +293,9 @@ def _wire(tab: DatasetTab, stores: Callable[[str], DatasetStore], settings: Sett
     # (new, add) return the view too, so no second, late reload can overwrite what the user did since.
     tab.dataset.input(on_pick, [tab.dataset], [*view, *export])
     new_btn.click(on_new, [tab.new_name], [tab.dataset, tab.new_name, *view, *export])
+    delete_btn.click(on_delete, [tab.dataset], [tab.dataset, tab.report, *view, *export], api_name="delete_dataset",
+                     js="(n) => { if (n && !confirm('Delete this dataset and its images? This cannot be undone.')) "
+                        "throw new Error('cancelled'); return n; }")
     tab.new_name.submit(on_new, [tab.new_name], [tab.dataset, tab.new_name, *view, *export])
     add_btn.click(on_add, [tab.upload, tab.dataset], [tab.dataset, tab.upload, tab.report, *view, *export],
                   concurrency_limit=2, api_name="add_images")

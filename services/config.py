@@ -131,6 +131,10 @@ class Settings:
     shared_key_address_limit: int = 60
     # ...and for everyone together: the most the owner's key can spend in an hour.
     shared_key_hourly_cap: int = 300
+    # Hosted: what one visitor may keep and queue on this server.
+    visitor_max_datasets: int = 20
+    visitor_max_bytes: int = 2 * 1024 * 1024 * 1024
+    visitor_max_local_jobs: int = 2  # queued or running on the local engine at once
     hosted: bool = False
     space_id: str = ""
     # Keys the hosted owner folders' names (hex, 64 digits). Empty: kept in <data_dir>/.owner-secret.
@@ -160,6 +164,9 @@ class Settings:
             shared_key_address_limit=_int(env, "FLUX_STUDIO_SHARED_KEY_ADDRESS_LIMIT", d.shared_key_address_limit,
                                           minimum=0),
             shared_key_hourly_cap=_int(env, "FLUX_STUDIO_SHARED_KEY_HOURLY_CAP", d.shared_key_hourly_cap, minimum=0),
+            visitor_max_datasets=_int(env, "FLUX_STUDIO_VISITOR_MAX_DATASETS", d.visitor_max_datasets, minimum=1),
+            visitor_max_bytes=_int(env, "FLUX_STUDIO_VISITOR_MAX_MB", d.visitor_max_bytes // 2**20, minimum=1) * 2**20,
+            visitor_max_local_jobs=_int(env, "FLUX_STUDIO_VISITOR_MAX_LOCAL_JOBS", d.visitor_max_local_jobs, minimum=1),
             hosted=_bool(env, "FLUX_STUDIO_HOSTED", False) or bool(env.get("SPACE_ID", "").strip()),
             space_id=env.get("SPACE_ID", "").strip(),
             owner_secret=Secret(env.get("FLUX_STUDIO_OWNER_SECRET")),

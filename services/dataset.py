@@ -457,11 +457,29 @@ def _few(names: list[str], k: int = 3) -> str:
 class DatasetStore:
     """All datasets of one owner under one root folder."""
 
-    def __init__(self, root: Path, settings: Settings, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, root: Path, settings: Settings, *, clock: Callable[[], float] = time.time,
+                 quota: bool = False) -> None:
+        """``quota``: a hosted visitor's store, held to ``visitor_max_datasets`` and ``visitor_max_bytes``."""
         self.root = Path(root)
         self.settings = settings
+        self.quota = quota
         self._clock = clock
         self._lock = threading.RLock()
+
+    def stored_bytes(self) -> int:
+        """Everything this owner keeps here: images, exports, staging."""
+        if not self.root.is_dir():
+            return 0
+        return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
+
+    def _check_room(self, adding: int) -> None:
+        if not self.quota:
+            return
+        used, cap = self.stored_bytes(), self.settings.visitor_max_bytes
+        if used + adding > cap:
+            raise InputError(
+                f"Your datasets use {_human_mb(used)} of the {_human_mb(cap)} one visitor may keep here, and this "
+                f"upload is {_human_mb(adding)}.", hint="Delete a dataset or some images first, or upload fewer files.")
 
     # -- paths and manifest
 
@@ -500,6 +518,10 @@ class DatasetStore:
     def create(self, name: str) -> Dataset:
         base = safe_name(name, fallback="dataset")
         with self._lock:
+            cap = self.settings.visitor_max_datasets
+            if self.quota and len(self.list_names()) >= cap:
+                raise InputError(f"You have {cap} datasets, the most one visitor may keep here.",
+                                 hint="Delete one you no longer need (Delete dataset, on the Dataset tab) first.")
             candidate, n = base, 2
             while self.exists(candidate):
                 candidate, n = f"{base}-{n}", n + 1
@@ -535,8 +557,9 @@ class DatasetStore:
     def delete(self, name: str) -> None:
         path = self._dir(name)
         with self._lock:
-            if path.is_dir():
-                shutil.rmtree(path)
+            if not (path / MANIFEST).is_file():
+                raise DatasetError(f"Dataset '{name}' was not found.", hint="Refresh the list: it may be gone already.")
+            shutil.rmtree(path)
 
     # -- importing
 
@@ -558,6 +581,7 @@ class DatasetStore:
                 f"The upload is {_human_mb(total_size)}, over the {_human_mb(self.settings.max_upload_bytes)} limit.",
                 hint="Upload fewer files at a time.",
             )
+        self._check_room(total_size)
         # Decoding takes seconds for a big upload: do it outside the store lock, in a staging
         # dir of its own, so captions can be edited and other imports run meanwhile.
         ds = self.open(name)
@@ -706,6 +730,9 @@ class DatasetStore:
             )
 
 
+MAX_OPEN_STORES = 4096  # one per recent owner; a store is only a folder and a lock
+
+
 class DatasetStores:
     """One ``DatasetStore`` per owner, so every request for an owner shares the same lock.
 
@@ -728,7 +755,13 @@ class DatasetStores:
 
     def __call__(self, owner: str) -> DatasetStore:
         with self._lock:
-            store = self._stores.get(owner)
+            store = self._stores.pop(owner, None)
             if store is None:
-                store = self._stores[owner] = DatasetStore(self.root_for(owner), self.settings)
+                from services.owners import LOCAL_OWNER
+
+                store = DatasetStore(self.root_for(owner), self.settings,
+                                     quota=self.settings.hosted and owner != LOCAL_OWNER)
+            self._stores[owner] = store  # most recently used last: the oldest goes past MAX_OPEN_STORES
+            while len(self._stores) > MAX_OPEN_STORES:
+                self._stores.pop(next(iter(self._stores)))
             return store

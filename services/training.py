@@ -70,12 +70,16 @@ class TrainingService:
         *,
         clock: Callable[[], float] = time.time,
         max_images: dict[str, int] | None = None,
+        max_active: dict[str, int] | None = None,
     ) -> None:
+        """``max_active``: provider key -> how many jobs one owner may have queued or running there
+        (hosted: the local engine is one GPU shared by every visitor)."""
         self.jobs = jobs
         self.providers = providers
         self.datasets_for = datasets_for
         self._clock = clock
         self._max_images = max_images or {}
+        self._max_active = max_active or {}
         self._lock = threading.Lock()
         # Provider key -> a problem worth a banner (e.g. the fine-tune endpoint is switched off).
         self.notices: dict[str, str] = {}
@@ -114,6 +118,10 @@ class TrainingService:
             raise InputError(why)
         if not dataset_name:
             raise InputError("No dataset is selected.", hint="Pick a saved dataset (make one on the Dataset tab).")
+        cap = self._max_active.get(provider.key)
+        if cap and sum(1 for j in self.jobs.active_jobs(owner) if j.provider == provider.key) >= cap:
+            raise InputError(f"You already have {cap} job(s) queued or running on {provider.label}, the most one "
+                             "visitor may have at once.", hint="Wait for one to finish, or cancel one, then launch.")
         store = self.datasets_for(owner)
         ds = store.open(dataset_name)
         limit = self._max_images.get(provider_key)

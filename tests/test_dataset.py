@@ -512,3 +512,31 @@ def test_a_zip_bomb_is_refused_without_the_process_growing(tmp_path):
     assert len(rejected) == 2 and all("zip bomb" in line for line in rejected), rejected
     assert peak_mb < 300, peak_mb
     print(f"zip bomb ({zip_bytes / 2**20:.1f} MiB, 2 GiB inflated) refused; peak RSS {peak_mb} MB")
+
+
+def test_a_hosted_visitor_is_held_to_a_dataset_count_and_a_byte_quota(tmp_path):
+    from services.dataset import DatasetStores
+
+    settings = Settings(data_dir=tmp_path / "d", hosted=True, visitor_max_datasets=2, visitor_max_bytes=400_000)
+    visitor = DatasetStores(settings)("visitor-abc")
+    first = visitor.create("one").name
+    visitor.create("two")
+    with pytest.raises(InputError, match="You have 2 datasets"):
+        visitor.create("three")
+    photos = [tmp_path / f"p{i}.jpg" for i in range(3)]
+    for i, p in enumerate(photos):
+        p.write_bytes(fx.jpeg_bytes(fx.photo(640, 480, seed=i)))
+    visitor.add_files(first, photos[:1])
+    used = visitor.stored_bytes()
+    assert 0 < used < 400_000
+    big = tmp_path / "big.jpg"
+    big.write_bytes(b"\xff" * (400_000 - used + 1))
+    with pytest.raises(InputError, match="of the 0.4 MB one visitor may keep"):
+        visitor.add_files(first, [big])
+    visitor.delete("two")
+    visitor.create("three")  # room again
+    with pytest.raises(DatasetError, match="was not found"):
+        DatasetStores(settings)("visitor-other").delete(first)  # another visitor's name: not theirs to delete
+    assert first in visitor.list_names()
+    # The local owner (not hosted) has no such caps.
+    assert not DatasetStores(settings.with_(hosted=False))("local").quota

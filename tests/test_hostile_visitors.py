@@ -86,12 +86,24 @@ def test_the_dataset_list_is_each_visitors_own_not_anonymous(settings, tmp_path)
             mine = picker["value"]
             alice_list = alice.predict(None, api_name="/list_datasets")
             bob_list = bob.predict(None, api_name="/list_datasets")
+            # Bob knows the name and asks to delete it: it is not his, so there is nothing to delete.
+            from gradio_client.exceptions import AppError
+
+            try:
+                bob.predict(mine, api_name="/delete_dataset")
+            except AppError as exc:  # his picker never offered it; were it sent anyway, his store has no such set
+                assert "not in the list of choices" in str(exc) or "was not found" in str(exc)
+            else:
+                raise AssertionError("Bob deleted a dataset that is not his")
+            still = alice.predict(None, api_name="/list_datasets")
+            picker, *_ = alice.predict(mine, api_name="/delete_dataset")  # her own: gone
+            after = alice.predict(None, api_name="/list_datasets")
         finally:
             alice.close()
             bob.close()
     choices = lambda update: [c[0] if isinstance(c, (list, tuple)) else c for c in update["choices"]]  # noqa: E731
-    assert choices(alice_list) == [mine]
-    assert choices(bob_list) == []
+    assert choices(alice_list) == [mine] == choices(still)
+    assert choices(bob_list) == [] and choices(after) == [] and choices(picker) == []
 
 
 def test_a_fine_tune_id_resolves_against_the_callers_own_jobs_only(settings, fake_cometapi):

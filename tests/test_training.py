@@ -368,3 +368,18 @@ def test_a_providers_loss_curve_is_stored_whole_once_and_survives_a_restart(sett
     frame = frame[frame["series"] == RAW]
     assert list(frame["step"]) == list(range(1, 11))
     assert list(frame["loss"])[5:] == [0.5, 0.4, 0.3, 0.2, 0.1]
+
+
+def test_a_visitor_may_have_only_so_many_jobs_moving_on_a_capped_provider(settings, fake_cometapi, dataset):
+    fake_cometapi.finetune_pending_polls = 10**6
+    service = _service(settings, fake_cometapi)
+    service._max_active = {"cometapi": 2}
+    for i in range(2):
+        assert service.launch(OWNER, "cometapi", dataset, _req(name=f"v{i}")).status == "pending"
+    before = len(fake_cometapi.requests("/flux/v1/finetune"))
+    with pytest.raises(InputError, match="already have 2 job"):
+        service.launch(OWNER, "cometapi", dataset, _req(name="v3"))
+    assert len(fake_cometapi.requests("/flux/v1/finetune")) == before  # refused before anything was sent
+    [first, *_] = service.jobs.active_jobs(OWNER)
+    service.cancel(OWNER, first.id)
+    assert service.launch(OWNER, "cometapi", dataset, _req(name="v3")).status == "pending"
