@@ -208,3 +208,56 @@ def test_full_workflow_with_the_local_engine(settings, tmp_path):
             _tab(page, "3 · Compare")
             page.locator("#compare-history img").nth(4).wait_for(timeout=15_000)  # grid 3 + pair 2
             expect(page.locator("#compare-finetune input")).to_have_value(re.compile("cup-local"))
+
+
+def test_a_page_on_another_site_cannot_act_as_the_visitor(settings, tmp_path):
+    """Hosted: a page elsewhere makes the visitor's own browser post to the app (to delete her
+    dataset). The app refuses it by its Origin, and her dataset is still there."""
+    import http.server
+    import threading
+
+    settings = settings.with_(hosted=True)
+    photos = fx.good_set(tmp_path / "g", count=1, size=(640, 640))
+    with chromium() as browser, running_app(settings) as url:
+        app = url.rstrip("/")
+        config = httpx.get(f"{app}/config", timeout=10).json()
+        fn_index = next(i for i, d in enumerate(config["dependencies"]) if d.get("api_name") == "delete_dataset")
+        evil_html = f"""<html><body><script>
+fetch("{app}/gradio_api/queue/join", {{method: "POST", credentials: "include",
+      headers: {{"Content-Type": "application/json"}},
+      body: JSON.stringify({{data: ["alice-set"], fn_index: {fn_index}, session_hash: "evil0001"}})}})
+  .then(r => document.body.setAttribute("data-result", "status " + r.status))
+  .catch(e => document.body.setAttribute("data-result", "blocked " + e));
+</script></body></html>""".encode()
+
+        class Evil(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html")
+                self.end_headers()
+                self.wfile.write(evil_html)
+
+            def log_message(self, *args):
+                pass
+
+        evil = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Evil)
+        server = threading.Thread(target=evil.serve_forever, name="evil-site")
+        server.start()
+        try:
+            context = browser.new_context()
+            alice = context.new_page()
+            alice.goto(url)
+            _upload(alice, photos, "alice-set")
+            other_site = context.new_page()  # another origin: localhost, not 127.0.0.1
+            other_site.goto(f"http://localhost:{evil.server_address[1]}/")
+            other_site.locator("body[data-result]").wait_for(timeout=15_000)
+            result = other_site.locator("body").get_attribute("data-result")
+            assert result == "status 403" or result.startswith("blocked"), result
+            alice.reload()  # her list, fresh from the server: the dataset is still offered
+            alice.locator("#dataset-picker input").click()
+            alice.get_by_role("option", name=re.compile("alice-set")).wait_for(timeout=15_000)
+        finally:
+            evil.shutdown()
+            evil.server_close()
+            server.join(10)
+    print(f"cross-site post: {result}")
