@@ -94,6 +94,8 @@ def _cookie(request: gr.Request) -> str:
 class VisitorGate:
     """ASGI middleware for hosted mode (``launch_options`` installs it).
 
+    * Answers 404 to ``/gradio_api/deep_link``, which dumps a session's component values (a
+      pasted token among them) to a file whose name then loads them into any page.
     * Refuses state-changing requests (POST, ...) whose ``Origin`` is another site's: Gradio echoes
       any origin with credentials, so without this a page elsewhere could act as a visitor.
       Requests with no Origin (scripts, gradio_client) carry no one else's cookie and pass.
@@ -110,10 +112,18 @@ class VisitorGate:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = Headers(scope=scope)
+        if scope["path"].rstrip("/").endswith("/gradio_api/deep_link"):
+            return await PlainTextResponse("Not found.", status_code=404)(scope, receive, send)
         if scope["method"] in _UNSAFE_METHODS and not self._same_site(headers, scope):
             response = PlainTextResponse("Requests from other sites are refused.", status_code=403)
             return await response(scope, receive, send)
-        if visitors.owner_of(self.settings, _cookie_from(headers)):
+        known = bool(visitors.owner_of(self.settings, _cookie_from(headers)))
+        if scope["method"] == "POST" and scope["path"].rstrip("/").endswith("/gradio_api/upload"):
+            refusal = self._upload_refusal(headers, known)
+            if refusal is not None:
+                return await refusal(scope, receive, send)
+            receive = self._capped(receive, self.settings.max_upload_bytes)
+        if known:
             return await self.app(scope, receive, send)
         cookie = self._set_cookie(visitors.mint(self.settings), _is_https(headers, scope))
 
@@ -124,6 +134,37 @@ class VisitorGate:
             await send(message)
 
         await self.app(scope, receive, send_with_cookie)
+
+    def _upload_refusal(self, headers: Headers, known: bool) -> PlainTextResponse | None:
+        """Gradio's upload route takes up to 1,000 files of ``max_file_size`` each per request: only a
+        visitor the server knows may upload, and one request carries at most ``max_upload_bytes``."""
+        if not known:
+            return PlainTextResponse("Open the app before uploading.", status_code=403)
+        try:
+            length = int(headers.get("content-length", "0"))
+        except ValueError:
+            return PlainTextResponse("Bad Content-Length.", status_code=400)
+        if length > self.settings.max_upload_bytes:
+            return PlainTextResponse(f"An upload may be at most {self.settings.max_upload_bytes // 2**20} MB.",
+                                     status_code=413)
+        return None
+
+    @staticmethod
+    def _capped(receive, limit: int):
+        """``receive``, cut off (as a disconnect) once the body passes ``limit`` bytes, whatever the
+        headers said (chunked bodies have no Content-Length)."""
+        seen = 0
+
+        async def capped():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    return {"type": "http.disconnect"}
+            return message
+
+        return capped
 
     def _same_site(self, headers: Headers, scope) -> bool:
         origin = headers.get("origin")

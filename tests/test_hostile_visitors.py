@@ -59,12 +59,20 @@ def test_no_file_of_the_data_dir_is_served_and_deep_links_are_blocked(settings, 
                 cached = next(Path(gr_utils.get_upload_folder()).rglob(Path(exports[0]).name))
                 assert anonymous.get(_file_url(url, cached)).status_code == 200
 
-                # A deep link dumps a session's component values under the upload dir: never served.
+                # A deep link would dump a session's component values under the upload dir: the route is
+                # gone, and the folder is blocked anyway (second fence, probed with a planted dump).
                 session = visitors[0].session_hash
-                link = anonymous.get(f"{url.rstrip('/')}/gradio_api/deep_link", params={"session_hash": session}).json()
-                dumps = list((Path(gr_utils.get_upload_folder()) / "deep_links").rglob("state.json"))
-                assert link and dumps
-                assert {anonymous.get(_file_url(url, d)).status_code for d in dumps} == {403}
+                link = anonymous.get(f"{url.rstrip('/')}/gradio_api/deep_link", params={"session_hash": session})
+                assert link.status_code == 404
+                planted = Path(gr_utils.get_upload_folder()) / "deep_links" / "probe" / "state.json"
+                planted.parent.mkdir(parents=True, exist_ok=True)
+                planted.write_text("[]")
+                try:
+                    dumps = list(planted.parent.parent.rglob("state.json"))
+                    assert {anonymous.get(_file_url(url, d)).status_code for d in dumps} == {403}
+                finally:
+                    planted.unlink()
+                    planted.parent.rmdir()
         finally:
             for client in visitors:
                 client.close()
@@ -344,3 +352,17 @@ def test_uploaded_file_names_reach_the_page_as_text(settings, tmp_path):
             client.close()
     assert "not a readable image" in report
     assert "<img" not in report and '&lt;img src=x id=pwned onerror="alert(1)"&gt;.jpg' in report
+
+
+def test_the_upload_route_is_for_known_visitors_and_capped_per_request(settings, tmp_path):
+    settings = settings.with_(hosted=True, max_upload_bytes=2 * 2**20)
+    photo = fx.good_set(tmp_path / "g", count=1, size=(640, 640))[0]
+    with running_app(settings) as url, httpx.Client(timeout=30) as http:
+        upload = url.rstrip("/") + "/gradio_api/upload"
+        files = [("files", ("p.jpg", photo.read_bytes(), "image/jpeg"))]
+        assert http.post(upload, files=files).status_code == 403  # no visitor cookie: not a visitor yet
+        http.get(url)  # opening the app is what makes one a visitor
+        ok = http.post(upload, files=files)
+        assert ok.status_code == 200 and len(ok.json()) == 1  # the positive control
+        many = [("files", (f"p{i}.jpg", b"x" * 100_000, "image/jpeg")) for i in range(30)]  # 3 MB in all
+        assert http.post(upload, files=many).status_code == 413
