@@ -530,25 +530,43 @@ class JobStore:
         """
         _check_owner(owner)
         values = _clean_fields(fields)
-        now = self._clock()
         with self._write() as conn:
-            current = self._get(conn, owner, job_id)
-            status = values.get("status")
-            if status is not None:
-                if status == "running" and current.started_at is None and "started_at" not in values:
-                    values["started_at"] = now
-                if status in TERMINAL_STATUSES and "finished_at" not in values:
-                    if current.finished_at is None:
-                        values["finished_at"] = now
-                elif status in ACTIVE_STATUSES and "finished_at" not in values:
-                    values["finished_at"] = None
-            values["updated_at"] = now
-            assignments = ", ".join(f"{c} = :{c}" for c in values)  # column names come from _UPDATABLE only
-            conn.execute(
-                f"UPDATE jobs SET {assignments} WHERE owner = :__owner AND id = :__id",
-                {**values, "__owner": owner, "__id": job_id},
-            )
-            return self._get(conn, owner, job_id)
+            return self._update_in(conn, owner, job_id, values)
+
+    def _update_in(self, conn: sqlite3.Connection, owner: str, job_id: str, values: dict[str, Any]) -> Job:
+        """The body of ``update``, inside a write transaction the caller holds."""
+        now = self._clock()
+        current = self._get(conn, owner, job_id)
+        status = values.get("status")
+        if status is not None:
+            if status == "running" and current.started_at is None and "started_at" not in values:
+                values["started_at"] = now
+            if status in TERMINAL_STATUSES and "finished_at" not in values:
+                if current.finished_at is None:
+                    values["finished_at"] = now
+            elif status in ACTIVE_STATUSES and "finished_at" not in values:
+                values["finished_at"] = None
+        values["updated_at"] = now
+        assignments = ", ".join(f"{c} = :{c}" for c in values)  # column names come from _UPDATABLE only
+        conn.execute(
+            f"UPDATE jobs SET {assignments} WHERE owner = :__owner AND id = :__id",
+            {**values, "__owner": owner, "__id": job_id},
+        )
+        return self._get(conn, owner, job_id)
+
+    def transition(self, owner: str, job_id: str, only_from: Iterable[str], **fields: Any) -> Job | None:
+        """``update``, but only while the job's status is one of ``only_from`` (compare-and-set, in
+        one transaction); None, writing nothing, when it has moved on.
+
+        Why: a tracker poll reads a job, asks the provider, then writes. If the user cancelled or
+        deleted the job in between, a plain update would bring it back with a stale status."""
+        allowed = frozenset(only_from)
+        _check_owner(owner)
+        values = _clean_fields(fields)
+        with self._write() as conn:
+            if self._get(conn, owner, job_id).status not in allowed:
+                return None
+            return self._update_in(conn, owner, job_id, values)
 
     def set_remote_id(self, owner: str, job_id: str, remote_id: str) -> Job:
         if not remote_id:

@@ -32,7 +32,7 @@ from services.errors import (
     TaskNotFoundError,
     WaitTimeoutError,
 )
-from services.jobs import Job, JobStore
+from services.jobs import ACTIVE_STATUSES, Job, JobStore
 from services.providers import Provider, ProgressFn, TrainRequest, TrainStatus
 
 log = logging.getLogger("flux_studio.training")
@@ -42,6 +42,8 @@ _AMBIGUOUS = (NetworkError, ServerError, WaitTimeoutError)
 # Failures worth another look on the next tick rather than failing the job.
 _TRANSIENT = (NetworkError, ServerError, RateLimitedError, WaitTimeoutError)
 RECONCILE_GIVE_UP_S = 600.0
+# States the user may resume a job from; every other terminal state is final.
+RESUMABLE = frozenset({"interrupted", "cancelled"})
 
 
 def job_tag(job_id: str) -> str:
@@ -184,28 +186,33 @@ class TrainingService:
             if job.provider == provider.key:
                 self._job_providers[job.id] = provider
 
+    def _tracked(self, job: Job, **fields) -> Job:
+        """A tracker's write: only while the job is still active, so a poll that started before the
+        user cancelled or deleted it cannot bring it back; returns the job as stored either way."""
+        return self.jobs.transition(job.owner, job.id, ACTIVE_STATUSES, **fields) or self.jobs.get(job.owner, job.id)
+
     def _track(self, job: Job) -> Job:
         provider = self._job_providers.get(job.id) or self.providers.get(job.provider)
         if provider is None:
-            return self.jobs.update(job.owner, job.id, message=f"Provider '{job.provider}' is not configured in this app; "
+            return self._tracked(job, message=f"Provider '{job.provider}' is not configured in this app; "
                                     "tracking resumes when it is.")
         ready, why = provider.readiness()
         if not ready:
-            return self.jobs.update(job.owner, job.id, message=f"Tracking paused: {why}")
+            return self._tracked(job, message=f"Tracking paused: {why}")
         if not job.remote_id:
             return self._reconcile(job, provider)
         try:
             status = provider.status(job.remote_id)
         except _TRANSIENT as exc:
-            return self.jobs.update(job.owner, job.id, message=f"Could not check the job just now; will retry. ({exc.message})")
+            return self._tracked(job, message=f"Could not check the job just now; will retry. ({exc.message})")
         except TaskNotFoundError:
-            return self.jobs.update(job.owner, job.id, status="failed", error=(
+            return self._tracked(job, status="failed", error=(
                 f"{provider.label} no longer knows this job ({job.remote_id}). It may have expired or been deleted."))
         except EndpointUnavailableError as exc:
             self.notices[provider.key] = exc.user_message()
-            return self.jobs.update(job.owner, job.id, message=exc.user_message())
+            return self._tracked(job, message=exc.user_message())
         except ProviderError as exc:
-            return self.jobs.update(job.owner, job.id, status="failed", error=exc.user_message())
+            return self._tracked(job, status="failed", error=exc.user_message())
         return self._apply(job, status)
 
     def _apply(self, job: Job, status: TrainStatus) -> Job:
@@ -228,7 +235,7 @@ class TrainingService:
             self.jobs.record_event(job.owner, job.id, "step", {
                 "step": status.step, "loss": None if status.losses else status.loss, "samples": list(status.samples),
             })
-        return self.jobs.update(job.owner, job.id, **fields)
+        return self._tracked(job, **fields)
 
     def _record_losses(self, job: Job, losses: tuple[tuple[int, float], ...]) -> None:
         """Store the points of the provider's loss curve that the job store has not got yet.
@@ -250,15 +257,15 @@ class TrainingService:
         try:
             remote_id = provider.find_by_tag(job.id)
         except ProviderError as exc:
-            return self.jobs.update(job.owner, job.id, message=f"Checking whether the submission arrived… ({exc.message})")
+            return self._tracked(job, message=f"Checking whether the submission arrived… ({exc.message})")
         if remote_id:
-            return self.jobs.update(job.owner, job.id, status="pending", remote_id=remote_id,
+            return self._tracked(job, status="pending", remote_id=remote_id,
                                     message="Found the submission on the service; tracking it.")
         if self._clock() - job.created_at > RECONCILE_GIVE_UP_S:
-            return self.jobs.update(job.owner, job.id, status="failed", error=(
+            return self._tracked(job, status="failed", error=(
                 f"{provider.label} has no job tagged {job_tag(job.id)}, so the submission never arrived. "
                 "It is safe to launch again."))
-        return self.jobs.update(job.owner, job.id, message="Checking whether the submission arrived…")
+        return self._tracked(job, message="Checking whether the submission arrived…")
 
     def resume_on_start(self) -> list[Job]:
         """Called once when the app starts: every unfinished job, for logs and a first pass."""
@@ -279,7 +286,11 @@ class TrainingService:
                 provider.cancel(job.remote_id)
             except ProviderError as exc:
                 raise JobError(f"Could not cancel '{job.name}': {exc.message}", hint="Try again in a moment.") from None
-        return self.jobs.update(owner, job_id, status="cancelled", message="Cancelled by you.")
+        cancelled = self.jobs.transition(owner, job_id, ACTIVE_STATUSES, status="cancelled", message="Cancelled by you.")
+        if cancelled is None:  # it finished (or failed) in the meantime
+            job = self.jobs.get(owner, job_id)
+            raise InputError(f"'{job.name}' is {job.status} already.", hint="Nothing was cancelled.")
+        return cancelled
 
     def resume(self, owner: str, job_id: str) -> Job:
         job = self.jobs.get(owner, job_id)
@@ -287,14 +298,16 @@ class TrainingService:
         resume = getattr(provider, "resume", None)
         if resume is None or not job.remote_id:
             raise InputError(f"{job.provider} jobs can't be resumed.", hint="Launch a new fine-tune instead.")
-        if job.status not in ("interrupted", "cancelled"):
+        if job.status not in RESUMABLE:
             raise InputError(f"'{job.name}' is {job.status}; only interrupted or cancelled jobs can be resumed.")
         try:
             resume(job.remote_id)
         except ProviderError as exc:
             raise JobError(f"Could not resume '{job.name}': {exc.message}",
                            hint=exc.hint or "Try again, or launch it again.") from None
-        return self.jobs.update(owner, job_id, status="running", error="", message="Resuming from the last checkpoint…")
+        resumed = self.jobs.transition(owner, job_id, RESUMABLE, status="running", error="",
+                                       message="Resuming from the last checkpoint…")
+        return resumed or self.jobs.get(owner, job_id)
 
     def close(self) -> None:
         """Stop what the providers run in this process (local trainings stop at a checkpoint)."""

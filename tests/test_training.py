@@ -383,3 +383,45 @@ def test_a_visitor_may_have_only_so_many_jobs_moving_on_a_capped_provider(settin
     [first, *_] = service.jobs.active_jobs(OWNER)
     service.cancel(OWNER, first.id)
     assert service.launch(OWNER, "cometapi", dataset, _req(name="v3")).status == "pending"
+
+
+@pytest.mark.parametrize("user_action", ["cancel", "delete"])
+def test_a_poll_that_read_before_a_cancel_or_delete_cannot_undo_it(settings, fake_cometapi, dataset, user_action):
+    """A barrier holds a tracker poll between its read (the job is active, the provider says pending)
+    and its write, while the user cancels or deletes the job: the poll's stale write must not land."""
+    import threading
+
+    fake_cometapi.finetune_pending_polls = 10**6
+    service = _service(settings, fake_cometapi)
+    job = service.launch(OWNER, "cometapi", dataset, _req())
+    provider = service.providers["cometapi"]
+    in_poll, release = threading.Event(), threading.Event()
+    real_status = provider.status
+
+    def held_status(remote_id):
+        status = real_status(remote_id)
+        in_poll.set()
+        assert release.wait(30)
+        return status
+
+    provider.status = held_status
+    poll = threading.Thread(target=service.track_once, name="test-poll")
+    poll.start()
+    try:
+        assert in_poll.wait(30)
+        getattr(service, user_action)(OWNER, job.id)
+    finally:
+        release.set()
+        poll.join(30)
+    expected = "cancelled" if user_action == "cancel" else "deleted"
+    assert service.jobs.get(OWNER, job.id).status == expected
+    assert all(j.id != job.id for j in service.jobs.active_jobs(OWNER))  # and it is not tracked again
+
+
+def test_cancel_does_not_turn_a_finished_job_into_a_cancelled_one(settings, fake_cometapi, dataset):
+    service = _service(settings, fake_cometapi)
+    job = service.launch(OWNER, "cometapi", dataset, _req())
+    service.jobs.update(OWNER, job.id, status="ready")  # the tracker got there first
+    with pytest.raises(InputError, match="is ready already|is not running"):
+        service.cancel(OWNER, job.id)
+    assert service.jobs.get(OWNER, job.id).status == "ready"
