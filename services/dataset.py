@@ -11,6 +11,7 @@ half-written manifest, and nothing a user added is lost by a failed import.
 """
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import re
@@ -171,12 +172,19 @@ def _is_hidden_or_metadata(name: str) -> bool:
 
 
 def _read_caption(data: bytes) -> str:
-    for enc in ("utf-8-sig", "utf-16", "latin-1"):
+    """A caption file's text: UTF-8 (with or without a BOM), UTF-16 only when its BOM says so,
+    else Windows-1252/Latin-1. Trying UTF-16 without a BOM would accept any even-length bytes
+    and turn ``caf\xe9`` into CJK."""
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        text = data.decode("utf-16", errors="replace")
+    else:
         try:
-            text = data.decode(enc)
-            break
+            text = data.decode("utf-8-sig")
         except UnicodeDecodeError:
-            continue
+            try:
+                text = data.decode("cp1252")
+            except UnicodeDecodeError:  # the five bytes cp1252 leaves undefined
+                text = data.decode("latin-1")
     return " ".join(text.split())
 
 

@@ -540,3 +540,21 @@ def test_a_hosted_visitor_is_held_to_a_dataset_count_and_a_byte_quota(tmp_path):
     assert first in visitor.list_names()
     # The local owner (not hosted) has no such caps.
     assert not DatasetStores(settings.with_(hosted=False))("local").quota
+
+
+def test_caption_files_in_every_common_encoding_read_as_written(store, tmp_path):
+    text = "café crème, naïve TOK"
+    encodings = {"utf8.txt": text.encode("utf-8"), "bom.txt": text.encode("utf-8-sig"),
+                 "latin1.txt": text.encode("latin-1"), "cp1252.txt": (text + " – 5€").encode("cp1252"),
+                 "utf16.txt": text.encode("utf-16"), "even.txt": b"caf\xe9"}  # 4 bytes: not UTF-16
+    files = []
+    for i, (name, data) in enumerate(encodings.items()):
+        img = tmp_path / f"{Path(name).stem}.jpg"
+        img.write_bytes(fx.jpeg_bytes(fx.photo(640, 640, seed=i)))
+        cap = tmp_path / name
+        cap.write_bytes(data)
+        files += [img, cap]
+    ds, _ = store.add_files(store.create("enc").name, files)
+    captions = {Path(i.file).stem: i.caption for i in ds.items}
+    assert captions == {"utf8": text, "bom": text, "latin1": text, "cp1252": text + " – 5€", "utf16": text,
+                        "even": "café"}
