@@ -82,6 +82,9 @@ class TrainingService:
         self._clock = clock
         self._max_images = max_images or {}
         self._max_active = max_active or {}
+        # Jobs whose submit() runs in this process right now: the launch, not the tracker, says how
+        # it went (a tracker would look them up by tag on every tick, and fail them after a while).
+        self._uploading: set[str] = set()
         self._lock = threading.Lock()
         # Provider key -> a problem worth a banner (e.g. the fine-tune endpoint is switched off).
         self.notices: dict[str, str] = {}
@@ -142,6 +145,7 @@ class TrainingService:
         if provider is not self.providers.get(provider.key):
             self._job_providers[job.id] = provider
         self.jobs.update(owner, job.id, message=f"Uploading {export.size_bytes / 2**20:.1f} MB to {provider.label}…")
+        self._uploading.add(job.id)
         try:
             remote_id = provider.submit(export.path, request, tag=job.id, on_upload=on_upload)
         except _AMBIGUOUS as exc:
@@ -154,6 +158,8 @@ class TrainingService:
                 self.notices[provider.key] = exc.user_message()
             self.jobs.update(owner, job.id, status="failed", error=exc.user_message(), message="Launch failed.")
             raise
+        finally:
+            self._uploading.discard(job.id)
         self.notices.pop(provider.key, None)
         return self.jobs.update(
             owner, job.id, status="pending", remote_id=remote_id, progress=0.0,
@@ -192,6 +198,8 @@ class TrainingService:
         return self.jobs.transition(job.owner, job.id, ACTIVE_STATUSES, **fields) or self.jobs.get(job.owner, job.id)
 
     def _track(self, job: Job) -> Job:
+        if job.id in self._uploading:
+            return job
         provider = self._job_providers.get(job.id) or self.providers.get(job.provider)
         if provider is None:
             return self._tracked(job, message=f"Provider '{job.provider}' is not configured in this app; "

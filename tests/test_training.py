@@ -425,3 +425,37 @@ def test_cancel_does_not_turn_a_finished_job_into_a_cancelled_one(settings, fake
     with pytest.raises(InputError, match="is ready already|is not running"):
         service.cancel(OWNER, job.id)
     assert service.jobs.get(OWNER, job.id).status == "ready"
+
+
+def test_the_tracker_leaves_a_job_alone_while_its_upload_runs_here(settings, fake_cometapi, dataset):
+    """A slow upload once got a list call and up to 25 detail calls per tick, and after 10 minutes was
+    marked failed ("safe to launch again") while still uploading."""
+    import threading
+
+    clock = Clock()
+    service = _service(settings, fake_cometapi, clock=clock)
+    provider = service.providers["cometapi"]
+    uploading, release = threading.Event(), threading.Event()
+    real_submit = provider.submit
+
+    def slow_submit(*a, **kw):
+        uploading.set()
+        assert release.wait(30)
+        return real_submit(*a, **kw)
+
+    provider.submit = slow_submit
+    launched: list = []
+    launch = threading.Thread(target=lambda: launched.append(service.launch(OWNER, "cometapi", dataset, _req())),
+                              name="test-launch")
+    launch.start()
+    try:
+        assert uploading.wait(30)
+        before = len(fake_cometapi.requests())
+        clock.t += RECONCILE_GIVE_UP_S + 60  # long past the give-up time
+        assert service.track_once() == []
+        [job] = service.jobs.active_jobs(OWNER)
+        assert job.status == "submitting" and len(fake_cometapi.requests()) == before  # not a single call
+    finally:
+        release.set()
+        launch.join(30)
+    assert launched[0].status == "pending" and launched[0].remote_id
