@@ -26,6 +26,7 @@ from PIL import Image
 
 from components import compare_tab, dataset_tab, session_panel, train_tab
 from components.identity import VisitorGate
+from services import atomic
 from services.access import ProviderAccess
 from services.captioning import Captioner
 from services.cometapi import CometAPIClient
@@ -154,10 +155,8 @@ def placeholder_image(settings: Settings) -> Path:
     """A light grey tile shown in grid cells that are still rendering (served from the data dir)."""
     path = settings.data_dir / ".assets" / "pending.png"
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        Image.new("RGB", (64, 64), (236, 236, 240)).save(tmp, "PNG")
-        tmp.replace(path)
+        with atomic.replacing(path) as tmp:
+            Image.new("RGB", (64, 64), (236, 236, 240)).save(tmp, "PNG")
     return path
 
 

@@ -28,10 +28,8 @@ import base64
 import json
 import logging
 import math
-import os
 import random
 import re
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +41,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from services import atomic
 from services.config import Secret
 from services.errors import (
     AuthError,
@@ -618,16 +617,7 @@ class CometAPIClient:
     def download_to(self, url: str, path: Path | str) -> Path:
         """Download a result image to ``path`` atomically (never leaves a half-written file)."""
         path = Path(path)
-        content = self.download(url)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(content)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic.write_bytes(path, self.download(url))
         return path
 
     # ----------------------------------------------------------------- chat (captioning)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from services import atomic
 from services.config import THREAD_PREFIX
 from services.errors import InputError, ModeratedError, StudioError
 from services.providers import GenerateRequest, Provider
@@ -283,8 +284,6 @@ def contact_sheet(grid: GridResult, path: Path, *, cell: int = 256, label_width:
                 draw.text((x + 8, y + 8), title, fill="#cc3333", font=font)
                 for i, line in enumerate(_wrap(draw, result.error or "no details", small, cell - 16, max_lines=max(1, (cell - 44) // 18))):
                     draw.text((x + 8, y + 34 + i * 18), line, fill="black", font=small)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    sheet.save(tmp, "PNG", optimize=False)
-    tmp.replace(path)
+    with atomic.replacing(path) as tmp:
+        sheet.save(tmp, "PNG", optimize=False)
     return path

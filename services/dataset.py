@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
+from services import atomic
 from services.config import THREAD_PREFIX, Settings
 from services.errors import DatasetError, InputError
 from services.images import Prepared, Source, prepare_image, sha256_of
@@ -501,10 +502,7 @@ class DatasetStore:
 
     def _write(self, ds: Dataset) -> None:
         ds.updated_at = self._clock()
-        ds.path.mkdir(parents=True, exist_ok=True)
-        tmp = ds.path / f".{MANIFEST}.{threading.get_ident()}.tmp"
-        tmp.write_text(json.dumps(ds.to_json(), ensure_ascii=False, indent=1), encoding="utf-8")
-        os.replace(tmp, ds.path / MANIFEST)
+        atomic.write_json(ds.path / MANIFEST, ds.to_json(), ensure_ascii=False, indent=1)
 
     def list_names(self) -> list[str]:
         """Saved datasets, most recently changed first."""
@@ -713,9 +711,8 @@ class DatasetStore:
             out_dir = ds.path / "export"
             out_dir.mkdir(parents=True, exist_ok=True)
             out = out_dir / f"{ds.name}.zip"
-            tmp = out.with_suffix(".zip.part")
             captions = 0
-            with zipfile.ZipFile(tmp, "w") as zf:
+            with atomic.replacing(out) as tmp, zipfile.ZipFile(tmp, "w") as zf:
                 for item in ds.items:
                     src = ds.image_path(item.file)
                     if not src.is_file():
@@ -728,7 +725,6 @@ class DatasetStore:
                     if item.caption.strip():
                         zf.writestr(f"{Path(item.file).stem}.txt", item.caption.strip(), compress_type=zipfile.ZIP_DEFLATED)
                         captions += 1
-            os.replace(tmp, out)
             return ExportResult(
                 path=out,
                 size_bytes=out.stat().st_size,

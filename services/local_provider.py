@@ -4,7 +4,7 @@ Jobs live in ``<data_dir>/local_jobs/<remote_id>/``::
 
     dataset.zip        the training zip, copied at submission
     config.json        the training configuration (TrainConfig)
-    state.json         state, step, loss, samples, ... (written atomically: temp + os.replace)
+    state.json         state, step, loss, samples, ... (written atomically: services.atomic)
     samples/           sample images every N steps (fixed seed, so they show the LoRA learning)
     checkpoints/       the latest checkpoint: LoRA + optimizer + step + RNG
     output/            pytorch_lora_weights.safetensors, README.md (model card), samples/
@@ -29,10 +29,9 @@ import shutil
 import threading
 import time
 import uuid
-from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from services import atomic
 from services.config import THREAD_PREFIX, Secret, Settings
 from services.errors import (
     EngineUnavailableError,
@@ -101,9 +100,7 @@ def loss_lines(points) -> list[str]:
 
 
 def write_losses(job: Path, points) -> None:
-    tmp = Path(job) / f".{LOSSES_FILE}.tmp"
-    tmp.write_text("".join(loss_lines(points)), encoding="utf-8")
-    os.replace(tmp, Path(job) / LOSSES_FILE)
+    atomic.write_text(Path(job) / LOSSES_FILE, "".join(loss_lines(points)))
 
 
 RESUME_WAIT_S = 60.0  # how long Resume waits for a just-cancelled run to write its checkpoint
@@ -543,7 +540,7 @@ class LocalProvider:
             self._update_run_state(run, state="failed", message=f"The local training failed: {msg}"[:500], eta_s=None)
         finally:
             # Free the memory before the next job may load its model (one GPU), then hand the slot on.
-            trainer = None
+            del trainer
             gc.collect()
             release_gpu_memory()
             self.slot.release(run)
@@ -658,6 +655,4 @@ def _lora_file() -> str:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{threading.get_ident()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic.write_json(path, data, indent=1, default=str)

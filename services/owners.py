@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import secrets
 import threading
 from pathlib import Path
 
+from services import atomic
 from services.config import Settings
 from services.errors import ConfigError
 
@@ -63,15 +63,8 @@ def installation_secret(settings: Settings) -> bytes:
                 f"The owner secret {path} is {state}, but visitors' folders exist in {owners}. "
                 "A new secret would cut every visitor off from their work.",
                 hint="Restore the file from a backup, or set FLUX_STUDIO_OWNER_SECRET to its value.")
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
         value = secrets.token_bytes(_SECRET_BYTES)
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(value.hex())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        atomic.write_text(path, value.hex(), mode=0o600)
         return value
 
 

@@ -16,7 +16,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from services.config import THREAD_PREFIX
 from services.dataset import DatasetStore

@@ -8,7 +8,6 @@ exactly one with ``set_adapters([name], [strength])``.
 """
 from __future__ import annotations
 
-import os
 import re
 import threading
 import time
@@ -17,6 +16,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services import atomic
 from services.local_engine import release_gpu_memory, tiny
 from services.local_engine.train import pick_device, quiet_libraries, train_dtype
 
@@ -153,12 +153,11 @@ def generate(model_path: str, out_dir: Path, *, prompt: str, seed: int, width: i
     out_dir.mkdir(parents=True, exist_ok=True)
     jpeg = output_format in ("jpeg", "jpg")
     path = out_dir / f"local-{uuid.uuid4().hex[:12]}.{'jpg' if jpeg else 'png'}"
-    tmp = path.with_name(path.name + ".part")
-    if jpeg:
-        image.convert("RGB").save(tmp, "JPEG", quality=95)
-    else:
-        image.save(tmp, "PNG")
-    os.replace(tmp, path)
+    with atomic.replacing(path) as tmp:
+        if jpeg:
+            image.convert("RGB").save(tmp, "JPEG", quality=95)
+        else:
+            image.save(tmp, "PNG")
     params = {"prompt": prompt, "seed": int(seed), "width": w, "height": h, "steps": steps,
               "guidance": float(guidance), "output_format": "jpeg" if jpeg else "png", "latency_s": latency}
     if lora_path:

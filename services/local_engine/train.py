@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
+from services import atomic
 from services.errors import InputError
 from services.local_engine import quiet_libraries
 
@@ -459,9 +460,8 @@ class Trainer:
             self.transformer.train()
         self.samples_dir.mkdir(parents=True, exist_ok=True)
         path = self.samples_dir / f"step_{step:06d}.png"
-        tmp = path.with_suffix(".png.part")
-        image.save(tmp, "PNG")
-        os.replace(tmp, path)
+        with atomic.replacing(path) as tmp:
+            image.save(tmp, "PNG")
         return path
 
     def lora_state_dict(self) -> dict:
