@@ -105,6 +105,7 @@ def write_losses(job: Path, points) -> None:
 
 RESUME_WAIT_S = 60.0  # how long Resume waits for a just-cancelled run to write its checkpoint
 CLOSE_WAIT_S = 30.0  # how long close() waits for this provider's runs to stop at a checkpoint
+DELETE_WAIT_S = 120.0  # how long delete() waits for a running job to stop before removing its folder
 
 
 class LocalProvider:
@@ -355,22 +356,35 @@ class LocalProvider:
                         self._active.pop(run.remote_id)
                     self._engine.evicted[run.remote_id] = run
 
-    def delete(self, remote_id: str) -> None:
+    def delete(self, remote_id: str, *, wait_s: float = DELETE_WAIT_S) -> None:
+        """Stop the job's run, wait for its thread, then remove its folder; raises (keeping the
+        folder) when the run does not stop in time or the folder can't be removed."""
         job = self._job_dir(remote_id)
         with self._lock:
-            run = self._active.get(remote_id)
+            run = self._active.get(remote_id) or self._engine.evicted.get(remote_id)
             if run is not None:
-                run.deleted = True
+                run.deleted = True  # from now on it writes nothing into the folder
+            running = remote_id in self._active
         if run is not None:
-            self.cancel(remote_id)
-            run.done.wait(120)
+            if running:
+                self.cancel(remote_id)
+            if not run.done.wait(wait_s):
+                run.deleted = False  # still ours: it may go on writing its state
+                raise ProviderError(f"Local job {remote_id} did not stop within {wait_s:.0f} s, so its folder was "
+                                    "kept.", hint="Try again in a minute, or restart the app and delete it then.")
         try:
             from services.local_engine import infer
-
+        except ImportError:  # the engine is not installed: no adapter can be loaded
+            infer = None
+        if infer is not None:
             infer.drop_adapter(remote_id)
-        except Exception:  # the engine may not even be installed
+        try:
+            shutil.rmtree(job)
+        except FileNotFoundError:
             pass
-        shutil.rmtree(job, ignore_errors=True)
+        except OSError as exc:
+            raise ProviderError(f"Could not remove the folder of local job {remote_id}: {exc.strerror}.",
+                                hint="Check the data folder's permissions, then delete it again.") from None
 
     def generate(self, request: GenerateRequest, out_dir: Path, *, finetune: str | None = None,
                  model: str | None = None) -> GeneratedImage:

@@ -419,3 +419,25 @@ def test_closing_the_app_stops_its_tracker_and_local_training(settings, tmp_path
     demo.close()
     assert not [t.name for t in threading.enumerate() if t.name.startswith("studio-")]  # joined, not left behind
     assert SLOT.holder() is None and local.status(remote_id).result == {"resumable": True}
+
+
+def test_delete_waits_for_the_run_to_stop_and_never_hides_a_failure(settings, tmp_path, monkeypatch):
+    stalled, release = threading.Event(), threading.Event()
+    original = Trainer.prepare
+
+    def prepare(self, *a, **kw):
+        stalled.set()
+        assert release.wait(60)
+        return original(self, *a, **kw)
+
+    monkeypatch.setattr(Trainer, "prepare", prepare)
+    provider = LocalProvider(settings, steps_per_sample=0, checkpoint_every=0)
+    remote_id = provider.submit(make_zip(tmp_path / "ds.zip"), request(3), tag="del")
+    folder = settings.data_dir / "local_jobs" / remote_id
+    assert stalled.wait(60)
+    with pytest.raises(ProviderError, match="did not stop within 0 s, so its folder was kept"):
+        provider.delete(remote_id, wait_s=0.05)
+    assert folder.is_dir() and remote_id in provider.list_remote()
+    release.set()  # it comes back, sees its cancel, and stops
+    provider.delete(remote_id)  # waits for the thread, then removes the folder
+    assert not folder.exists() and provider.join(remote_id, 0)
