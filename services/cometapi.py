@@ -763,6 +763,7 @@ class CometAPIClient:
         """Send with bounded retries; return a 2xx response or raise a mapped error."""
         what = f"{method} {urlsplit(url).path}"
         attempt = 0
+        waited_for_rate_limit = 0.0
         while True:
             attempt += 1
             all_headers = {**(self._auth_headers() if auth else {}), **(headers or {})}
@@ -796,11 +797,18 @@ class CometAPIClient:
             if 200 <= response.status_code < 300:
                 return response
             error = error_for(response)
-            if not (idempotent and error.retryable) or attempt >= self._max_attempts:
+            # A 429 that says when to come back means the service processed nothing: sending it again
+            # is safe even for a paid POST, within max_retry_after seconds of waiting in all.
+            come_back = isinstance(error, RateLimitedError) and error.retry_after is not None
+            if not ((idempotent and error.retryable) or come_back) or attempt >= self._max_attempts:
                 raise error
             delay = self._retry_delay(error, attempt)
             if delay is None:
                 raise error
+            if not idempotent:
+                if waited_for_rate_limit + delay > self._max_retry_after:
+                    raise error
+                waited_for_rate_limit += delay
             log.warning("CometAPI %s answered %d; retrying in %.1f s (attempt %d/%d)", what,
                         response.status_code, delay, attempt + 1, self._max_attempts)
             self._sleep(delay)
@@ -870,7 +878,9 @@ class CometAPIClient:
             )
         if status == 429:
             retry_after = _parse_retry_after(response.headers.get("retry-after"), body)
-            wait = f"Wait {math.ceil(retry_after)} seconds and try again." if retry_after else "Wait a minute and try again."
+            seconds = math.ceil(retry_after) if retry_after else 0
+            wait = (f"Wait {seconds} second{'' if seconds == 1 else 's'} and try again." if seconds
+                    else "Wait a minute and try again.")
             return RateLimitedError(
                 f"CometAPI is limiting how fast requests may be sent (HTTP 429{said}).",
                 hint=f"{wait} Running fewer jobs at once helps.",

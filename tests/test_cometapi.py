@@ -428,12 +428,20 @@ def test_429_asking_for_too_long_is_raised_at_once(client, fake_cometapi, clock)
     assert info.value.retry_after == 3600 and clock.sleeps == []
 
 
-def test_429_on_post_is_not_resent(client, fake_cometapi, clock):
+def test_429_with_retry_after_on_a_paid_post_is_sent_again_after_the_wait(client, fake_cometapi, clock):
+    """A 429 means nothing was processed: the client waits as told and sends it again itself."""
     fake_cometapi.fail_next("/flux/v1/flux-dev", 429, headers={"Retry-After": "3"})
+    assert client.generate("flux-dev", prompt="x")
+    assert len(fake_cometapi.requests("/flux/v1/flux-dev")) == 2 and clock.sleeps == [3.0]
+    assert len(fake_cometapi.task_ids()) == 1  # one paid generation, not two
+
+
+def test_429_on_a_post_waits_within_a_bounded_total_then_says_so(client, fake_cometapi, clock):
+    fake_cometapi.fail_next("/flux/v1/flux-dev", 429, headers={"Retry-After": "50"}, times=99)
     with pytest.raises(RateLimitedError) as info:
         client.generate("flux-dev", prompt="x")
-    assert info.value.retry_after == 3.0
-    assert len(fake_cometapi.requests("/flux/v1/flux-dev")) == 1 and clock.sleeps == []
+    assert clock.sleeps == [50.0, 50.0] and sum(clock.sleeps) <= 120  # max_retry_after in all
+    assert len(fake_cometapi.requests("/flux/v1/flux-dev")) == 3 and "Wait 50 seconds" in str(info.value)
 
 
 # --------------------------------------------------------------------------- server errors

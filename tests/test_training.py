@@ -459,3 +459,12 @@ def test_the_tracker_leaves_a_job_alone_while_its_upload_runs_here(settings, fak
         release.set()
         launch.join(30)
     assert launched[0].status == "pending" and launched[0].remote_id
+
+
+def test_a_rate_limited_launch_is_sent_again_and_leaves_no_failed_row(settings, fake_cometapi, dataset):
+    fake_cometapi.fail_next("/flux/v1/finetune", 429, headers={"Retry-After": "1"})
+    service = _service(settings, fake_cometapi)
+    job = service.launch(OWNER, "cometapi", dataset, _req())
+    assert job.status == "pending" and job.remote_id
+    assert len(fake_cometapi.requests("/flux/v1/finetune")) == 2
+    assert [j.status for j in service.jobs.list(OWNER)] == ["pending"]
