@@ -77,12 +77,6 @@ def human_size(n: int) -> str:
     return f"{n:.1f} GB"
 
 
-def table_captions(table: pd.DataFrame | None) -> dict[str, str]:
-    if table is None or len(table) == 0 or "file" not in table or "caption" not in table:
-        return {}
-    return {str(f): "" if pd.isna(c) else str(c) for f, c in zip(table["file"], table["caption"]) if str(f)}
-
-
 # ---------------------------------------------------------------- build
 
 
@@ -224,9 +218,14 @@ def _wire(tab: DatasetTab, stores: Callable[[str], DatasetStore], settings: Sett
                 *_view_without_export(ds, settings))
 
     @shows_errors
-    def on_table_edit(table: pd.DataFrame, name: str | None, request: gr.Request = None):
+    def on_cell_edit(table: pd.DataFrame, name: str | None, evt: gr.EditData, request: gr.Request = None):
+        """Save the one caption the person edited. The table the page sends may be stale (an
+        auto-caption run or another tab saved since): writing all of it would undo their work."""
+        row, col = evt.index if isinstance(evt.index, (list, tuple)) else (evt.index, COLUMNS.index("caption"))
+        if COLUMNS[col] != "caption" or table is None or not 0 <= row < len(table):
+            return gr.update(), gr.update()
         store = stores(owner_for(request, settings))
-        ds = store.set_captions(require(name), table_captions(table))
+        ds = store.set_captions(require(name), {str(table.iloc[row]["file"]): "" if evt.value is None else str(evt.value)})
         return gallery_items(ds), warnings_markdown(ds, settings)
 
     @shows_errors
@@ -299,7 +298,7 @@ def _wire(tab: DatasetTab, stores: Callable[[str], DatasetStore], settings: Sett
     tab.new_name.submit(on_new, [tab.new_name], [tab.dataset, tab.new_name, *view, *export])
     add_btn.click(on_add, [tab.upload, tab.dataset], [tab.dataset, tab.upload, tab.report, *view, *export],
                   concurrency_limit=2, api_name="add_images")
-    tab.table.input(on_table_edit, [tab.table, tab.dataset], [tab.gallery, tab.warnings], trigger_mode="always_last")
+    tab.table.edit(on_cell_edit, [tab.table, tab.dataset], [tab.gallery, tab.warnings])
     tab.trigger.blur(on_trigger_saved, [tab.trigger, tab.dataset], [tab.warnings])
     tab.trigger.submit(on_trigger_saved, [tab.trigger, tab.dataset], [tab.warnings])
     trigger_btn.click(on_trigger_first, [tab.trigger, tab.dataset], view)

@@ -75,3 +75,30 @@ def test_dataset_tab_end_to_end(settings, tmp_path):
             page.get_by_role("option", name=name).click()
             _cell(page, 0, 1).get_by_text("a product photo on white").wait_for(timeout=15_000)
             assert "10 image(s), 10 captioned" in page.locator("#dataset-warnings").inner_text()
+
+
+def test_editing_one_caption_in_a_stale_table_writes_that_caption_only(settings, tmp_path):
+    """An auto-caption run saves captions while the page still shows the old, empty ones; the person
+    then edits one cell. Only that caption is written: the run's captions stay."""
+    from services.dataset import DatasetStores
+
+    store = DatasetStores(settings)("local")
+    name = store.create("set").name
+    ds, _ = store.add_files(name, fx.good_set(tmp_path / "g", count=3, size=(640, 640)))
+    files = [i.file for i in ds.items]
+    with chromium() as browser, running_app(settings) as url:
+        page = browser.new_page()
+        page.goto(url)
+        page.locator("#dataset-picker input").click()
+        page.get_by_role("option", name=name).click()
+        _cell(page, 2, 0).get_by_text(files[2]).wait_for(timeout=15_000)  # the table, captions empty
+        # Meanwhile an auto-caption run (another event, another tab) saves two captions.
+        store.set_captions(name, {files[1]: "TOK, auto one", files[2]: "TOK, auto two"})
+        _cell(page, 0, 1).dblclick()
+        editor = _cell(page, 0, 1).locator("textarea, input").first
+        editor.wait_for(timeout=10_000)
+        editor.fill("TOK, typed by hand")
+        editor.press("Enter")
+        page.locator("#dataset-gallery").get_by_text("typed by hand").first.wait_for(timeout=15_000)
+    saved = {i.file: i.caption for i in store.open(name).items}
+    assert saved == {files[0]: "TOK, typed by hand", files[1]: "TOK, auto one", files[2]: "TOK, auto two"}
