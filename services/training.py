@@ -41,6 +41,10 @@ _AMBIGUOUS = (NetworkError, ServerError, WaitTimeoutError)
 # Failures worth another look on the next tick rather than failing the job.
 _TRANSIENT = (NetworkError, ServerError, RateLimitedError, WaitTimeoutError)
 RECONCILE_GIVE_UP_S = 600.0
+# A job's params say it was launched with a visitor's own key (the key itself is never stored).
+OWN_KEY = "launched_with_own_key"
+WAITING_FOR_KEY = ("Waiting for your CometAPI key: this job was launched with it, and the app no longer holds it "
+                   "(keys are kept in memory only). Enter it again at the top of the page to go on tracking it.")
 # States the user may resume a job from; every other terminal state is final.
 RESUMABLE = frozenset({"interrupted", "cancelled"})
 
@@ -137,11 +141,13 @@ class TrainingService:
                 hint="Remove some on the Dataset tab, or train with the local engine.",
             )
         export = store.export_zip(ds.name)
+        own_key = provider is not self.providers.get(provider.key)
         job = self.jobs.create(
             owner, provider.key, "finetune", request.name.strip(), ds.name, ds.content_hash(),
-            params={**asdict(request), "images": len(ds.items), "zip_bytes": export.size_bytes},
+            params={**asdict(request), "images": len(ds.items), "zip_bytes": export.size_bytes,
+                    **({OWN_KEY: True} if own_key else {})},
         )
-        if provider is not self.providers.get(provider.key):
+        if own_key:
             self._job_providers[job.id] = provider
         self.jobs.update(owner, job.id, message=f"Uploading {export.size_bytes / 2**20:.1f} MB to {provider.label}…")
         self._uploading.add(job.id)
@@ -196,10 +202,21 @@ class TrainingService:
         user cancelled or deleted it cannot bring it back; returns the job as stored either way."""
         return self.jobs.transition(job.owner, job.id, ACTIVE_STATUSES, **fields) or self.jobs.get(job.owner, job.id)
 
+    def _provider_for(self, job: Job) -> Provider | None:
+        """The provider that may act on ``job``: for a job launched with a visitor's own key, that
+        key's provider only (never the app's shared one, whose account does not have it)."""
+        if job.params.get(OWN_KEY):
+            return self._job_providers.get(job.id)
+        return self._job_providers.get(job.id) or self.providers.get(job.provider)
+
     def _track(self, job: Job) -> Job:
         if job.id in self._uploading:
             return job
-        provider = self._job_providers.get(job.id) or self.providers.get(job.provider)
+        provider = self._provider_for(job)
+        if provider is None and job.params.get(OWN_KEY):
+            if job.message != WAITING_FOR_KEY:
+                return self._tracked(job, message=WAITING_FOR_KEY)
+            return job
         if provider is None:
             return self._tracked(job, message=f"Provider '{job.provider}' is not configured in this app; "
                                     "tracking resumes when it is.")
@@ -287,7 +304,10 @@ class TrainingService:
         job = self.jobs.get(owner, job_id)
         if not job.is_active:
             raise InputError(f"'{job.name}' is not running.", hint="Only pending or running jobs can be cancelled.")
-        provider = self._job_providers.get(job.id) or self.providers.get(job.provider)
+        provider = self._provider_for(job)
+        if provider is None and job.params.get(OWN_KEY):
+            raise JobError(f"'{job.name}' was launched with your own CometAPI key, which this app no longer holds.",
+                           hint="Enter your key again at the top of the page, then cancel it.")
         if job.remote_id and provider is not None:
             try:
                 provider.cancel(job.remote_id)
@@ -301,7 +321,7 @@ class TrainingService:
 
     def resume(self, owner: str, job_id: str) -> Job:
         job = self.jobs.get(owner, job_id)
-        provider = self._job_providers.get(job.id) or self.providers.get(job.provider)
+        provider = self._provider_for(job)
         resume = getattr(provider, "resume", None)
         if resume is None or not job.remote_id:
             raise InputError(f"{job.provider} jobs can't be resumed.", hint="Launch a new fine-tune instead.")
@@ -325,7 +345,11 @@ class TrainingService:
 
     def delete(self, owner: str, job_id: str) -> Job:
         job = self.jobs.get(owner, job_id)
-        provider = self.providers.get(job.provider)
+        provider = self._provider_for(job)
+        if provider is None and job.params.get(OWN_KEY) and job.remote_id:
+            raise JobError(f"'{job.name}' was launched with your own CometAPI key, which this app no longer holds, "
+                           "so it can't be deleted on CometAPI.",
+                           hint="Enter your key again at the top of the page, then delete it.")
         if job.remote_id and provider is not None:
             try:
                 if job.is_active:

@@ -6,7 +6,7 @@ import pytest
 from services.cometapi_provider import CometAPIProvider
 from services.config import Secret
 from services.dataset import DatasetStores
-from services.errors import EndpointUnavailableError, InputError
+from services.errors import EndpointUnavailableError, InputError, JobError
 from services.jobs import JobStore
 from services.providers import TrainRequest
 from services.training import RECONCILE_GIVE_UP_S, TrainingService, job_tag
@@ -239,7 +239,7 @@ def test_visitor_key_tracks_in_memory_only_and_can_be_adopted_again(settings, fa
     restarted = _service(settings, fake_cometapi, key="")
     restarted.track_once()
     paused = restarted.jobs.get(OWNER, job.id)
-    assert paused.status == "pending" and paused.message.startswith("Tracking paused: No CometAPI key")
+    assert paused.status == "pending" and paused.message.startswith("Waiting for your CometAPI key")
     restarted.adopt(OWNER, _provider(fake_cometapi))
     for _ in range(4):
         restarted.track_once()
@@ -468,3 +468,31 @@ def test_a_rate_limited_launch_is_sent_again_and_leaves_no_failed_row(settings, 
     assert job.status == "pending" and job.remote_id
     assert len(fake_cometapi.requests("/flux/v1/finetune")) == 2
     assert [j.status for j in service.jobs.list(OWNER)] == ["pending"]
+
+
+def test_a_job_on_a_visitors_own_key_never_falls_back_to_the_shared_key(settings, fake_cometapi, dataset):
+    """With the owner's shared key configured, a restart once made the tracker poll a visitor's job
+    with that key, get 'not found', and mark it failed ('safe to launch again'): paid twice."""
+    fake_cometapi.finetune_pending_polls = 2
+    shared = _service(settings, fake_cometapi, key="sk-the-owners-shared-key-0000000")  # another account
+    job = shared.launch(OWNER, "cometapi", dataset, _req(), provider=_provider(fake_cometapi))
+    assert job.params["launched_with_own_key"] is True and "sk-" not in str(job.params)
+    shared.jobs.close()
+
+    restarted = _service(settings, fake_cometapi, key="sk-the-owners-shared-key-0000000")  # the key is gone
+    before = len(fake_cometapi.requests())
+    for _ in range(3):
+        restarted.track_once()
+    waiting = restarted.jobs.get(OWNER, job.id)
+    assert waiting.status == "pending" and waiting.message.startswith("Waiting for your CometAPI key")
+    assert len(fake_cometapi.requests()) == before  # not one call on the shared key
+    with pytest.raises(JobError, match="launched with your own CometAPI key"):
+        restarted.delete(OWNER, job.id)  # would leave the remote fine-tune running: refused, not swallowed
+    with pytest.raises(JobError, match="Enter your key again"):
+        restarted.cancel(OWNER, job.id)
+    assert restarted.jobs.get(OWNER, job.id).status == "pending"
+
+    restarted.adopt(OWNER, _provider(fake_cometapi))  # the visitor enters the key again
+    for _ in range(4):
+        restarted.track_once()
+    assert restarted.jobs.get(OWNER, job.id).status == "ready"
