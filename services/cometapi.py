@@ -25,6 +25,7 @@ Design notes (the *why*):
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import logging
 import math
@@ -258,6 +259,20 @@ def _detail_fields(detail: Sequence[Any]) -> dict[str, str]:
         msg = str(item.get("msg") or item.get("message") or "is not valid")
         fields[name] = f"{fields[name]}; {msg}" if name in fields else msg
     return fields
+
+
+def _head_of(response: httpx.Response, limit: int) -> httpx.Response:
+    """A streamed response's status, headers and first ``limit`` bytes, as a read response."""
+    body = b""
+    try:
+        for chunk in response.iter_raw(1 << 14):
+            body += chunk
+            if len(body) >= limit:
+                break
+    finally:
+        response.close()
+    headers = [(k, v) for k, v in response.headers.multi_items() if k.lower() not in ("content-length", "content-encoding", "transfer-encoding")]
+    return httpx.Response(response.status_code, headers=headers, content=body[:limit], request=response.request)
 
 
 def _parse_retry_after(value: str | None, body: Any) -> float | None:
@@ -592,33 +607,52 @@ class CometAPIClient:
     # ----------------------------------------------------------------- downloads
 
     def download(self, url: str, *, max_bytes: int = MAX_DOWNLOAD_BYTES) -> bytes:
-        """Fetch a result image. Sample links expire after ~10 minutes: download at once.
+        """Fetch a result image into memory (see ``download_to``, which streams it to a file)."""
+        return b"".join(self._download_chunks(url, max_bytes))
 
-        The API key is *not* sent: sample links are signed URLs on a storage host.
-        """
+    def download_to(self, url: str, path: Path | str, *, max_bytes: int = MAX_DOWNLOAD_BYTES) -> Path:
+        """Stream a result image to ``path`` atomically: never a half-written file, never more than
+        ``max_bytes`` read, whatever the server says its size is."""
+        path = Path(path)
+        with atomic.replacing(path) as tmp, open(tmp, "wb") as out:
+            for chunk in self._download_chunks(url, max_bytes):
+                out.write(chunk)
+        return path
+
+    def _download_chunks(self, url: str, max_bytes: int) -> Iterator[bytes]:
+        """A result link's body, chunk by chunk, stopped past ``max_bytes``. Sample links expire
+        after ~10 minutes: download at once. They are signed URLs on a storage host, which may
+        redirect: downloads (only they) follow redirects, and never carry the API key."""
         parts = urlsplit(url or "")
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise InputError("The result link is not a web address.", hint="Generate the image again.")
-        response = self._send(
-            "GET", url, idempotent=True, auth=False, headers={"Accept": "*/*"}, error_for=self._download_error
-        )
-        if _is_html(response) and "image" not in response.headers.get("content-type", ""):
-            raise ResultExpiredError(
-                "The result link answered with a web page instead of an image; it has probably expired.",
-                hint="Result links last about 10 minutes. Generate the image again.",
-            )
-        if len(response.content) > max_bytes:
-            raise ProviderError(
-                f"The result file is larger than {max_bytes // 2**20} MB; refusing to load it.",
-                hint="This is not a normal image result; generate again.",
-            )
-        return response.content
+        response = self._send("GET", url, idempotent=True, auth=False, headers={"Accept": "*/*"},
+                              error_for=self._download_error, stream=True)
+        try:
+            declared = response.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > max_bytes:
+                raise self._too_big(max_bytes)
+            chunks = response.iter_bytes(1 << 16)
+            first = next(chunks, b"")
+            ctype = response.headers.get("content-type", "").lower()
+            if "image" not in ctype and ("html" in ctype or first.lstrip()[:1] == b"<"):
+                raise ResultExpiredError(
+                    "The result link answered with a web page instead of an image; it has probably expired.",
+                    hint="Result links last about 10 minutes. Generate the image again.",
+                )
+            received = 0
+            for chunk in itertools.chain([first], chunks):
+                received += len(chunk)
+                if received > max_bytes:
+                    raise self._too_big(max_bytes)
+                yield chunk
+        finally:
+            response.close()
 
-    def download_to(self, url: str, path: Path | str) -> Path:
-        """Download a result image to ``path`` atomically (never leaves a half-written file)."""
-        path = Path(path)
-        atomic.write_bytes(path, self.download(url))
-        return path
+    @staticmethod
+    def _too_big(max_bytes: int) -> ProviderError:
+        return ProviderError(f"The result file is larger than {max_bytes // 2**20} MB; refusing to load it.",
+                             hint="This is not a normal image result; generate again.")
 
     # ----------------------------------------------------------------- chat (captioning)
 
@@ -759,8 +793,12 @@ class CometAPIClient:
         content_factory: Callable[[], Iterator[bytes]] | None = None,
         headers: Mapping[str, str] | None = None,
         timeout: httpx.Timeout | None = None,
+        stream: bool = False,
     ) -> httpx.Response:
-        """Send with bounded retries; return a 2xx response or raise a mapped error."""
+        """Send with bounded retries; return a 2xx response or raise a mapped error.
+
+        ``stream``: a download. Its 2xx body is left unread for the caller (who must close the
+        response), and redirects are followed; API calls never follow one."""
         what = f"{method} {urlsplit(url).path}"
         attempt = 0
         waited_for_rate_limit = 0.0
@@ -778,7 +816,7 @@ class CometAPIClient:
             )
             started = time.monotonic()
             try:
-                response = self._http.send(request)
+                response = self._http.send(request, stream=stream, follow_redirects=stream)
             except httpx.UnsupportedProtocol:
                 raise ConfigError(
                     f"COMETAPI_BASE_URL or the result link uses an unsupported protocol ({what}).",
@@ -796,6 +834,8 @@ class CometAPIClient:
             log.debug("CometAPI %s -> %d in %.2f s", what, response.status_code, time.monotonic() - started)
             if 200 <= response.status_code < 300:
                 return response
+            if stream:  # an error page: its first 64 KiB are plenty to say what went wrong
+                response = _head_of(response, 1 << 16)
             error = error_for(response)
             # A 429 that says when to come back means the service processed nothing: sending it again
             # is safe even for a paid POST, within max_retry_after seconds of waiting in all.

@@ -768,3 +768,80 @@ def test_download_answering_html_is_expired():
     c, _ = mock_client(lambda r: httpx.Response(200, html="<html>Sign in</html>"))
     with c, pytest.raises(ResultExpiredError, match="web page"):
         c.download("https://cdn.example/sample.jpeg")
+
+
+class _StorageHost:
+    """A loopback 'storage host' for result links: /moved redirects to /image, which streams a body
+    (chunked, no Content-Length) of ``size`` bytes; it counts how many bytes it managed to send."""
+
+    def __init__(self, size: int) -> None:
+        import http.server
+        import threading
+
+        host = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):
+                if self.path == "/moved":
+                    self.send_response(302)
+                    self.send_header("Location", "/image")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "image/jpeg")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                chunk = b"\xff" * 65536
+                try:
+                    while host.sent < host.size:
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                        host.sent += len(chunk)
+                    self.wfile.write(b"0\r\n\r\n")
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.size, self.sent = size, 0
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, name="test-storage-host")
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(10)
+
+
+def test_a_download_follows_redirects_streams_to_disk_and_stops_at_the_cap(tmp_path):
+    host = _StorageHost(size=256 * 2**20)  # it would send 256 MiB
+    try:
+        with make_client("https://api.example") as c:
+            with pytest.raises(ProviderError, match="larger than 1 MB"):
+                c.download_to(f"{host.url}/moved", tmp_path / "big.jpg", max_bytes=2**20)
+        assert not (tmp_path / "big.jpg").exists() and list(tmp_path.iterdir()) == []  # no partial file
+        assert host.sent < 32 * 2**20  # it stopped reading at the cap, not at the end
+        host.size, host.sent = 300_000, 0
+        with make_client("https://api.example") as c:
+            path = c.download_to(f"{host.url}/moved", tmp_path / "ok.jpg")
+        assert path.stat().st_size == 300_000 // 65536 * 65536 + (65536 if 300_000 % 65536 else 0)
+    finally:
+        host.close()
+
+
+def test_api_calls_never_follow_a_redirect():
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.path)
+        return httpx.Response(302, headers={"Location": "https://elsewhere.example/steal"})
+
+    with make_client("https://api.example", transport=httpx.MockTransport(handler)) as c:
+        with pytest.raises(ProviderError):
+            c.list_finetunes()
+    assert "/steal" not in seen
