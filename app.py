@@ -82,6 +82,7 @@ class StudioBlocks(gr.Blocks):
 
     studio_tracker: Tracker | None = None
     studio_training: TrainingService | None = None
+    studio_access: ProviderAccess | None = None
 
     def close(self, verbose: bool = True) -> None:
         try:
@@ -94,6 +95,8 @@ class StudioBlocks(gr.Blocks):
             self.studio_tracker.stop()
         if self.studio_training is not None:
             self.studio_training.close()
+        if self.studio_access is not None:
+            self.studio_access.close()
 
 
 def create_app(
@@ -124,7 +127,7 @@ def create_app(
     # Gradio copies every served file into its cache; sweep copies older than a day, hourly.
     with StudioBlocks(title=TITLE, analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
         gr.Markdown(f"# {TITLE}\nTurn a folder of photos into your own fine-tuned FLUX model, and see what it learned.")
-        session_key = session_panel.build(settings, on_key=lambda owner, key: training.adopt(owner, cometapi_with_key(key)))
+        session_key = session_panel.build(settings, on_key=lambda owner, key: training.adopt(owner, access.own(key)))
         with gr.Tabs():
             with gr.Tab("1 · Dataset", id="dataset"):
                 data = dataset_tab.build(datasets, settings, captioner_factory(settings, access), session_key)
@@ -147,6 +150,7 @@ def create_app(
     demo.studio_settings = settings  # type: ignore[attr-defined]
     demo.studio_training = training
     demo.studio_tracker = tracker
+    demo.studio_access = access
     demo.studio_results = results  # type: ignore[attr-defined]
     return demo
 

@@ -1,6 +1,7 @@
 """Which provider a request may use: a visitor's own key, or the app's shared key on a budget."""
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections import OrderedDict, deque
@@ -117,6 +118,9 @@ class SharedKeyBudget:
             return min(self.visitor.remaining(owner), self.address.remaining(address), self.everyone.remaining(""))
 
 
+OWN_KEY_PROVIDERS = 256  # visitors' own-key providers kept open at once
+
+
 class ProviderAccess:
     """Resolves the provider for one request.
 
@@ -136,6 +140,10 @@ class ProviderAccess:
         self.providers = providers
         self._with_key = with_key
         self.budget = budget or SharedKeyBudget(settings)
+        # A visitor's own key -> its provider (and so its pooled connections), kept while in use.
+        # Keyed by a hash of the key, in memory only; the least recently used is closed past the cap.
+        self._own: OrderedDict[str, Provider] = OrderedDict()
+        self._own_lock = threading.Lock()
 
     def get(self, provider_key: str, owner: str, session_key: Secret | None, *, cost: int = 0,
             address: str = "") -> Provider:
@@ -144,7 +152,34 @@ class ProviderAccess:
             raise InputError(f"Provider '{provider_key}' is not available in this app.",
                              hint=f"Pick one of: {', '.join(self.providers)}.")
         if provider_key == "cometapi" and session_key and self._with_key is not None:
-            return self._with_key(session_key)
+            return self.own(session_key)
         if provider_key == "cometapi" and self.settings.hosted and cost:
             self.budget.charge(owner, address, cost)
         return self.providers[provider_key]
+
+    def own(self, key: Secret) -> Provider:
+        """The provider for a visitor's own key: one per key, reused across their requests."""
+        if self._with_key is None:
+            raise InputError("This app takes no visitor keys.")
+        digest = hashlib.sha256(key.reveal().encode()).hexdigest()
+        evicted = []
+        with self._own_lock:
+            provider = self._own.pop(digest, None) or self._with_key(key)
+            self._own[digest] = provider
+            while len(self._own) > OWN_KEY_PROVIDERS:
+                evicted.append(self._own.popitem(last=False)[1])
+        for old in evicted:
+            _close(old)
+        return provider
+
+    def close(self) -> None:
+        with self._own_lock:
+            providers, self._own = list(self._own.values()), OrderedDict()
+        for provider in providers:
+            _close(provider)
+
+
+def _close(provider: Provider) -> None:
+    close = getattr(provider, "close", None)
+    if close is not None:
+        close()

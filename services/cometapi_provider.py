@@ -1,8 +1,10 @@
 """CometAPI as a ``Provider``: maps the tabs' requests onto ``CometAPIClient`` calls."""
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from services.cometapi import CometAPIClient, TaskResult, TaskStatus
@@ -29,14 +31,29 @@ class CometAPIProvider:
     def __init__(self, client_factory: Callable[[], CometAPIClient], *, has_key: bool) -> None:
         self._client_factory = client_factory
         self._has_key = has_key
+        self._pooled: CometAPIClient | None = None
+        self._pool_lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, settings: Settings, key: Secret | None = None, **client_kw) -> "CometAPIProvider":
         key = key if key is not None else settings.cometapi_key
         return cls(lambda: CometAPIClient(settings.cometapi_base_url, key, **client_kw), has_key=bool(key))
 
-    def _client(self) -> CometAPIClient:
-        return self._client_factory()
+    @contextlib.contextmanager
+    def _client(self) -> Iterator[CometAPIClient]:
+        """The provider's one client (httpx.Client is thread-safe): its pooled connections are
+        reused across polls and calls instead of paying a TLS handshake each time."""
+        with self._pool_lock:
+            if self._pooled is None:
+                self._pooled = self._client_factory()
+            client = self._pooled
+        yield client
+
+    def close(self) -> None:
+        with self._pool_lock:
+            client, self._pooled = self._pooled, None
+        if client is not None:
+            client.close()
 
     # ------------------------------------------------------------ Provider
 

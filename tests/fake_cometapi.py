@@ -449,6 +449,7 @@ class FakeCometAPI:
             await JSONResponse(_envelope("the fake was reset"), 503)(scope, receive, send)
             return
         record = self._record(method, path, query, headers, body)
+        record.extra["client_port"] = (scope.get("client") or ("", 0))[1]  # one port = one kept-alive connection
 
         fault = self._take_fault(method, path)
         with self._lock:

@@ -105,3 +105,29 @@ def test_the_limiters_memory_is_bounded():
     clock.t = 61
     limiter.check("fresh")
     assert limiter.used("churn-9999") == 0 and len(limiter) <= 100
+
+
+def test_one_provider_per_visitor_key_reused_and_closed_past_the_cap(tmp_path, monkeypatch):
+    import services.access as access_module
+
+    monkeypatch.setattr(access_module, "OWN_KEY_PROVIDERS", 2)
+    made: list = []
+
+    class Own(Named):
+        closed = False
+
+        def close(self):
+            self.closed = True
+
+    def with_key(key):
+        made.append(Own(key.reveal()))
+        return made[-1]
+
+    access = ProviderAccess(Settings(data_dir=tmp_path, hosted=True), {"cometapi": Named("shared")}, with_key)
+    first = access.get("cometapi", "ann", Secret("sk-ann"))
+    assert access.get("cometapi", "ann", Secret("sk-ann")) is first and len(made) == 1  # reused, not rebuilt
+    access.get("cometapi", "bob", Secret("sk-bob"))
+    access.get("cometapi", "cy", Secret("sk-cy"))  # a third key: the least recently used one is closed
+    assert first.closed and not made[1].closed and not made[2].closed
+    access.close()
+    assert all(p.closed for p in made)

@@ -496,3 +496,20 @@ def test_a_job_on_a_visitors_own_key_never_falls_back_to_the_shared_key(settings
     for _ in range(4):
         restarted.track_once()
     assert restarted.jobs.get(OWNER, job.id).status == "ready"
+
+
+def test_polls_reuse_one_pooled_connection(settings, fake_cometapi, dataset):
+    """Each call once built its own client and paid a new connection (a TLS handshake on the real
+    service); the provider now keeps one pooled client, so polls share one kept-alive connection."""
+    fake_cometapi.finetune_pending_polls = 10**6
+    provider = CometAPIProvider.from_settings(settings.with_(cometapi_base_url=fake_cometapi.url,
+                                                             cometapi_key=Secret(FAKE_COMETAPI_KEY)),
+                                              sleep=lambda s: None)
+    service = TrainingService(JobStore(settings.data_dir / "jobs.sqlite3"), {"cometapi": provider},
+                              DatasetStores(settings))
+    service.launch(OWNER, "cometapi", dataset, _req())
+    for _ in range(5):
+        service.track_once()
+    polls = [r for r in fake_cometapi.requests() if r.method == "GET"]
+    provider.close()
+    assert len(polls) >= 5 and len({r.extra["client_port"] for r in polls}) == 1
