@@ -265,6 +265,7 @@ def build(access: ProviderAccess, jobs: JobStore, results: ResultStore, settings
                 updates.append(grid_progress.done)
 
         outcome: dict = {}
+        page_gone = threading.Event()
 
         def run():
             try:
@@ -272,6 +273,7 @@ def build(access: ProviderAccess, jobs: JobStore, results: ResultStore, settings
                     provider, lines, strengths_list, template,
                     finetune_id=target.finetune_id, tuned_model=model_, include_base=include_base_,
                     max_concurrency=4, on_cell=on_cell, out_dir=results.out_dir(owner), owner=owner, results=results,
+                    cancel=page_gone,
                 )
             except Exception as exc:  # surfaced below, in the handler's thread
                 outcome["error"] = exc
@@ -281,15 +283,20 @@ def build(access: ProviderAccess, jobs: JobStore, results: ResultStore, settings
         worker = threading.Thread(target=run, name=f"{THREAD_PREFIX}grid", daemon=True)
         worker.start()
         shown = -1
-        # Stream cells to the page as they finish.
-        while not done_event.wait(0.25):
-            with lock:
-                n = len(updates)
-                snapshot = list(cells)
-            if n != shown:
-                shown = n
-                progress((n, total), desc=f"{n} of {total} cells")
-                yield snapshot, f"{n} of {total} cells done…", gr.update(), gr.update()
+        # Stream cells to the page as they finish. If the page goes away (Gradio closes this
+        # generator), the grid stops starting cells: nobody would see them, and each one is paid for.
+        try:
+            while not done_event.wait(0.25):
+                with lock:
+                    n = len(updates)
+                    snapshot = list(cells)
+                if n != shown:
+                    shown = n
+                    progress((n, total), desc=f"{n} of {total} cells")
+                    yield snapshot, f"{n} of {total} cells done…", gr.update(), gr.update()
+        except GeneratorExit:
+            page_gone.set()
+            raise
         if "error" in outcome:
             raise outcome["error"]
         grid_result = outcome["grid"]

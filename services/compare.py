@@ -182,10 +182,12 @@ def plan_grid(prompts: Sequence[str], strengths: Sequence[float], include_base: 
 def run_grid(provider: Provider, prompts: Sequence[str], strengths: Sequence[float], template: GenerateRequest, *,
              finetune_id: str, tuned_model: str | None = None, include_base: bool = True, max_concurrency: int = 4,
              on_cell: Callable[[CellResult, GridProgress], None] | None = None, out_dir: Path, owner: str,
-             results: ResultStore | None = None) -> GridResult:
+             results: ResultStore | None = None, cancel: threading.Event | None = None) -> GridResult:
     """Rows = prompts, columns = base (optional) + strengths; one seed for every cell.
 
     ``on_cell`` is called from worker threads as each cell finishes, in completion order.
+    ``cancel``: once set (the page went away), no further cell is started, so nothing more is paid
+    for; cells already running finish. Cells never started are left out of the result.
     """
     prompts, columns = plan_grid(prompts, strengths, include_base, finetune_id)
     total = len(prompts) * len(columns)
@@ -209,6 +211,8 @@ def run_grid(provider: Provider, prompts: Sequence[str], strengths: Sequence[flo
 
     def work(cell: _Cell) -> None:
         nonlocal done
+        if cancel is not None and cancel.is_set():
+            return
         result = _run_cell(provider, cell, **kw)
         with lock:
             grid[cell.row][cell.col] = result
@@ -221,9 +225,13 @@ def run_grid(provider: Provider, prompts: Sequence[str], strengths: Sequence[flo
                 log.exception("on_cell callback failed")
 
     started = time.monotonic()
-    with ThreadPoolExecutor(max_workers=max(1, min(max_concurrency, total)), thread_name_prefix=f"{THREAD_PREFIX}grid") as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, min(max_concurrency, total)), thread_name_prefix=f"{THREAD_PREFIX}grid")
+    try:
         for future in [pool.submit(work, job) for job in jobs]:
             future.result()
+    finally:
+        # On an error or a cancel, cells not started yet are dropped rather than paid for.
+        pool.shutdown(wait=True, cancel_futures=True)
     cells = [[c for c in row if c is not None] for row in grid]
     return GridResult(group_id, list(prompts), columns, cells, time.monotonic() - started)
 

@@ -197,3 +197,30 @@ def test_history_survives_a_restart_and_is_owner_scoped(settings, fake_cometapi,
 def test_random_seed_is_in_range():
     seeds = {cmp.random_seed() for _ in range(50)}
     assert len(seeds) > 40 and all(0 <= s < 2**31 for s in seeds)
+
+
+def test_a_cancelled_grid_starts_no_more_cells(tmp_path):
+    """A grid whose page went away stops paying: cells not started yet are never sent."""
+    import threading
+
+    from services.compare import run_grid
+    from services.providers import GeneratedImage, GenerateRequest
+
+    started, cancel = [], threading.Event()
+
+    class Slow:
+        key, label = "cometapi", "CometAPI"
+
+        def generate(self, request, out_dir, *, finetune=None, model=None):
+            started.append(request.prompt)
+            if len(started) == 1:
+                cancel.set()  # the page goes away while the first cell renders
+            path = Path(out_dir) / f"{len(started)}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"png")
+            return GeneratedImage(path=path, model=model or "m", seed=request.seed, latency_s=0.0)
+
+    grid = run_grid(Slow(), [f"p{i}" for i in range(6)], [1.0], GenerateRequest(prompt="x"), finetune_id="ft",
+                    max_concurrency=1, out_dir=tmp_path, owner="local", cancel=cancel)
+    assert len(started) == 1  # 12 cells planned, one paid for
+    assert sum(len(row) for row in grid.cells) == 1
