@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from services.config import THREAD_PREFIX
 from services.dataset import DatasetStore
@@ -374,19 +375,41 @@ def _default_message(status: TrainStatus) -> str:
 
 
 class Tracker:
-    """A daemon thread that calls ``track_once`` every ``interval`` seconds until stopped."""
+    """A daemon thread that calls ``track_once`` every ``interval`` seconds until stopped.
+
+    One polls per job database in a process: two apps over one data dir (a notebook that builds
+    the app twice) would otherwise ask the providers about every job twice. A second tracker for
+    the same database waits on standby and takes over when the polling one stops."""
+
+    _registry_lock = threading.Lock()
+    _by_db: dict[str, list["Tracker"]] = {}  # database path -> trackers, the polling one first
 
     def __init__(self, service: TrainingService, interval: float = 3.0) -> None:
         self.service = service
         self.interval = interval
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._db = str(Path(service.jobs.path).resolve())
+        self._started = False
+
+    @property
+    def polling(self) -> bool:
+        return self._thread is not None
 
     def start(self) -> "Tracker":
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name=f"{THREAD_PREFIX}job-tracker", daemon=True)
-            self._thread.start()
+        with Tracker._registry_lock:
+            if self._started:
+                return self
+            self._started = True
+            line = Tracker._by_db.setdefault(self._db, [])
+            line.append(self)
+            if line[0] is self:
+                self._spawn()
         return self
+
+    def _spawn(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"{THREAD_PREFIX}job-tracker", daemon=True)
+        self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -397,10 +420,20 @@ class Tracker:
             self._stop.wait(self.interval)
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop polling and wait for a pass in progress to finish (it may be waiting on a slow provider)."""
+        """Stop polling and wait for a pass in progress to finish (it may be waiting on a slow provider);
+        a tracker on standby for the same database takes over."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive():
                 log.warning("The job tracker did not stop within %.0f s", timeout)
             self._thread = None
+        with Tracker._registry_lock:
+            line = Tracker._by_db.get(self._db, [])
+            if self in line:
+                was_polling = line[0] is self
+                line.remove(self)
+                if was_polling and line:
+                    line[0]._spawn()
+                if not line:
+                    Tracker._by_db.pop(self._db, None)

@@ -158,3 +158,22 @@ def test_queue_limits_per_event(settings):
         assert demo._queue.max_size == 64
     finally:
         demo.close()
+
+
+def test_two_apps_on_one_data_dir_poll_with_one_tracker(settings):
+    """A notebook that builds the app twice once ran two trackers on one database."""
+    import threading
+
+    def trackers() -> list[str]:
+        return [t.name for t in threading.enumerate() if t.name == "studio-job-tracker"]
+
+    first = app_module.create_app(settings)
+    second = app_module.create_app(settings)
+    try:
+        assert len(trackers()) == 1 and first.studio_tracker.polling and not second.studio_tracker.polling
+        first.close()
+        assert len(trackers()) == 1 and second.studio_tracker.polling  # it took over
+    finally:
+        first.close()
+        second.close()
+    assert trackers() == []
