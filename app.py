@@ -112,8 +112,9 @@ def create_app(
         installation_secret(settings)  # a lost secret stops the app here, not on each visitor's request
     datasets = DatasetStores(settings)
     providers = providers if providers is not None else default_providers(settings)
+    jobs = JobStore.from_settings(settings)  # one database: jobs, their events, generated images
     training = TrainingService(
-        JobStore.from_settings(settings), providers, datasets,
+        jobs, providers, datasets,
         max_images={key: getattr(p, "max_images", 0) for key, p in providers.items()},
         max_active={"local": settings.visitor_max_local_jobs} if settings.hosted else None,
     )
@@ -123,7 +124,7 @@ def create_app(
         return CometAPIProvider.from_settings(settings, key=key)
 
     access = ProviderAccess(settings, providers, cometapi_with_key)
-    results = ResultStore(settings)
+    results = ResultStore(settings, jobs=jobs)
     # Gradio copies every served file into its cache; sweep copies older than a day, hourly.
     with StudioBlocks(title=TITLE, analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
         gr.Markdown(f"# {TITLE}\nTurn a folder of photos into your own fine-tuned FLUX model, and see what it learned.")

@@ -260,7 +260,23 @@ def _migrate_to_1(conn: sqlite3.Connection) -> None:
 
 
 # Index i migrates user_version i -> i + 1. Append only.
-_MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_to_1]
+def _migrate_to_2(conn: sqlite3.Connection) -> None:
+    # Every generated image's record (services.results), one row each, read newest first per owner.
+    conn.execute(
+        """
+        CREATE TABLE results (
+            owner       TEXT NOT NULL,
+            id          TEXT NOT NULL,
+            created_at  REAL NOT NULL,
+            record      TEXT NOT NULL,
+            PRIMARY KEY (owner, id)
+        )
+        """
+    )
+    conn.execute("CREATE INDEX results_owner_created ON results(owner, created_at DESC)")
+
+
+_MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_to_1, _migrate_to_2]
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 _COLUMNS: tuple[str, ...] = (
@@ -597,6 +613,23 @@ class JobStore:
             (owner, provider, remote_id),
         ).fetchone()
         return None if row is None else _row_to_job(row)
+
+    # ------------------------------------------------------------------ results
+
+    def add_results(self, owner: str, rows: Iterable[tuple[str, float, str]]) -> None:
+        """Store ``(id, created_at, record JSON)`` rows; a row whose id is there already is kept as is."""
+        _check_owner(owner)
+        with self._write() as conn:
+            conn.executemany("INSERT OR IGNORE INTO results (owner, id, created_at, record) VALUES (?, ?, ?, ?)",
+                             [(owner, rid, created, record) for rid, created, record in rows])
+
+    def list_results(self, owner: str, limit: int = 100) -> builtins.list[str]:
+        """The owner's result records (JSON), newest first."""
+        _check_owner(owner)
+        rows = self._conn().execute(
+            "SELECT record FROM results WHERE owner = ? ORDER BY created_at DESC, rowid DESC LIMIT ?",
+            (owner, max(0, min(int(limit), _MAX_LIST_LIMIT))))
+        return [r[0] for r in rows]
 
     # ------------------------------------------------------------------ events
 

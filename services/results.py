@@ -2,13 +2,16 @@
 
 Provider URLs expire within minutes, so generation code saves the file at once; this store
 keeps the record. Each owner has ``<owner dir>/results/`` holding the images (one folder per
-compare or grid run) and ``index.jsonl``, one JSON record per line. Append-only JSON lines
-survive a crash mid-write (a torn last line is skipped on read) and need no schema.
+compare or grid run); the records live in the app's database (``results`` table, indexed by
+owner and time), so a history refresh reads the newest few rows instead of a whole file
+(benchmarks/results_history.py). An ``index.jsonl`` left by an earlier version is imported on
+first use and renamed ``index.jsonl.imported``; a torn last line in it is skipped.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -16,11 +19,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from services.config import Settings
+from services.jobs import JobStore
 from services.owners import owner_dir
 
 log = logging.getLogger(__name__)
 
-INDEX = "index.jsonl"
+INDEX = "index.jsonl"  # the file earlier versions kept records in
 RESULT_STATUSES = ("ok", "moderated", "error")
 
 
@@ -50,8 +54,9 @@ class ResultRecord:
 class ResultStore:
     """Owner-scoped records of generated images."""
 
-    def __init__(self, settings: Settings, clock=time.time) -> None:
+    def __init__(self, settings: Settings, clock=time.time, jobs: JobStore | None = None) -> None:
         self.settings = settings
+        self.jobs = jobs or JobStore.from_settings(settings)
         self._clock = clock
         self._lock = threading.Lock()
 
@@ -70,32 +75,43 @@ class ResultStore:
         if file:
             file = str(Path(file).resolve().relative_to(base.resolve()))
         record = ResultRecord(id=uuid.uuid4().hex, created_at=self._clock(), file=file, **fields)
-        line = json.dumps(asdict(record), ensure_ascii=False)
-        with self._lock, open(base / INDEX, "a", encoding="utf-8") as fh:
-            fh.write(line + "\n")
+        self.jobs.add_results(owner, [(record.id, record.created_at, json.dumps(asdict(record), ensure_ascii=False))])
         return record
 
     def list(self, owner: str, limit: int = 100) -> list[ResultRecord]:
         """Newest first."""
+        self._import_legacy(owner)
+        records = []
+        for raw in self.jobs.list_results(owner, limit):
+            try:
+                records.append(ResultRecord.from_json(json.loads(raw)))
+            except (ValueError, TypeError):
+                log.warning("Skipping an unreadable result record of %s", owner)
+        return records
+
+    def _import_legacy(self, owner: str) -> None:
         path = self.out_dir(owner) / INDEX
         if not path.exists():
-            return []
-        records = []
+            return
         with self._lock:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        for line in lines:
-            try:
-                records.append(ResultRecord.from_json(json.loads(line)))
-            except (ValueError, TypeError):
-                log.warning("Skipping an unreadable line in %s", path)  # a torn write; the rest is fine
-        records.sort(key=lambda r: r.created_at, reverse=True)
-        return records[:limit]
+            if not path.exists():  # another thread imported it meanwhile
+                return
+            rows = []
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = ResultRecord.from_json(json.loads(line))
+                except (ValueError, TypeError):
+                    log.warning("Skipping an unreadable line in %s", path)  # a torn write; the rest is fine
+                    continue
+                rows.append((record.id, record.created_at, json.dumps(asdict(record), ensure_ascii=False)))
+            self.jobs.add_results(owner, rows)  # idempotent: a crash before the rename imports nothing twice
+            os.replace(path, path.with_name(INDEX + ".imported"))
 
     def path_for(self, owner: str, record: ResultRecord) -> Path | None:
         if not record.file:
             return None
         base = self.out_dir(owner).resolve()
         path = (base / record.file).resolve()
-        if not path.is_relative_to(base):  # a hand-edited index must not reach outside
+        if not path.is_relative_to(base):  # a hand-edited record must not reach outside
             return None
         return path

@@ -224,3 +224,17 @@ def test_a_cancelled_grid_starts_no_more_cells(tmp_path):
                     max_concurrency=1, out_dir=tmp_path, owner="local", cancel=cancel)
     assert len(started) == 1  # 12 cells planned, one paid for
     assert sum(len(row) for row in grid.cells) == 1
+
+
+def test_history_from_an_earlier_versions_index_file_is_imported_once(settings):
+    import json
+
+    store = ResultStore(settings)
+    legacy = store.out_dir(OWNER) / "index.jsonl"
+    lines = [json.dumps({"id": f"r{i}", "group_id": "g", "created_at": 1000.0 + i, "provider": "cometapi",
+                         "model": "m", "seed": i, "prompt": f"p{i}"}) for i in range(3)]
+    legacy.write_text("\n".join(lines) + '\n{"id": "tor', encoding="utf-8")
+    assert [r.id for r in store.list(OWNER)] == ["r2", "r1", "r0"]  # newest first; the torn line skipped
+    assert not legacy.exists() and legacy.with_name("index.jsonl.imported").exists()
+    assert [r.id for r in ResultStore(settings).list(OWNER)] == ["r2", "r1", "r0"]  # once, not twice
+    assert ResultStore(settings).list("user-someoneelse") == []
