@@ -34,7 +34,7 @@ from services.cometapi_provider import CometAPIProvider
 from services.config import Secret, Settings
 from services.dataset import DatasetStores
 from services.errors import ConfigError
-from services.jobs import JobStore
+from services.jobs import DatabaseBackup, JobStore
 from services.local_provider import LocalProvider
 from services.owners import installation_secret
 from services.providers import Provider
@@ -83,6 +83,7 @@ class StudioBlocks(gr.Blocks):
     studio_tracker: Tracker | None = None
     studio_training: TrainingService | None = None
     studio_access: ProviderAccess | None = None
+    studio_backup: DatabaseBackup | None = None
 
     def close(self, verbose: bool = True) -> None:
         try:
@@ -93,6 +94,9 @@ class StudioBlocks(gr.Blocks):
     def stop_background_work(self) -> None:
         if self.studio_tracker is not None:
             self.studio_tracker.stop()
+        if self.studio_backup is not None:  # after the tracker's last write: the copy has it
+            self.studio_backup.stop()
+            self.studio_backup = None
         if self.studio_training is not None:
             self.studio_training.close()
         if self.studio_access is not None:
@@ -152,6 +156,8 @@ def create_app(
     demo.studio_training = training
     demo.studio_tracker = tracker
     demo.studio_access = access
+    if settings.db_backup_path is not None:
+        demo.studio_backup = DatabaseBackup(jobs, settings.db_backup_path, settings.db_backup_every_s).start()
     demo.studio_results = results  # type: ignore[attr-defined]
     return demo
 
@@ -171,7 +177,8 @@ def launch_options(settings: Settings) -> dict:
     options = {
         # Nothing of the data dir is served: pages get copies in Gradio's cache (components/serving.py).
         # deep_links/ holds whole sessions' component values, written by a route anyone can call.
-        "blocked_paths": [str(settings.data_dir.resolve()), str(Path(gr_utils.get_upload_folder()) / "deep_links")],
+        "blocked_paths": [str(settings.data_dir.resolve()), str(Path(gr_utils.get_upload_folder()) / "deep_links"),
+                          *([str(settings.db_dir.resolve())] if settings.db_dir else [])],
         "max_file_size": settings.max_upload_bytes,
         "theme": gr.themes.Soft(),
         "css": CSS,

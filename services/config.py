@@ -93,6 +93,11 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
 class Settings:
     # Where datasets, jobs, results and exports live. On a Space, point it at a mounted bucket.
     data_dir: Path = Path("data")
+    # Where the SQLite database lives, when not in data_dir: SQLite (WAL) is unsafe on a bucket or
+    # network mount, so on a Space it stays on local disk and is copied to data_dir every
+    # db_backup_every_s seconds and on shutdown (services.jobs.DatabaseBackup).
+    db_dir: Path | None = None
+    db_backup_every_s: float = 300.0
 
     # Dataset rules. The hosted service caps images at 1 MP and takes 1-20 images (>5 recommended).
     target_megapixels: float = 1.0
@@ -147,6 +152,8 @@ class Settings:
         d = cls()
         return cls(
             data_dir=Path(env.get("FLUX_STUDIO_DATA_DIR", "").strip() or d.data_dir),
+            db_dir=Path(env["FLUX_STUDIO_DB_DIR"].strip()) if env.get("FLUX_STUDIO_DB_DIR", "").strip() else None,
+            db_backup_every_s=_float(env, "FLUX_STUDIO_DB_BACKUP_EVERY_S", d.db_backup_every_s),
             target_megapixels=_float(env, "FLUX_STUDIO_TARGET_MEGAPIXELS", d.target_megapixels),
             max_images=_int(env, "FLUX_STUDIO_MAX_IMAGES", d.max_images, minimum=1),
             min_short_side=_int(env, "FLUX_STUDIO_MIN_SHORT_SIDE", d.min_short_side),
@@ -174,6 +181,15 @@ class Settings:
 
     def with_(self, **changes) -> "Settings":
         return replace(self, **changes)
+
+    @property
+    def db_path(self) -> Path:
+        return (self.db_dir or self.data_dir) / "jobs.sqlite3"
+
+    @property
+    def db_backup_path(self) -> Path | None:
+        """The database's copy in the data dir, when the database itself lives elsewhere."""
+        return self.data_dir / "jobs.sqlite3.backup" if self.db_dir else None
 
     @property
     def datasets_dir(self) -> Path:

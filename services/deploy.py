@@ -88,6 +88,9 @@ def pinned_gradio_version(requirements: Path) -> str:
     raise ConfigError("requirements.txt must pin gradio with == so the Space runs the same version.")
 
 
+LOCAL_DB_DIR = "/tmp/flux-studio-db"  # a Space's local (ephemeral) disk
+
+
 def front_matter(config: SpaceConfig, gradio_version: str) -> dict[str, Any]:
     return {
         "title": config.title,
@@ -147,6 +150,9 @@ def deploy(config: SpaceConfig, *, token: str, root: Path = ROOT, api=None, env:
 
         api.set_space_volumes(config.space_id, [Volume(type="bucket", source=config.bucket, mount_path=config.mount_path)])
         variables["FLUX_STUDIO_DATA_DIR"] = config.mount_path
+        # SQLite (WAL) is unsafe on a bucket mount: the database stays on the Space's local disk,
+        # copied to the bucket every few minutes and on shutdown (services.jobs.DatabaseBackup).
+        variables.setdefault("FLUX_STUDIO_DB_DIR", LOCAL_DB_DIR)
     for name, value in variables.items():
         api.add_space_variable(config.space_id, name, value)
     api.upload_folder(repo_id=config.space_id, repo_type="space", folder_path=str(root),

@@ -21,8 +21,10 @@ Nothing here imports gradio.
 from __future__ import annotations
 
 import builtins
+import logging
 import json
 import re
+import shutil
 import sqlite3
 import threading
 import time
@@ -31,10 +33,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
+from services import atomic
 from services.errors import JobError
 
 if TYPE_CHECKING:  # only for the type hint; keeps import order free
     from services.config import Settings
+
+log = logging.getLogger("flux_studio.jobs")
 
 __all__ = [
     "ACTIVE_STATUSES",
@@ -391,7 +396,24 @@ class JobStore:
 
     @classmethod
     def from_settings(cls, settings: "Settings", *, clock: Callable[[], float] = time.time) -> "JobStore":
-        return cls(Path(settings.data_dir) / DB_FILENAME, clock=clock)
+        """The app's database. With ``db_dir`` set (a Space), it lives on local disk; a fresh disk
+        starts from the last copy in the data dir (see ``DatabaseBackup``)."""
+        path = Path(settings.db_path)
+        backup = settings.db_backup_path
+        if backup is not None and not path.exists() and backup.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(backup, path)
+        return cls(path, clock=clock)
+
+    def backup_to(self, target: Path) -> None:
+        """A consistent copy of the whole database at ``target``, written atomically (SQLite's
+        online backup: safe while other threads write)."""
+        with atomic.replacing(target) as tmp:
+            dst = sqlite3.connect(str(tmp))
+            try:
+                self._conn().backup(dst)
+            finally:
+                dst.close()
 
     # ------------------------------------------------------------------ connections
 
@@ -663,3 +685,41 @@ class JobStore:
             args.append(kind)
         sql += " ORDER BY seq ASC"
         return [{"ts": r["ts"], "kind": r["kind"], "data": json.loads(r["data"])} for r in conn.execute(sql, args)]
+
+
+class DatabaseBackup:
+    """Copies the database to the data dir every ``every_s`` seconds and once more on ``stop``.
+
+    For a database kept off a bucket mount (``Settings.db_dir``): a restart on a fresh disk loses
+    at most the changes of the last ``every_s`` seconds."""
+
+    def __init__(self, jobs: JobStore, target: Path, every_s: float) -> None:
+        self.jobs = jobs
+        self.target = Path(target)
+        self.every_s = every_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> "DatabaseBackup":
+        from services.config import THREAD_PREFIX
+
+        self._thread = threading.Thread(target=self._run, name=f"{THREAD_PREFIX}db-backup", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self._copy()
+
+    def _copy(self) -> None:
+        try:
+            self.jobs.backup_to(self.target)
+        except Exception:  # the next round tries again; the local database is intact
+            log.exception("Copying the database to %s failed", self.target)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(60)
+            self._thread = None
+        self._copy()

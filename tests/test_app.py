@@ -177,3 +177,18 @@ def test_two_apps_on_one_data_dir_poll_with_one_tracker(settings):
         first.close()
         second.close()
     assert trackers() == []
+
+
+def test_with_a_separate_database_dir_closing_the_app_leaves_a_copy_in_the_data_dir(settings, tmp_path):
+    settings = settings.with_(db_dir=tmp_path / "local-db", db_backup_every_s=3600)
+    demo = app_module.create_app(settings)
+    try:
+        demo.studio_training.jobs.create("local", "local", "finetune", "cup-v1", "cup", "h", {})
+        assert not settings.db_backup_path.exists()
+    finally:
+        demo.close()  # stops the db-backup thread (the fixture checks) after a last copy
+    from services.jobs import JobStore
+
+    copy = JobStore(settings.db_backup_path)
+    assert [j.name for j in copy.list("local")] == ["cup-v1"]
+    copy.close()

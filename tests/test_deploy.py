@@ -58,6 +58,7 @@ def test_deploy_calls_the_hub(project):
     api.add_space_secret.assert_called_once_with(config.space_id, "COMETAPI_KEY", "sk-live-123")
     variables = {c.args[1]: c.args[2] for c in api.add_space_variable.call_args_list}
     assert variables["FLUX_STUDIO_HOSTED"] == "true" and variables["FLUX_STUDIO_DATA_DIR"] == "/data"
+    assert variables["FLUX_STUDIO_DB_DIR"] == "/tmp/flux-studio-db"  # the database off the bucket mount
     [volumes_call] = api.set_space_volumes.call_args_list
     assert volumes_call.args[1][0].source == "me/studio-data"
     upload = api.upload_folder.call_args.kwargs

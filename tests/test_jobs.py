@@ -343,3 +343,47 @@ def test_store_module_does_not_import_gradio() -> None:
     names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     names |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert not any(n.split(".")[0] == "gradio" for n in names)
+
+
+def test_a_database_kept_off_the_data_dir_is_copied_there_and_restored_from_it(tmp_path):
+    """On a Space the data dir is a bucket mount, where SQLite (WAL) is unsafe: the database lives on
+    local disk, is copied to the data dir with SQLite's backup API, and a fresh disk starts from it."""
+    import threading
+
+    from services.jobs import DatabaseBackup
+
+    settings = Settings(data_dir=tmp_path / "bucket", db_dir=tmp_path / "local-disk")
+    store = JobStore.from_settings(settings)
+    assert store.path == tmp_path / "local-disk" / "jobs.sqlite3"
+    job = store.create("ann", "local", "finetune", "cup-v1", "cup", "h", {})
+    # Copies taken while another thread writes are consistent databases.
+    stop = threading.Event()
+
+    def writer():
+        i = 0
+        while not stop.is_set():
+            store.record_event("ann", job.id, "step", {"step": i})
+            i += 1
+
+    thread = threading.Thread(target=writer, name="test-writer")
+    thread.start()
+    try:
+        for _ in range(5):
+            store.backup_to(settings.db_backup_path)
+            with sqlite3.connect(settings.db_backup_path) as copy:
+                assert copy.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    finally:
+        stop.set()
+        thread.join(30)
+    backup = DatabaseBackup(store, settings.db_backup_path, every_s=3600).start()
+    store.update("ann", job.id, status="ready")
+    backup.stop()  # the final copy on shutdown has the last change
+    store.close()
+
+    (tmp_path / "local-disk" / "jobs.sqlite3").unlink()  # a restart on a fresh disk
+    for leftover in (tmp_path / "local-disk").glob("jobs.sqlite3-*"):
+        leftover.unlink()
+    restored = JobStore.from_settings(settings)
+    assert restored.get("ann", job.id).status == "ready"
+    assert not list(settings.data_dir.glob("jobs.sqlite3-wal"))  # no WAL files on the mount
+    restored.close()
