@@ -19,6 +19,7 @@ this module is instant and works where the optional extra is not installed.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib.util
 import json
@@ -41,7 +42,7 @@ from services.errors import (
     TaskNotFoundError,
 )
 from services.local_engine import release_gpu_memory
-from services.local_queue import SLOT, Holder, Run, TrainingSlot
+from services.local_queue import GPU, SLOT, GpuBusyError, GpuGate, Holder, Run, TrainingSlot
 from services.providers import GeneratedImage, GenerateRequest, ProgressFn, TrainRequest, TrainStatus
 
 log = logging.getLogger("flux_studio.local")
@@ -115,9 +116,10 @@ class LocalProvider:
 
     def __init__(self, settings: Settings, *, model: str | None = None, steps_per_sample: int | None = None,
                  checkpoint_every: int | None = None, resolution: int | None = None,
-                 device: str | None = None, slot: TrainingSlot | None = None) -> None:
+                 device: str | None = None, slot: TrainingSlot | None = None, gpu: GpuGate | None = None) -> None:
         self.settings = settings
         self.slot = slot or SLOT
+        self.gpu = gpu or GPU
         self.model = (settings.local_model if model is None else model).strip()
         self.steps_per_sample = steps_per_sample
         self.checkpoint_every = checkpoint_every
@@ -405,11 +407,17 @@ class LocalProvider:
 
         try:
             model_path = self._model_path(base)
-            path, params = infer.generate(
-                model_path, Path(out_dir), prompt=request.prompt, seed=request.seed, width=request.width,
-                height=request.height, steps=request.steps, guidance=request.guidance,
-                output_format=request.output_format, lora_path=lora, finetune_id=finetune,
-                strength=request.strength, device=self.device)
+            with self.gpu.for_inference() if infer.pick_device(self.device).startswith("cuda") \
+                    else contextlib.nullcontext():
+                path, params = infer.generate(
+                    model_path, Path(out_dir), prompt=request.prompt, seed=request.seed, width=request.width,
+                    height=request.height, steps=request.steps, guidance=request.guidance,
+                    output_format=request.output_format, lora_path=lora, finetune_id=finetune,
+                    strength=request.strength, device=self.device)
+        except GpuBusyError as busy:
+            raise EngineUnavailableError(
+                f"The GPU is training local job {busy}; a generation now would need a second copy of the model "
+                "in its memory.", hint="Try again when the training is done, or cancel it on the Train tab.") from None
         except StudioError:
             raise
         except Exception as exc:
@@ -584,7 +592,7 @@ class LocalProvider:
 
     def _train(self, run: Run):
         from services.local_engine import infer
-        from services.local_engine.train import Callbacks, Trainer, config_from_json, pick_device
+        from services.local_engine.train import config_from_json, pick_device
 
         rid = run.remote_id
         job = self.root / rid
@@ -593,8 +601,17 @@ class LocalProvider:
         cfg.model_path = self._model_path(raw.get("_model", self.model))
         if cfg.device is None and self.device:
             cfg.device = self.device
-        if pick_device(cfg.device).startswith("cuda"):
-            infer.clear_cache()  # one GPU: make room for the training copy of the model
+        on_gpu = pick_device(cfg.device).startswith("cuda")
+        # One GPU: no generation runs while this trains (it would load a second copy of the model).
+        with self.gpu.for_training(rid) if on_gpu else contextlib.nullcontext():
+            if on_gpu:
+                infer.clear_cache()  # make room for the training copy of the model
+            return self._run_trainer(run, cfg, raw, job)
+
+    def _run_trainer(self, run: Run, cfg, raw: dict, job: Path):
+        from services.local_engine.train import Callbacks, Trainer
+
+        rid = run.remote_id
         trainer = Trainer(cfg, job / "dataset.zip", job)
         trainer.prepare()
         if run.cancel.is_set() and not run.resume and self._checkpoint(rid) is None:

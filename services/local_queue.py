@@ -13,10 +13,11 @@ Nothing here imports torch: waiting is cheap and works where the engine is not i
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 # How long a cancelled run may keep the slot while it saves its checkpoint and stops.
@@ -146,5 +147,43 @@ class TrainingSlot:
             pass
 
 
+class GpuBusyError(RuntimeError):
+    """Generation was asked for while a training holds the GPU."""
+
+
+class GpuGate:
+    """One GPU: a training and a generation never hold it at once, so a Compare run during
+    training never loads a second copy of the model (which would not fit, or would fail the run).
+
+    Generations take turns with each other; a training waits for the generation in progress,
+    then holds the GPU for its whole run, and a generation asked for meanwhile is refused at once
+    (waiting hours for a training to end would look like a hang)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._state = threading.Lock()
+        self.training: str | None = None  # the remote id of the training that holds the GPU
+
+    @contextlib.contextmanager
+    def for_training(self, remote_id: str) -> Iterator[None]:
+        with self._state:
+            self.training = remote_id
+        try:
+            with self._lock:
+                yield
+        finally:
+            with self._state:
+                self.training = None
+
+    @contextlib.contextmanager
+    def for_inference(self) -> Iterator[None]:
+        with self._state:
+            if self.training is not None:
+                raise GpuBusyError(self.training)
+        with self._lock:
+            yield
+
+
 # One GPU per process: every LocalProvider, whatever its data dir, waits for the same slot.
 SLOT = TrainingSlot()
+GPU = GpuGate()

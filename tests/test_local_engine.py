@@ -441,3 +441,50 @@ def test_delete_waits_for_the_run_to_stop_and_never_hides_a_failure(settings, tm
     release.set()  # it comes back, sees its cancel, and stops
     provider.delete(remote_id)  # waits for the thread, then removes the folder
     assert not folder.exists() and provider.join(remote_id, 0)
+
+
+def test_loading_one_model_does_not_block_generation_with_another(monkeypatch):
+    """Loading can be a multi-GB download: it once held the lock every generation needs."""
+    from services.local_engine import infer
+
+    loading, release = threading.Event(), threading.Event()
+    loaded: list[str] = []
+
+    def slow_load(model_path, device):
+        loaded.append(model_path)
+        if model_path == "big/model":
+            loading.set()
+            assert release.wait(30)
+        return infer._Entry(pipe=object())
+
+    monkeypatch.setattr(infer, "_load", slow_load)
+    monkeypatch.setattr(infer, "_PIPES", {})
+    monkeypatch.setattr(infer, "_LOADING", {})
+    results: dict = {}
+    big = threading.Thread(target=lambda: results.update(big=infer.get_pipeline("big/model", "cpu")), name="test-big")
+    again = threading.Thread(target=lambda: results.update(again=infer.get_pipeline("big/model", "cpu")),
+                             name="test-again")
+    big.start()
+    try:
+        assert loading.wait(30)
+        again.start()  # a second user of the loading model waits for that load, and does not load twice
+        small = infer.get_pipeline("small/model", "cpu")  # another model: not blocked by the big download
+        assert loaded == ["big/model", "small/model"] and small is not None
+    finally:
+        release.set()
+        big.join(30)
+        again.join(30)
+    assert results["big"] is results["again"] and loaded.count("big/model") == 1
+
+
+def test_a_compare_while_the_gpu_trains_is_refused_with_a_reason(settings, trained, tmp_path):
+    """On a GPU, generating during a training would load a second copy of the model."""
+    from services.errors import EngineUnavailableError
+    from services.local_queue import GpuGate
+
+    provider, remote_id, _, _ = trained
+    gpu = GpuGate()
+    busy = LocalProvider(provider.settings, device="cuda", gpu=gpu)
+    with gpu.for_training("local-other"):
+        with pytest.raises(EngineUnavailableError, match="GPU is training local job local-other"):
+            busy.generate(GenerateRequest(prompt="TOK"), tmp_path, finetune=remote_id)

@@ -115,3 +115,36 @@ def test_a_holder_that_is_not_cancelled_is_never_evicted(slot, clock):
     thread.join(WAIT_S)
     assert got == [("next", True)]
     slot.release(next_)
+
+
+def test_the_gpu_is_never_shared_by_a_training_and_a_generation():
+    from services.local_queue import GpuBusyError, GpuGate
+
+    gate = GpuGate()
+    generating, finish = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    def generation():
+        with gate.for_inference():
+            generating.set()
+            assert finish.wait(WAIT_S)
+            order.append("generation done")
+
+    def training():
+        with gate.for_training("local-job"):
+            order.append("training holds the gpu")
+
+    g = threading.Thread(target=generation, name="test-gen")
+    g.start()
+    assert generating.wait(WAIT_S)
+    t = threading.Thread(target=training, name="test-train")
+    t.start()  # waits for the generation in progress...
+    with pytest.raises(GpuBusyError):  # ...and from now on new generations are refused, not queued for hours
+        with gate.for_inference():
+            pass
+    finish.set()
+    g.join(WAIT_S)
+    t.join(WAIT_S)
+    assert order == ["generation done", "training holds the gpu"] and gate.training is None
+    with gate.for_inference():  # free again once the training is over
+        pass

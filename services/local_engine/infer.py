@@ -38,7 +38,8 @@ class _Entry:
 
 
 _PIPES: dict[tuple[str, str], _Entry] = {}
-_PIPES_LOCK = threading.Lock()
+_PIPES_LOCK = threading.Lock()  # guards the two dicts only; never held while a model loads
+_LOADING: dict[tuple[str, str], threading.Lock] = {}  # one per model: a multi-GB load blocks only its own users
 
 
 def get_pipeline(model_path: str, device: str | None = None) -> _Entry:
@@ -48,16 +49,26 @@ def get_pipeline(model_path: str, device: str | None = None) -> _Entry:
     key = (str(model_path), device)
     with _PIPES_LOCK:
         entry = _PIPES.get(key)
-        if entry is None:
-            from diffusers import FluxPipeline
+        if entry is not None:
+            return entry
+        loading = _LOADING.setdefault(key, threading.Lock())
+    with loading:
+        with _PIPES_LOCK:
+            entry = _PIPES.get(key)
+        if entry is None:  # the first caller loads; the others waited above and find it
+            entry = _load(model_path, device)
+            with _PIPES_LOCK:
+                _PIPES[key] = entry
+    return entry
 
-            pipe = FluxPipeline.from_pretrained(str(model_path), dtype=train_dtype(device))
-            pipe.set_progress_bar_config(disable=True)
-            pipe.to(device)
-            entry = _Entry(pipe, is_tiny=tiny.is_tiny_model(Path(model_path)),
-                           is_schnell="schnell" in str(model_path).lower())
-            _PIPES[key] = entry
-        return entry
+
+def _load(model_path: str, device: str) -> _Entry:
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(str(model_path), dtype=train_dtype(device))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(device)
+    return _Entry(pipe, is_tiny=tiny.is_tiny_model(Path(model_path)), is_schnell="schnell" in str(model_path).lower())
 
 
 def clear_cache() -> None:
