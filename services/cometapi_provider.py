@@ -63,7 +63,8 @@ class CometAPIProvider:
                            "(or use the local engine, which needs no key).")
         return True, ""
 
-    def submit(self, zip_path: Path, request: TrainRequest, *, tag: str, on_upload: ProgressFn | None = None) -> str:
+    def submit(self, zip_path: Path, request: TrainRequest, *, tag: str, on_upload: ProgressFn | None = None,
+               owner: str | None = None) -> str:
         with self._client() as client:
             return client.submit_finetune(
                 zip_path,

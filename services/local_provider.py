@@ -1,6 +1,7 @@
 """The local diffusers engine as a ``Provider``: LoRA training and generation on this machine.
 
-Jobs live in ``<data_dir>/local_jobs/<remote_id>/``::
+Jobs live in ``<data_dir>/local_jobs/<remote_id>/`` (hosted, a visitor's in their own folder:
+``<data_dir>/owners/<token>/local_jobs/<remote_id>/``, the token being part of the id)::
 
     dataset.zip        the training zip, copied at submission
     config.json        the training configuration (TrainConfig)
@@ -42,6 +43,7 @@ from services.errors import (
     TaskNotFoundError,
 )
 from services.local_engine import release_gpu_memory
+from services.owners import LOCAL_OWNER, owner_dir
 from services.local_queue import GPU, SLOT, GpuBusyError, GpuGate, Holder, Run, TrainingSlot
 from services.providers import GeneratedImage, GenerateRequest, ProgressFn, TrainRequest, TrainStatus
 
@@ -54,6 +56,9 @@ TINY_LABEL = "tiny random FLUX (test model: images are noise; it proves the work
 WAITING = "Waiting for the running local job"
 _TAG_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _ID_RE = re.compile(r"^local-[A-Za-z0-9_-]{1,64}$")
+# A hosted visitor's job: its id carries the visitor's folder token, so the folder is found from
+# the id alone: <data_dir>/owners/<token>/local_jobs/<id>. Checked before _ID_RE.
+_OWNED_ID_RE = re.compile(r"^local-o([0-9a-f]{32})-[A-Za-z0-9_-]{1,64}$")
 _STATE_WRITE_EVERY_S = 1.0
 
 class _Engine:
@@ -171,20 +176,25 @@ class LocalProvider:
         if not ok:
             raise EngineUnavailableError(why)
 
-    def submit(self, zip_path: Path, request: TrainRequest, *, tag: str, on_upload: ProgressFn | None = None) -> str:
+    def submit(self, zip_path: Path, request: TrainRequest, *, tag: str, on_upload: ProgressFn | None = None,
+               owner: str | None = None) -> str:
+        """Queue a training. A hosted visitor's job (``owner``) lives in that visitor's own folder."""
         self._require_ready()
         zip_path = Path(zip_path)
         if not zip_path.is_file():
             raise InputError("The training zip is missing.", hint="Export the dataset again.")
         if not isinstance(request.iterations, int) or request.iterations < 1:
             raise InputError("Iterations must be a whole number of at least 1.")
-        remote_id = f"local-{tag}" if tag and _TAG_RE.match(tag) else f"local-{uuid.uuid4().hex[:16]}"
+        suffix = tag if tag and _TAG_RE.match(tag) else uuid.uuid4().hex[:16]
+        remote_id = f"local-{suffix}"
+        if owner and owner != LOCAL_OWNER:
+            remote_id = f"local-o{owner_dir(self.settings, owner).name}-{suffix}"
         with self._lock:
             existing = self.find_by_tag(tag) if tag else None
             if existing:  # submitted already (a retry after a restart): never train twice
                 return existing
-            job = self.root / remote_id
-            tmp = self.root / f".{remote_id}.tmp"
+            job = self._folder(remote_id)
+            tmp = job.with_name(f".{remote_id}.tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             total = zip_path.stat().st_size
@@ -257,10 +267,10 @@ class LocalProvider:
                            result={"resumable": False})
 
     def list_remote(self) -> list[str]:
-        if not self.root.is_dir():
-            return []
+        """Every local job on this data dir, every owner's (for the app's own restart recovery)."""
+        roots = [self.root, *Path(self.settings.data_dir).glob("owners/*/local_jobs")]
         jobs = []
-        for d in self.root.iterdir():
+        for d in (d for root in roots if root.is_dir() for d in root.iterdir()):
             if d.is_dir() and _ID_RE.match(d.name) and (d / "state.json").is_file():
                 try:
                     created = float(json.loads((d / "state.json").read_text()).get("created_at") or 0)
@@ -485,10 +495,17 @@ class LocalProvider:
             "_finetune_type": request.finetune_type,
         }
 
+    def _folder(self, remote_id: str) -> Path:
+        """Where a job's folder is (or goes): the local owner's jobs folder, or a visitor's own."""
+        owned = _OWNED_ID_RE.match(remote_id)
+        if owned:
+            return Path(self.settings.data_dir) / "owners" / owned.group(1) / "local_jobs" / remote_id
+        return self.root / remote_id
+
     def _job_dir(self, remote_id: str) -> Path:
         if not remote_id or not _ID_RE.match(remote_id):
             raise TaskNotFoundError(f"{remote_id!r} is not a local job id.")
-        job = self.root / remote_id
+        job = self._folder(remote_id)
         if not (job / "state.json").is_file():
             raise TaskNotFoundError(f"The local engine has no job {remote_id} (deleted?).")
         return job
@@ -502,7 +519,7 @@ class LocalProvider:
 
     def _update_state(self, remote_id: str, **changes) -> None:
         with self._lock:
-            job = self.root / remote_id
+            job = self._folder(remote_id)
             if not (job / "state.json").is_file():
                 return  # deleted meanwhile
             state = json.loads((job / "state.json").read_text(encoding="utf-8"))
@@ -515,7 +532,7 @@ class LocalProvider:
             fresh = run.losses[run.losses_saved:]
             run.losses_saved = len(run.losses)
         if fresh and not run.silenced:
-            job = self.root / run.remote_id
+            job = self._folder(run.remote_id)
             try:
                 if job.is_dir():
                     with open(job / LOSSES_FILE, "a", encoding="utf-8") as f:
@@ -524,7 +541,7 @@ class LocalProvider:
                 log.warning("Could not save the loss curve of %s: %s", run.remote_id, exc)
 
     def _checkpoint(self, remote_id: str) -> Path | None:
-        ckpts = self.root / remote_id / "checkpoints"
+        ckpts = self._folder(remote_id) / "checkpoints"
         if not ckpts.is_dir():
             return None
         found = sorted(p for p in ckpts.glob("step_*") if (p / "trainer_state.json").is_file())
@@ -595,7 +612,7 @@ class LocalProvider:
         from services.local_engine.train import config_from_json, pick_device
 
         rid = run.remote_id
-        job = self.root / rid
+        job = self._folder(rid)
         raw = json.loads((job / "config.json").read_text(encoding="utf-8"))
         cfg = config_from_json(raw)
         cfg.model_path = self._model_path(raw.get("_model", self.model))

@@ -144,8 +144,10 @@ class Provider(Protocol):
     def readiness(self) -> tuple[bool, str]:
         """(usable, message): message explains what is missing when not usable."""
 
-    def submit(self, zip_path: Path, request: TrainRequest, *, tag: str, on_upload: ProgressFn | None = None) -> str:
-        """Start training; returns the provider's id. ``tag`` is our job id, stored remotely when possible."""
+    def submit(self, zip_path: Path, request: TrainRequest, *, tag: str, on_upload: ProgressFn | None = None,
+               owner: str | None = None) -> str:
+        """Start training; returns the provider's id. ``tag`` is our job id, stored remotely when possible;
+        ``owner`` is whose job it is (the local engine keeps a hosted visitor's files in their folder)."""
 
     def status(self, remote_id: str) -> TrainStatus: ...
 

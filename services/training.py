@@ -153,7 +153,7 @@ class TrainingService:
         self.jobs.update(owner, job.id, message=f"Uploading {export.size_bytes / 2**20:.1f} MB to {provider.label}…")
         self._uploading.add(job.id)
         try:
-            remote_id = provider.submit(export.path, request, tag=job.id, on_upload=on_upload)
+            remote_id = provider.submit(export.path, request, tag=job.id, on_upload=on_upload, owner=owner)
         except _AMBIGUOUS as exc:
             # It may have arrived: keep the job "submitting" and let the tracker look it up by tag.
             return self.jobs.update(

@@ -488,3 +488,21 @@ def test_a_compare_while_the_gpu_trains_is_refused_with_a_reason(settings, train
     with gpu.for_training("local-other"):
         with pytest.raises(EngineUnavailableError, match="GPU is training local job local-other"):
             busy.generate(GenerateRequest(prompt="TOK"), tmp_path, finetune=remote_id)
+
+
+def test_a_hosted_visitors_local_job_lives_in_their_own_folder(settings, tmp_path):
+    from services.owners import owner_dir
+
+    hosted = settings.with_(hosted=True)
+    provider = LocalProvider(hosted, steps_per_sample=0, checkpoint_every=0)
+    remote_id = provider.submit(make_zip(tmp_path / "ds.zip"), request(3), tag="visitor-job", owner="visitor-abc")
+    token = owner_dir(hosted, "visitor-abc").name
+    folder = hosted.data_dir / "owners" / token / "local_jobs" / remote_id
+    assert remote_id == f"local-o{token}-visitor-job" and (folder / "dataset.zip").is_file()
+    assert not (hosted.data_dir / "local_jobs").exists()  # nothing of theirs in a shared folder
+    assert wait_terminal(provider, remote_id).state == "ready"
+    assert (folder / "output" / "pytorch_lora_weights.safetensors").is_file()
+    after = LocalProvider(hosted)  # a restart finds it by the job's tag, wherever it lives
+    assert after.find_by_tag("visitor-job") == remote_id and remote_id in after.list_remote()
+    after.delete(remote_id)
+    assert not folder.exists()

@@ -272,7 +272,7 @@ class _Resumable:
     def readiness(self):
         return True, ""
 
-    def submit(self, zip_path, request, *, tag, on_upload=None):
+    def submit(self, zip_path, request, *, tag, on_upload=None, owner=None):
         return f"ckpt-{tag}"
 
     def status(self, remote_id):
