@@ -42,6 +42,10 @@ from services.results import ResultStore
 from services.training import Tracker, TrainingService
 
 TITLE = "FLUX Finetune Studio"
+# The endpoints a script may call (gradio_client, "Use via API"): the workflow's steps. Every other
+# event is the page's own plumbing (ticks, picks, cell edits) and stays off the API page.
+PUBLIC_API = frozenset({"add_images", "list_datasets", "delete_dataset", "export_zip", "auto_caption",
+                        "launch_finetune", "list_jobs", "compare", "grid", "contact_sheet"})
 CSS = """
 #dataset-report ul { max-height: 14rem; overflow-y: auto; }
 """
@@ -148,6 +152,9 @@ def create_app(
               [train.banner, train.dataset, train.jobs, train.queue, train.timer, train.seen], show_progress="hidden")
         gr.on([demo.load, compare_page.select], compare.on_load, None, [compare.finetune, compare.history],
               show_progress="hidden")
+    for fn in demo.fns.values():
+        if fn.api_name not in PUBLIC_API:
+            fn.api_visibility = "undocumented"
     # Polling ticks are cheap and must never wait behind uploads; heavy events set their own limits.
     demo.queue(default_concurrency_limit=4, max_size=64)
     training.resume_on_start()

@@ -92,7 +92,7 @@ def build(stores: Callable[[str], DatasetStore], settings: Settings,
     with gr.Row():
         dataset = gr.Dropdown(
             choices=[], value=None, label="Dataset", info="Saved datasets; reopen one any time.",
-            elem_id="dataset-picker", scale=3,
+            elem_id="dataset-picker", scale=3, allow_custom_value=True,  # scripts name their datasets (see Train)
         )
         new_name = gr.Textbox(label="New dataset name", placeholder="my-product", scale=2, elem_id="dataset-new-name")
         new_btn = gr.Button("New dataset", scale=1, elem_id="dataset-new")

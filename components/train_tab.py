@@ -234,8 +234,10 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
             choices=[(p.label, key) for key, p in service.providers.items()], value=default_provider,
             label="Provider", elem_id="train-provider", scale=1,
         )
+        # allow_custom_value: a script names a dataset it made through the API (the page's choices are
+        # filled per visitor later); the name is checked against the caller's own datasets anyway.
         dataset = gr.Dropdown(choices=[], value=None, label="Dataset", elem_id="train-dataset", scale=2,
-                              info="Saved on the Dataset tab.")
+                              info="Saved on the Dataset tab.", allow_custom_value=True)
         refresh = gr.Button("↻", size="sm", scale=0, min_width=40)
     dataset_info = gr.Markdown(NO_DATASET, elem_id="train-dataset-info")
     preset = P.PRESETS["character"]

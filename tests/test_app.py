@@ -1,6 +1,7 @@
 """The app as a whole: factory, launch options, flags, and its API driven by gradio_client."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -192,3 +193,26 @@ def test_with_a_separate_database_dir_closing_the_app_leaves_a_copy_in_the_data_
     copy = JobStore(settings.db_backup_path)
     assert [j.name for j in copy.list("local")] == ["cup-v1"]
     copy.close()
+
+
+def test_a_script_drives_the_workflow_by_name_and_sees_only_its_steps(settings, tmp_path):
+    """The dataset pickers' choices are filled per visitor, so a script's dataset name was refused
+    ('not in the list of choices: []'); and the API page listed the page's plumbing too."""
+    photos = fx.good_set(tmp_path / "g", count=3, size=(900, 900))
+    with running_app(settings) as url:
+        client = Client(url, verbose=False)
+        try:
+            endpoints = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
+            assert endpoints == {f"/{name}" for name in app_module.PUBLIC_API}, endpoints
+            picker, *_ = client.predict([handle_file(str(p)) for p in photos], None, api_name="/add_images")
+            name = picker["value"]
+            zip_path, info = client.predict(name, api_name="/export_zip")
+            assert "3 images" in info and Path(zip_path).is_file()
+            with pytest.raises(Exception, match="not found"):
+                client.predict("no-such-dataset", api_name="/export_zip")
+            if importlib.util.find_spec("diffusers"):  # the local engine: launch it by the dataset's name
+                result, *_ = client.predict("local", name, "product", "TOK", "cup-api", 100, "", 16, "lora",
+                                            "quality", False, "auto", api_name="/launch_finetune")
+                assert "Launched" in result, result
+        finally:
+            client.close()
