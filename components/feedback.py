@@ -31,6 +31,16 @@ def warning(text: str) -> None:
     gr.Warning(plain(text))
 
 
+def message_for(exc: BaseException, where: str) -> str:
+    """What to tell the person about ``exc`` (raw text: ``plain`` it for a page). A StudioError says
+    what was wrong and what to do; anything else is a bug, logged and not shown."""
+    if isinstance(exc, StudioError):
+        return exc.user_message()
+    log.error("Unexpected error in %s", where, exc_info=exc)
+    return ("Something went wrong on our side. Your data is unchanged; try again, "
+            "and if it keeps happening, check the app's log.")
+
+
 def shows_errors(fn: F) -> F:
     """Wrap a handler: a StudioError becomes a gr.Error toast with its message.
 
@@ -38,14 +48,7 @@ def shows_errors(fn: F) -> F:
     """
 
     def translate(exc: BaseException) -> gr.Error:
-        if isinstance(exc, StudioError):
-            return gr.Error(plain(exc.user_message()), print_exception=False)
-        log.error("Unexpected error in %s", fn.__name__, exc_info=exc)
-        return gr.Error(
-            "Something went wrong on our side. Your data is unchanged; try again, "
-            "and if it keeps happening, check the app's log.",
-            print_exception=False,
-        )
+        return gr.Error(plain(message_for(exc, fn.__name__)), print_exception=False)
 
     if inspect.isgeneratorfunction(fn):  # streaming handlers fail while being iterated
         @functools.wraps(fn)

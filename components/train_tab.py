@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import logging
 import re
 import time
 from collections.abc import Callable
@@ -19,11 +18,9 @@ from services import providers as P
 from services.config import Secret, Settings
 from services.dataset import DatasetStore
 from services.access import ProviderAccess
-from services.errors import InputError, ProviderError, StudioError
+from services.errors import InputError, ProviderError
 from services.jobs import Job
 from services.training import TrainingService
-
-log = logging.getLogger("flux_studio.ui")
 
 JOB_COLUMNS = ["job", "name", "provider", "dataset", "status", "progress", "elapsed", "created"]
 TICK_SECONDS = 2.0
@@ -454,10 +451,7 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
         try:
             return publish_selected(selected_, repo, token, private_, request), ""
         except Exception as exc:
-            known = isinstance(exc, StudioError)
-            if not known:
-                log.error("Publishing failed", exc_info=exc)
-            msg = exc.user_message() if known else "Something went wrong on our side; try again."
+            msg = feedback.message_for(exc, "on_publish")
             feedback.warning(f"Publish failed: {msg}")
             return f"❌ Publish failed: {plain(msg)} Paste the token again to retry.", ""
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from services.config import Secret, Settings
 from services.errors import InputError, RateLimitedError
-from services.providers import Provider
+from services.providers import Provider, close_provider
 
 
 class RateLimiter:
@@ -169,17 +169,11 @@ class ProviderAccess:
             while len(self._own) > OWN_KEY_PROVIDERS:
                 evicted.append(self._own.popitem(last=False)[1])
         for old in evicted:
-            _close(old)
+            close_provider(old)
         return provider
 
     def close(self) -> None:
         with self._own_lock:
             providers, self._own = list(self._own.values()), OrderedDict()
         for provider in providers:
-            _close(provider)
-
-
-def _close(provider: Provider) -> None:
-    close = getattr(provider, "close", None)
-    if close is not None:
-        close()
+            close_provider(provider)

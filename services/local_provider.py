@@ -363,10 +363,7 @@ class LocalProvider:
                 log.warning("Local job %s did not stop within %.0f s of closing; leaving it", run.remote_id, timeout)
                 run.evicted = True
                 self.slot.release(run)
-                with self._lock:
-                    if self._active.get(run.remote_id) is run:
-                        self._active.pop(run.remote_id)
-                    self._engine.evicted[run.remote_id] = run
+                self._let_go(run)
 
     def delete(self, remote_id: str, *, wait_s: float = DELETE_WAIT_S) -> None:
         """Stop the job's run, wait for its thread, then remove its folder; raises (keeping the
@@ -593,13 +590,19 @@ class LocalProvider:
         log.warning("Local job %s did not stop within %.0f s of its cancel; the next job takes the engine",
                     run.remote_id, self.slot.grace_s)
         with self._lock:
-            if self._active.get(run.remote_id) is run:
-                self._active.pop(run.remote_id)
-            self._engine.evicted[run.remote_id] = run
+            self._let_go(run)
             if not run.deleted:
                 self._update_state(run.remote_id, state="cancelled", eta_s=None, message=(
                     f"Cancelled. The run did not stop within {self.slot.grace_s:.0f} s, so the engine moved on to "
                     "the next job. Restart the app to resume it from its last checkpoint."))
+
+    def _let_go(self, run: Run) -> None:
+        """Stop counting ``run`` as this job's run; its thread, maybe still alive, is remembered so
+        that Resume can refuse while it might still write."""
+        with self._lock:
+            if self._active.get(run.remote_id) is run:
+                self._active.pop(run.remote_id)
+            self._engine.evicted[run.remote_id] = run
 
     def _update_run_state(self, run: Run, **changes) -> None:
         """The worker's writes: none once the run was deleted or evicted."""

@@ -84,25 +84,44 @@ class TrainingSlot:
         A holder cancelled more than ``grace_s`` ago is evicted on the way: ``on_evict(holder)`` runs
         here, outside the slot's lock, so that it may take the provider's locks."""
         while True:
-            evicted = None
             with self._cond:
-                if run.cancel.is_set():
-                    self._leave(run)
-                    return False
-                holder = self._holder
-                if holder is not None and holder.cancel_at is not None \
-                        and self.clock() - holder.cancel_at >= self.grace_s:
-                    holder.evicted = True
-                    evicted, self._holder = holder, None
-                elif holder is None and self._line and self._line[0] is run:
-                    self._line.popleft()
-                    self._holder = run
-                    return True
-                else:
+                outcome, evicted = self._look(run)
+                if outcome is None and evicted is None:
+                    holder = self._holder
                     self._cond.wait(_RECHECK_S if holder is not None and holder.cancel_at is not None else None)
-            if evicted is not None:
-                on_evict(evicted)
-                self.wake()
+                    continue
+            if evicted is None:
+                return bool(outcome)
+            on_evict(evicted)
+            self.wake()
+
+    def try_acquire(self, run: Run, on_evict: Callable[[Run], None]) -> bool | None:
+        """``acquire`` without the waiting: True (``run`` holds the slot now), False (cancelled), or
+        None (it would wait). Evicts an overdue holder the same way."""
+        while True:
+            with self._cond:
+                outcome, evicted = self._look(run)
+            if evicted is None:
+                return outcome
+            on_evict(evicted)
+            self.wake()
+
+    def _look(self, run: Run) -> tuple[bool | None, Run | None]:
+        """One look at the slot for ``run``, with the lock held: (True/False/None as in
+        ``try_acquire``, the holder this look evicted, if any)."""
+        if run.cancel.is_set():
+            self._leave(run)
+            return False, None
+        holder = self._holder
+        if holder is not None and holder.cancel_at is not None and self.clock() - holder.cancel_at >= self.grace_s:
+            holder.evicted = True
+            self._holder = None
+            return None, holder
+        if holder is None and self._line and self._line[0] is run:
+            self._line.popleft()
+            self._holder = run
+            return True, None
+        return None, None
 
     def release(self, run: Run) -> None:
         with self._cond:

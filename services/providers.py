@@ -134,6 +134,13 @@ class GeneratedImage:
     params: dict = field(default_factory=dict)
 
 
+def close_provider(provider: object) -> None:
+    """Release what a provider holds (a pooled client, local runs), for those that hold something."""
+    close = getattr(provider, "close", None)
+    if close is not None:
+        close()
+
+
 @runtime_checkable
 class Provider(Protocol):
     """What the Train and Compare tabs need from a provider."""

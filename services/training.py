@@ -33,7 +33,7 @@ from services.errors import (
     WaitTimeoutError,
 )
 from services.jobs import ACTIVE_STATUSES, Job, JobStore
-from services.providers import Provider, ProgressFn, TrainRequest, TrainStatus
+from services.providers import Provider, ProgressFn, TrainRequest, TrainStatus, close_provider
 
 log = logging.getLogger("flux_studio.training")
 
@@ -340,9 +340,7 @@ class TrainingService:
     def close(self) -> None:
         """Stop what the providers run in this process (local trainings stop at a checkpoint)."""
         for provider in self.providers.values():
-            close = getattr(provider, "close", None)
-            if close is not None:
-                close()
+            close_provider(provider)
 
     def delete(self, owner: str, job_id: str) -> Job:
         job = self.jobs.get(owner, job_id)

@@ -18,14 +18,14 @@ from services.owners import installation_secret
 _TOKEN_RE = re.compile(r"([0-9a-f]{32})\.([0-9a-f]{32})")
 
 
-def _mac(settings: Settings, value: str, purpose: str) -> str:
-    return hmac.new(installation_secret(settings), f"{purpose}:{value}".encode(), hashlib.sha256).hexdigest()[:32]
+def _mac(secret: bytes, value: str, purpose: str) -> str:
+    return hmac.new(secret, f"{purpose}:{value}".encode(), hashlib.sha256).hexdigest()[:32]
 
 
 def mint(settings: Settings) -> str:
     """A new visitor token, for a cookie the browser can't read (HttpOnly)."""
     value = secrets.token_hex(16)
-    return f"{value}.{_mac(settings, value, 'token')}"
+    return f"{value}.{_mac(installation_secret(settings), value, 'token')}"
 
 
 def owner_of(settings: Settings, token: str | None) -> str | None:
@@ -34,6 +34,7 @@ def owner_of(settings: Settings, token: str | None) -> str | None:
     if not match:
         return None
     value, mac = match.groups()
-    if not hmac.compare_digest(mac, _mac(settings, value, "token")):
+    secret = installation_secret(settings)  # read once per request (the gate calls this on each)
+    if not hmac.compare_digest(mac, _mac(secret, value, "token")):
         return None
-    return "visitor-" + _mac(settings, value, "owner")
+    return "visitor-" + _mac(secret, value, "owner")

@@ -240,6 +240,7 @@ class FakeCometAPI:
         self.log_level = log_level
 
         self._lock = threading.RLock()
+        self._handled = threading.Condition(self._lock)  # notified when a request has run its route
         self._epoch = 0  # bumped by reset(); a request that outlives a reset changes nothing
         self._faults: list[_Fault] = []
         self._latency: dict[str, float] = {}
@@ -417,6 +418,11 @@ class FakeCometAPI:
             task = self._tasks[task_id]
             task.status, task.message = status, message
 
+    def wait_for_tasks(self, count: int, timeout: float = 30.0) -> bool:
+        """Block until the fake knows ``count`` jobs (a request still on its way created them)."""
+        with self._handled:
+            return self._handled.wait_for(lambda: len(self._tasks) >= count, timeout)
+
     def task_ids(self) -> list[str]:
         """Every job (generation or fine-tune) the fake knows, oldest first."""
         with self._lock:
@@ -480,6 +486,7 @@ class FakeCometAPI:
             return
         with self._lock:
             record.status = response.status_code
+            self._handled.notify_all()
         await response(scope, receive, send)
 
     def _record(self, method: str, path: str, query: dict, headers: dict, body: bytes) -> RecordedRequest:

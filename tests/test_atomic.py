@@ -1,6 +1,7 @@
 """The atomic-write helper: a process killed mid-write leaves the old file or the new one, never a
-torn one. A child rewrites one file in a loop with two different contents; it is killed (SIGKILL)
-at a random moment, many times, and the file is checked after each kill."""
+torn one. A child rewrites one file in a loop with two different contents and says so after each
+write; it is killed (SIGKILL) after a random number of them, while the next write is under way,
+many times, and the file is checked after each kill."""
 from __future__ import annotations
 
 import os
@@ -8,7 +9,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,13 +20,12 @@ SIZE = 4 * 2**20  # big enough that a kill lands mid-write often
 WRITER = f"""
 import sys
 from services import atomic
-target, ready = sys.argv[1], sys.argv[2]
+target = sys.argv[1]
 a, b = b"a" * {SIZE}, b"b" * {SIZE}
-atomic.write_bytes(target, a)
-open(ready, "w").close()
 i = 0
 while True:
     atomic.write_bytes(target, b if i % 2 else a)
+    print(i, flush=True)  # one whole version is on disk; the next write starts at once
     i += 1
 """
 
@@ -35,17 +34,15 @@ while True:
 def test_a_write_killed_at_any_moment_leaves_one_whole_version(tmp_path):
     target, rng = tmp_path / "state.bin", random.Random(7)
     for round_ in range(12):
-        ready = tmp_path / f"ready-{round_}"
-        child = subprocess.Popen([sys.executable, "-c", WRITER, str(target), str(ready)], cwd=ROOT)
+        child = subprocess.Popen([sys.executable, "-c", WRITER, str(target)], cwd=ROOT, stdout=subprocess.PIPE,
+                                 text=True)
         try:
-            deadline = time.monotonic() + 60
-            while not ready.exists():  # the first whole version is on disk
-                assert time.monotonic() < deadline and child.poll() is None
-                time.sleep(0.01)
-            time.sleep(rng.uniform(0, 0.3))  # then kill it at a random point of its loop
+            for _ in range(1 + rng.randrange(4)):  # a random number of whole writes, then kill it
+                assert child.stdout.readline(), "the writer died on its own"
         finally:
             child.send_signal(signal.SIGKILL)
             child.wait(30)
+            child.stdout.close()
         data = target.read_bytes()
         assert len(data) == SIZE and data in (b"a" * SIZE, b"b" * SIZE), (round_, len(data), data[:1], data[-1:])
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".state.bin.")]

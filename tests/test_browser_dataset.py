@@ -17,6 +17,17 @@ def _cell(page, row: int, col: int):
     return page.locator(f'#dataset-table [data-testid="cell-{row}-{col}"]')
 
 
+def _edit_caption(page, row: int, text: str, saved_shows: str) -> None:
+    """Type a caption into the table, and wait until the gallery (redrawn from disk) shows it saved."""
+    _cell(page, row, 1).dblclick()
+    # Into the cell's editor once it is there: keys sent before it has focus go nowhere or append.
+    editor = _cell(page, row, 1).locator("textarea, input").first
+    editor.wait_for(timeout=10_000)
+    editor.fill(text)
+    editor.press("Enter")
+    page.locator("#dataset-gallery").get_by_text(saved_shows).first.wait_for(timeout=15_000)
+
+
 def test_dataset_tab_end_to_end(settings, tmp_path):
     good = fx.good_set(tmp_path / "good", count=6, size=(1600, 1200))
     bad = fx.bad_set(tmp_path / "bad")
@@ -44,14 +55,7 @@ def test_dataset_tab_end_to_end(settings, tmp_path):
             page.fill("#dataset-trigger textarea, #dataset-trigger input", "TOK")
             page.click("#dataset-trigger-first")
             _cell(page, 0, 1).get_by_text("TOK").wait_for(timeout=15_000)
-            _cell(page, 0, 1).dblclick()
-            # Into the cell's editor once it is there: keys sent before it has focus go nowhere or append.
-            editor = _cell(page, 0, 1).locator("textarea, input").first
-            editor.wait_for(timeout=10_000)
-            editor.fill("TOK, a product photo on white")
-            editor.press("Enter")
-            # Saved: the gallery's captions are redrawn from what was written to disk.
-            page.locator("#dataset-gallery").get_by_text("a product photo on white").first.wait_for(timeout=15_000)
+            _edit_caption(page, 0, "TOK, a product photo on white", saved_shows="a product photo on white")
 
             page.click("#dataset-export")
             info = page.locator("#dataset-export-info")
@@ -94,11 +98,6 @@ def test_editing_one_caption_in_a_stale_table_writes_that_caption_only(settings,
         _cell(page, 2, 0).get_by_text(files[2]).wait_for(timeout=15_000)  # the table, captions empty
         # Meanwhile an auto-caption run (another event, another tab) saves two captions.
         store.set_captions(name, {files[1]: "TOK, auto one", files[2]: "TOK, auto two"})
-        _cell(page, 0, 1).dblclick()
-        editor = _cell(page, 0, 1).locator("textarea, input").first
-        editor.wait_for(timeout=10_000)
-        editor.fill("TOK, typed by hand")
-        editor.press("Enter")
-        page.locator("#dataset-gallery").get_by_text("typed by hand").first.wait_for(timeout=15_000)
+        _edit_caption(page, 0, "TOK, typed by hand", saved_shows="typed by hand")
     saved = {i.file: i.caption for i in store.open(name).items}
     assert saved == {files[0]: "TOK, typed by hand", files[1]: "TOK, auto one", files[2]: "TOK, auto two"}

@@ -501,10 +501,7 @@ def test_read_timeout_on_post_is_not_resent(fake_cometapi, clock):
     assert "did not answer" in str(info.value)
     assert len(fake_cometapi.requests("/flux/v1/flux-dev")) == 1 and clock.sleeps == []
     # The server did start the job after all: exactly why it must not be re-sent.
-    deadline = time.monotonic() + 30
-    while not fake_cometapi.task_ids():
-        assert time.monotonic() < deadline, "the delayed request never created its task"
-        time.sleep(0.01)
+    assert fake_cometapi.wait_for_tasks(1), "the delayed request never created its task"
     assert len(fake_cometapi.task_ids()) == 1 and len(fake_cometapi.requests("/flux/v1/flux-dev")) == 1
 
 

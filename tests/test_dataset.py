@@ -436,14 +436,18 @@ def test_hosted_owners_get_separate_unguessable_roots(settings):
     assert oct((settings.data_dir / ".owner-secret").stat().st_mode & 0o777) == "0o600"
 
 
+def _zip_of_one_byte_files(path: Path, count: int) -> tuple[Path, DatasetStore]:
+    """A zip of ``count`` one-byte "images", and a fresh store to import it into."""
+    with zipfile.ZipFile(path, "w") as zf:
+        for i in range(count):
+            zf.writestr(f"f{i}.jpg", b"x")
+    settings = Settings(data_dir=path.parent / "d")
+    return path, DatasetStore(settings.datasets_dir, settings)
+
+
 def test_a_zip_with_thousands_of_entries_is_refused_at_once(tmp_path):
     """Each entry once cost a re-read of the whole zip: 5,000 entries took minutes of CPU."""
-    settings = Settings(data_dir=tmp_path / "d")
-    store = DatasetStore(settings.datasets_dir, settings)
-    z = tmp_path / "many.zip"
-    with zipfile.ZipFile(z, "w") as zf:
-        for i in range(5000):
-            zf.writestr(f"f{i}.jpg", b"x")
+    z, store = _zip_of_one_byte_files(tmp_path / "many.zip", 5000)
     started = time.monotonic()
     ds, report = store.add_files(store.create("s").name, [z])
     elapsed = time.monotonic() - started
@@ -453,12 +457,7 @@ def test_a_zip_with_thousands_of_entries_is_refused_at_once(tmp_path):
 
 
 def test_a_zip_under_the_entry_cap_is_opened_once(tmp_path, monkeypatch):
-    settings = Settings(data_dir=tmp_path / "d")
-    store = DatasetStore(settings.datasets_dir, settings)
-    z = tmp_path / "some.zip"
-    with zipfile.ZipFile(z, "w") as zf:
-        for i in range(300):
-            zf.writestr(f"f{i}.jpg", b"x")
+    z, store = _zip_of_one_byte_files(tmp_path / "some.zip", 300)
     opened: list[str] = []
     real = zipfile.ZipFile.__init__
 

@@ -8,7 +8,6 @@ import importlib.util
 import json
 import re
 import threading
-import time
 import zipfile
 from pathlib import Path
 
@@ -56,6 +55,31 @@ def wait_terminal(provider: LocalProvider, remote_id: str, timeout: float = 60.0
 def pixels(path: Path) -> np.ndarray:
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB"), dtype=np.int16)
+
+
+@pytest.fixture
+def steps_done(monkeypatch):
+    """``steps_done(remote_id, n)`` blocks until that job's trainer has finished ``n`` steps: each
+    step signals, so a test waits for the event itself, not on a polling clock."""
+    done: dict[str, int] = {}
+    changed = threading.Condition()
+    original = Trainer.step_cached
+
+    def counting(self, step, gen):
+        loss = original(self, step, gen)
+        with changed:
+            done[self.job_dir.name] = step + 1
+            changed.notify_all()
+        return loss
+
+    monkeypatch.setattr(Trainer, "step_cached", counting)
+
+    def wait(remote_id: str, n: int, timeout: float = 60.0) -> None:
+        with changed:
+            assert changed.wait_for(lambda: done.get(remote_id, 0) >= n, timeout), \
+                f"{remote_id} reached step {done.get(remote_id, 0)} of the {n} waited for"
+
+    return wait
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +207,7 @@ def test_provider_trains_and_base_vs_tuned_differ_only_by_the_lora(trained, tmp_
     assert jpeg.path.suffix == ".jpg"
 
 
-def test_second_job_waits_and_cancel_keeps_a_checkpoint(settings, tmp_path):
+def test_second_job_waits_and_cancel_keeps_a_checkpoint(settings, tmp_path, steps_done):
     provider = LocalProvider(settings, steps_per_sample=0, checkpoint_every=5)
     zip_path = make_zip(tmp_path / "ds.zip")
     first = provider.submit(zip_path, request(400), tag="first")
@@ -193,10 +217,7 @@ def test_second_job_waits_and_cancel_keeps_a_checkpoint(settings, tmp_path):
     provider.cancel(second)  # still queued: dropped at once
     assert provider.status(second).state == "cancelled"
 
-    deadline = time.monotonic() + 30
-    while (provider.status(first).step or 0) < 7:
-        assert time.monotonic() < deadline, provider.status(first)
-        time.sleep(0.02)
+    steps_done(first, 7)
     provider.cancel(first)
     status = wait_terminal(provider, first)
     assert status.state == "cancelled" and status.result == {"resumable": True}
@@ -338,11 +359,6 @@ def test_gradient_checkpointing_is_an_option_and_trains(settings, tmp_path, monk
     assert enabled == [True]  # switched on in the model for the forced job only, and it still trained
 
 
-def _wait_for_step(provider: LocalProvider, remote_id: str, step: int, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while (provider.status(remote_id).step or 0) < step:
-        assert time.monotonic() < deadline, provider.status(remote_id)
-        time.sleep(0.02)
 
 
 def test_cancelling_a_stuck_job_frees_the_engine_for_the_next(settings, tmp_path, monkeypatch):
@@ -388,12 +404,12 @@ def test_cancelling_a_stuck_job_frees_the_engine_for_the_next(settings, tmp_path
     assert slot.holder() is None
 
 
-def test_closing_the_provider_stops_its_runs_and_keeps_them_for_the_next_start(settings, tmp_path):
+def test_closing_the_provider_stops_its_runs_and_keeps_them_for_the_next_start(settings, tmp_path, steps_done):
     provider = LocalProvider(settings, steps_per_sample=0, checkpoint_every=0)
     zip_path = make_zip(tmp_path / "ds.zip")
     running = provider.submit(zip_path, request(1000), tag="running")
     queued = provider.submit(zip_path, request(3), tag="queued")
-    _wait_for_step(provider, running, 3)
+    steps_done(running, 3)
     provider.close()
     assert not [t.name for t in threading.enumerate() if t.name.startswith("studio-local-train")]
     assert SLOT.holder() is None
@@ -408,13 +424,13 @@ def test_closing_the_provider_stops_its_runs_and_keeps_them_for_the_next_start(s
     assert wait_terminal(after, queued).state == "ready"  # ...and it trains
 
 
-def test_closing_the_app_stops_its_tracker_and_local_training(settings, tmp_path):
+def test_closing_the_app_stops_its_tracker_and_local_training(settings, tmp_path, steps_done):
     import app as app_module
 
     demo = app_module.create_app(settings, track_interval=0.05)
     local = demo.studio_training.providers["local"]
     remote_id = local.submit(make_zip(tmp_path / "ds.zip"), request(1000), tag="app-job")
-    _wait_for_step(local, remote_id, 2)
+    steps_done(remote_id, 2)
     assert {t.name for t in threading.enumerate()} >= {"studio-job-tracker", f"studio-local-train-{remote_id}"}
     demo.close()
     assert not [t.name for t in threading.enumerate() if t.name.startswith("studio-")]  # joined, not left behind

@@ -1,7 +1,7 @@
 """The local engine's training slot: one run at a time, in line order, and a stuck holder evicted.
 
-Deterministic: a fake clock decides when a grace period is over, and threads meet at events; no
-test waits for real time to pass."""
+Deterministic: a fake clock decides when a grace period is over, ``try_acquire`` takes one look
+without waiting, and threads meet at events; no test waits for real time to pass."""
 from __future__ import annotations
 
 import threading
@@ -80,20 +80,17 @@ def test_a_cancelled_holder_keeps_the_slot_for_the_grace_period_then_is_evicted(
     slot.join_line(stuck)
     assert slot.acquire(stuck, lambda r: None)
     evicted: list[str] = []
-    got: list = []
-    thread = _waiter(slot, next_, got, on_evict=lambda r: evicted.append(r.remote_id))
+    slot.join_line(next_)
 
     slot.cancel(stuck)
     assert slot.holder().cancelling
     clock.now += 29.0  # not yet
-    slot.wake()
-    thread.join(0.2)  # it must still be waiting (a positive check follows once the grace is over)
-    assert got == [] and slot.holder().remote_id == "stuck" and not stuck.evicted
+    assert slot.try_acquire(next_, evicted.append) is None
+    assert slot.holder().remote_id == "stuck" and not stuck.evicted and evicted == []
     slot.cancel(stuck)  # pressing Cancel again does not restart the grace period
     clock.now += 1.0
-    slot.wake()
-    thread.join(WAIT_S)
-    assert got == [("next", True)] and evicted == ["stuck"] and stuck.evicted and stuck.silenced
+    assert slot.try_acquire(next_, lambda r: evicted.append(r.remote_id)) is True
+    assert evicted == ["stuck"] and stuck.evicted and stuck.silenced
     assert slot.holder().remote_id == "next"
     slot.release(stuck)  # the stuck run finally returns: it must not free the new holder's slot
     assert slot.holder().remote_id == "next"
@@ -101,19 +98,32 @@ def test_a_cancelled_holder_keeps_the_slot_for_the_grace_period_then_is_evicted(
     assert slot.holder() is None
 
 
+def test_a_waiting_run_evicts_the_overdue_holder_by_itself(slot, clock):
+    """The blocking path: a waiter looks again once the clock has moved and it is woken."""
+    stuck, next_ = Run("stuck"), Run("next")
+    slot.join_line(stuck)
+    assert slot.acquire(stuck, lambda r: None)
+    evicted: list[str] = []
+    got: list = []
+    thread = _waiter(slot, next_, got, on_evict=lambda r: evicted.append(r.remote_id))
+    slot.cancel(stuck)
+    clock.now += 30.0
+    slot.wake()
+    thread.join(WAIT_S)
+    assert got == [("next", True)] and evicted == ["stuck"]
+    slot.release(next_)
+
+
 def test_a_holder_that_is_not_cancelled_is_never_evicted(slot, clock):
     busy, next_ = Run("busy"), Run("next")
     slot.join_line(busy)
     assert slot.acquire(busy, lambda r: None)
-    got: list = []
-    thread = _waiter(slot, next_, got)
+    slot.join_line(next_)
     clock.now += 10_000
-    slot.wake()
-    thread.join(0.2)
-    assert got == [] and slot.holder().remote_id == "busy" and not busy.evicted
+    assert slot.try_acquire(next_, lambda r: None) is None
+    assert slot.holder().remote_id == "busy" and not busy.evicted
     slot.release(busy)
-    thread.join(WAIT_S)
-    assert got == [("next", True)]
+    assert slot.try_acquire(next_, lambda r: None) is True
     slot.release(next_)
 
 
