@@ -18,6 +18,7 @@ from services.access import ProviderAccess
 from services.cometapi_provider import BASE_FOR
 from services.config import THREAD_PREFIX, Settings
 from services.errors import InputError
+from services.finetunes import Target, authorize_target, guess_provider, ready_targets
 from services.jobs import JobStore
 from services.providers import ASPECT_RATIOS, OUTPUT_FORMATS, GenerateRequest
 from services.results import ResultStore
@@ -35,28 +36,6 @@ class CompareTab:
     on_load: Callable  # (request) -> (finetune update, history items)
 
 
-@dataclass(frozen=True)
-class Target:
-    """What to compare: a provider and its fine-tune reference, plus the trigger word if known."""
-
-    provider_key: str
-    finetune_id: str
-    trigger: str = ""
-    label: str = ""
-
-
-def ready_targets(jobs: JobStore, owner: str) -> list[Target]:
-    out = []
-    for j in jobs.list(owner):
-        if j.status != "ready":
-            continue
-        ref = j.result.get("finetune_id") or j.remote_id or ""
-        if ref:
-            trigger = j.params.get("trigger_word", "")
-            out.append(Target(j.provider, ref, trigger, f"{j.name} · {j.provider} · {ref[:10]}"))
-    return out
-
-
 def target_choices(targets: list[Target]) -> list[tuple[str, str]]:
     return [(t.label, f"{t.provider_key}|{t.finetune_id}") for t in targets]
 
@@ -67,45 +46,14 @@ def finetunes_info(count: int) -> str:
     return f"{count} ready fine-tune(s) of yours, newest first."
 
 
-def authorize_target(target: Target, jobs: JobStore, owner: str, settings: Settings, own_key: bool) -> Target:
-    """The target, if this visitor may use it: one of their own ready fine-tunes, or, hosted, a
-    CometAPI id from elsewhere only with their own key (never another visitor's local LoRA, and
-    never on the app's shared key). Checked before anything is charged or sent."""
-    for mine in ready_targets(jobs, owner):
-        if (mine.provider_key, mine.finetune_id) == (target.provider_key, target.finetune_id):
-            return mine
-    if not settings.hosted:
-        return target  # one person's app: an id from a notebook or another install is theirs
-    if target.provider_key == "cometapi" and own_key:
-        return target  # their key, their account: the service decides what it may use
-    if target.provider_key == "cometapi":
-        raise InputError("No CometAPI key of your own is set, and a fine-tune id that is not one of yours "
-                         "works only with your own key.",
-                         hint="Enter your key at the top of the page, or pick one of your ready fine-tunes.")
-    raise InputError(f"{target.finetune_id[:40]} is not one of your fine-tunes.",
-                     hint="Pick one of your ready fine-tunes, or train one on the Train tab.")
-
-
 def parse_target(choice: str | None, pasted: str, provider_keys: list[str]) -> Target:
     pasted = (pasted or "").strip()
     if pasted:
-        # Local runs are named "local-…"; anything else is a CometAPI fine-tune id.
-        wanted = "local" if pasted.startswith("local-") else "cometapi"
-        return Target(wanted if wanted in provider_keys else provider_keys[0], pasted)
+        return Target(guess_provider(pasted, provider_keys), pasted)
     if not choice or "|" not in choice:
         raise InputError("No fine-tune is selected.", hint="Pick a ready fine-tune, or paste a fine-tune id.")
     provider_key, finetune_id = choice.split("|", 1)
     return Target(provider_key, finetune_id)
-
-
-def parse_strengths(raw: str) -> list[float]:
-    try:
-        values = [float(x) for x in (raw or "").replace(";", ",").split(",") if x.strip()]
-    except ValueError:
-        raise InputError(f"Strengths {raw!r} are not numbers.", hint="Type numbers separated by commas, e.g. 0.6, 0.9, 1.2, 1.5.") from None
-    if not values:
-        raise InputError("No strengths given.", hint="Type numbers separated by commas, e.g. 0.6, 0.9, 1.2, 1.5.")
-    return values
 
 
 def cell_caption(cell: "cmp.CellResult") -> str:
@@ -242,7 +190,7 @@ def build(access: ProviderAccess, jobs: JobStore, results: ResultStore, settings
                 progress=gr.Progress()):
         owner = owner_for(request, settings)
         target = authorize_target(parse_target(choice, pasted_, provider_keys), jobs, owner, settings, bool(key))
-        strengths_list = parse_strengths(strengths_)
+        strengths_list = cmp.parse_strengths(strengths_)
         # Validated before the shared-key limit is charged for it.
         lines, columns = cmp.plan_grid((prompts_ or "").splitlines(), strengths_list, include_base_,
                                        target.finetune_id)
@@ -322,10 +270,10 @@ def build(access: ProviderAccess, jobs: JobStore, results: ResultStore, settings
     finetune.change(on_pick, [finetune], [prompt])
     dice.click(lambda: cmp.random_seed(), None, [seed])
     go.click(on_compare, [finetune, pasted, tuned_model, session_key, *fields], [base_img, tuned_img, pair_info, history],
-             concurrency_limit=8, api_name="compare")
+             concurrency_limit=8)
     grid_go.click(on_grid, [finetune, pasted, tuned_model, session_key, prompts, strengths, include_base, *fields],
-                  [grid, grid_info, last_grid, history], concurrency_limit=4, api_name="grid")
-    sheet_btn.click(on_sheet, [last_grid], [sheet_file], api_name="contact_sheet")
+                  [grid, grid_info, last_grid, history], concurrency_limit=4)
+    sheet_btn.click(on_sheet, [last_grid], [sheet_file])
     refresh.click(on_load, None, [finetune, history])
     return CompareTab(finetune=finetune, history=history, on_load=on_load)
 

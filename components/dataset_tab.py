@@ -153,7 +153,7 @@ def build(stores: Callable[[str], DatasetStore], settings: Settings,
 
     tab = DatasetTab(dataset, new_name, upload, report, gallery, selected, trigger, table, warnings, export_file,
                      export_info, refresh=refresh)
-    refresh_btn.click(refresh, [tab.dataset], [tab.dataset], api_name="list_datasets")
+    refresh_btn.click(refresh, [tab.dataset], [tab.dataset])
     _wire(tab, stores, settings, new_btn, delete_btn, add_btn, remove_btn, trigger_btn,
           find, replace, replace_btn, prefix, suffix, affix_btn, clear_btn, export_btn)
     _wire_captioning(tab, stores, settings, captioner_for, session_key, caption_mode, only_empty, caption_btn)
@@ -292,12 +292,11 @@ def _wire(tab: DatasetTab, stores: Callable[[str], DatasetStore], settings: Sett
     # (new, add) return the view too, so no second, late reload can overwrite what the user did since.
     tab.dataset.input(on_pick, [tab.dataset], [*view, *export])
     new_btn.click(on_new, [tab.new_name], [tab.dataset, tab.new_name, *view, *export])
-    delete_btn.click(on_delete, [tab.dataset], [tab.dataset, tab.report, *view, *export], api_name="delete_dataset",
-                     js="(n) => { if (n && !confirm('Delete this dataset and its images? This cannot be undone.')) "
+    delete_btn.click(on_delete, [tab.dataset], [tab.dataset, tab.report, *view, *export], js="(n) => { if (n && !confirm('Delete this dataset and its images? This cannot be undone.')) "
                         "throw new Error('cancelled'); return n; }")
     tab.new_name.submit(on_new, [tab.new_name], [tab.dataset, tab.new_name, *view, *export])
     add_btn.click(on_add, [tab.upload, tab.dataset], [tab.dataset, tab.upload, tab.report, *view, *export],
-                  concurrency_limit=2, api_name="add_images")
+                  concurrency_limit=2)
     tab.table.edit(on_cell_edit, [tab.table, tab.dataset], [tab.gallery, tab.warnings])
     tab.trigger.blur(on_trigger_saved, [tab.trigger, tab.dataset], [tab.warnings])
     tab.trigger.submit(on_trigger_saved, [tab.trigger, tab.dataset], [tab.warnings])
@@ -307,7 +306,7 @@ def _wire(tab: DatasetTab, stores: Callable[[str], DatasetStore], settings: Sett
     clear_btn.click(on_clear, [tab.dataset], view, js="(n) => { if (!confirm('Clear every caption in this dataset?')) throw new Error('cancelled'); return n; }")
     tab.gallery.select(on_select, [tab.dataset], [tab.selected])
     remove_btn.click(on_remove, [tab.dataset, tab.selected], [*view, tab.selected])
-    export_btn.click(on_export, [tab.dataset], [tab.export_file, tab.export_info], api_name="export_zip")
+    export_btn.click(on_export, [tab.dataset], [tab.export_file, tab.export_info])
 
 
 def _wire_captioning(tab: DatasetTab, stores, settings: Settings, captioner_for, session_key: gr.State | None,
@@ -333,4 +332,4 @@ def _wire_captioning(tab: DatasetTab, stores, settings: Settings, captioner_for,
 
     inputs = [tab.dataset, mode, only_empty] + ([session_key] if session_key is not None else [])
     button.click(on_caption, inputs, [tab.report, tab.gallery, tab.table, tab.warnings, tab.trigger],
-                 concurrency_limit=2, api_name="auto_caption")
+                 concurrency_limit=2)

@@ -123,7 +123,10 @@ class VisitorGate:
             if refusal is not None:
                 return await refusal(scope, receive, send)
             receive = self._capped(receive, self.settings.max_upload_bytes)
-        if known:
+        if known or headers.get("x-gradio-user") == "mcp":
+            # Gradio's MCP server calls the app through one shared client with each assistant's own
+            # headers: it identifies by the cookie it forwards. A cookie minted for that shared client
+            # would be kept by it and sent for every assistant without one of its own.
             return await self.app(scope, receive, send)
         cookie = self._set_cookie(visitors.mint(self.settings), _is_https(headers, scope))
 

@@ -437,15 +437,6 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
         feedback.info(f"Deleted '{job.name}'.")
         return jobs_frame(service.jobs.list(owner)), job_markdown(None), None
 
-    def list_jobs(request: gr.Request = None) -> list[dict]:
-        """This visitor's jobs, newest first: id, name, provider, status, progress, message, result."""
-        owner = owner_for(request, settings)
-        return [{"id": j.id, "name": j.name, "provider": j.provider, "status": j.status, "progress": j.progress,
-                 "message": j.message, "error": j.error, "result": j.result} for j in service.jobs.list(owner)]
-
-    # API only (gradio_client): cheap, so it never waits in the queue behind uploads or generation.
-    gr.api(list_jobs, api_name="list_jobs", concurrency_limit=None)
-
     def on_publish(selected_: str | None, repo: str, token: str, private_: bool, request: gr.Request = None):
         """Publish, and clear the token box whatever happens: a token must not wait in the page."""
         try:
@@ -482,7 +473,7 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
         [provider, dataset, mode, trigger, name, iterations, learning_rate, lora_rank, finetune_type, priority,
          captioning, checkpointing, seen, session_key],
         [launch_result, jobs, detail, selected, timer, seen, banner],
-        concurrency_limit=4, api_name="launch_finetune",
+        concurrency_limit=4,
     )
     timer.tick(on_tick, [selected, seen, provider, session_key],
                [jobs, queue, detail, loss_plot, samples, timer, seen, banner],

@@ -155,6 +155,16 @@ def compare_pair(provider: Provider, request: GenerateRequest, *, finetune_id: s
     return PairResult(results_group, pair[0], pair[1], time.monotonic() - started)
 
 
+def parse_strengths(raw: str) -> list[float]:
+    try:
+        values = [float(x) for x in (raw or "").replace(";", ",").split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"Strengths {raw!r} are not numbers.", hint="Type numbers separated by commas, e.g. 0.6, 0.9, 1.2.") from None
+    if not values:
+        raise InputError("No strengths given.", hint="Type numbers separated by commas, e.g. 0.6, 0.9, 1.2.")
+    return values
+
+
 def grid_columns(strengths: Sequence[float], include_base: bool) -> list[str]:
     return (["base"] if include_base else []) + [f"strength {s:g}" for s in strengths]
 

@@ -130,6 +130,7 @@ class Settings:
 
     # Hosting.
     auth: str = ""  # "user:pass" for a shared password; empty = none
+    mcp: bool = False  # also serve the API as MCP tools at /gradio_api/mcp/ (an assistant drives the app)
     # Hosted mode: paid calls per visitor per hour on the app's own (shared) CometAPI key.
     shared_key_limit: int = 20
     # ...per client address (a new cookie is a new visitor; an address is harder to change)...
@@ -167,6 +168,7 @@ class Settings:
             caption_concurrency=_int(env, "COMETAPI_CAPTION_CONCURRENCY", d.caption_concurrency, minimum=1),
             local_model=env.get("FLUX_LOCAL_MODEL", "").strip(),
             auth=env.get("FLUX_STUDIO_AUTH", "").strip(),
+            mcp=_bool(env, "FLUX_STUDIO_MCP", False),
             shared_key_limit=_int(env, "FLUX_STUDIO_SHARED_KEY_LIMIT", d.shared_key_limit, minimum=0),
             shared_key_address_limit=_int(env, "FLUX_STUDIO_SHARED_KEY_ADDRESS_LIMIT", d.shared_key_address_limit,
                                           minimum=0),

@@ -9,11 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, get_args, runtime_checkable
 
 from services.errors import InputError
 
-MODES = ("character", "product", "style", "general")
+Mode = Literal["character", "product", "style", "general"]  # typed API parameters (components/api.py)
+MODES: tuple[str, ...] = get_args(Mode)
 FINETUNE_TYPES = ("lora", "full")
 PRIORITIES = ("speed", "quality", "high_res_only")
 LORA_RANKS = (16, 32)

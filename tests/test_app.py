@@ -5,13 +5,18 @@ import importlib.util
 import os
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
 import pytest
 from gradio_client import Client, handle_file
+from PIL import Image
+
+import httpx
 
 import app as app_module
+from components import api
 from services.errors import ConfigError
 from tests import imagefactory as fx
 from tests.browser import running_app
@@ -60,24 +65,16 @@ def test_api_add_images_and_export(settings, tmp_path):
     with running_app(settings) as url:
         client = Client(url, verbose=False)
         try:
-            result = client.predict(
-                [handle_file(str(p)) for p in [*photos, junk]], None, api_name="/add_images"
-            )
-            picker, _upload, report, gallery, table, warnings, _trigger, export_file, export_info = result
-            assert "Added 3 image(s)" in report
-            assert "junk.jpg: not a readable image" in report
-            assert len(gallery) == 3
-            assert [r[0] for r in table["data"]] == ["photo_00.jpg", "photo_01.jpg", "photo_02.jpg"]
-            assert "Only 3 image(s)" in warnings
-            name = picker["value"]  # the picker comes back as an update with the new choices
-            zip_path, info = client.predict(name, api_name="/export_zip")
-            assert "3 images, 0 captions" in info
+            added = client.predict("mugs", [handle_file(str(p)) for p in [*photos, junk]], api_name="/add_images")
+            assert added["name"] == "mugs" and added["images"] == 3
+            assert added["report"][0] == "Added 3 image(s)."
+            assert any("junk.jpg: not a readable image" in line for line in added["report"])
+            described = client.predict("mugs", api_name="/describe_dataset")
+            assert [i["file"] for i in described["items"]] == ["photo_00.jpg", "photo_01.jpg", "photo_02.jpg"]
+            assert any("Only 3 image(s)" in w for w in described["warnings"])
+            zip_path = client.predict("mugs", api_name="/export_zip")
             with zipfile.ZipFile(zip_path) as zf:
                 assert sorted(zf.namelist()) == ["photo_00.jpg", "photo_01.jpg", "photo_02.jpg"]
-            # Adding more makes that zip stale: the page stops offering it.
-            more = fx.good_set(tmp_path / "more", count=1, size=(900, 900))
-            *_, export_file, export_info = client.predict([handle_file(str(more[0]))], name, api_name="/add_images")
-            assert export_file is None and export_info == ""
         finally:
             client.close()
 
@@ -89,9 +86,16 @@ def test_api_errors_are_clear_messages(settings):
         client = Client(url, verbose=False)
         try:
             with pytest.raises(AppError, match="No files were uploaded"):
-                client.predict([], None, api_name="/add_images")
-            with pytest.raises(AppError, match="No dataset is selected"):
-                client.predict(None, api_name="/export_zip")
+                client.predict("mugs", [], api_name="/add_images")
+            with pytest.raises(AppError, match="No dataset name was given"):
+                client.predict("", api_name="/export_zip")
+            with pytest.raises(AppError, match="Dataset 'nope' was not found"):
+                client.predict("nope", api_name="/describe_dataset")
+            with pytest.raises(AppError, match="No job of yours is called or numbered 'nope'"):
+                client.predict("nope", api_name="/get_job")
+            with pytest.raises(AppError, match="Iterations must be a whole number from 100 to 1000"):
+                client.predict("mugs", api_name="/create_dataset")
+                client.predict("mugs", "v1", "local", "product", "", 5, api_name="/launch_finetune")
         finally:
             client.close()
 
@@ -105,11 +109,11 @@ def test_api_auto_caption_against_fake(settings, tmp_path, fake_cometapi):
     with running_app(settings) as url:
         client = Client(url, verbose=False)
         try:
-            picker, *_ = client.predict([handle_file(str(p)) for p in photos], None, api_name="/add_images")
-            report, _gallery, table, _warnings, _trigger = client.predict(
-                picker["value"], "product", True, api_name="/auto_caption")
-            assert "Captioned 2 image(s)" in report
-            assert all(row[1].startswith("TOK, ") for row in table["data"])
+            client.predict("mugs", [handle_file(str(p)) for p in photos], api_name="/add_images")
+            report = client.predict("mugs", "product", True, api_name="/auto_caption")
+            assert report == {"summary": "Captioned 2 image(s).", "failed": {}}
+            items = client.predict("mugs", api_name="/describe_dataset")["items"]
+            assert all(i["caption"].startswith("TOK, ") for i in items)
         finally:
             client.close()
 
@@ -123,24 +127,22 @@ def test_api_compare_and_grid_against_fake(settings, fake_cometapi):
     settings = settings.with_(cometapi_base_url=fake_cometapi.url, cometapi_key=Secret(FAKE_COMETAPI_KEY))
     fake_cometapi.pending_polls = 0
     finetune = fake_cometapi.add_finetune()
-    fields = ["a photo of TOK", 7, 1.1, "1:1", 1024, 768, 28, 2.5, 2, "png"]
     with running_app(settings) as url:
         client = Client(url, verbose=False)
         try:
-            base, tuned, info, history = client.predict(
-                None, finetune, "flux-pro-1.1-ultra-finetuned", *fields, api_name="/compare")
+            base, tuned, details = client.predict(finetune, "a photo of TOK", 7, 1.1, 1024, 768, api_name="/compare")
             assert Path(base).exists() and Path(tuned).exists() and base != tuned
-            assert "seed 7" in info and "strength 1.1" in info
-            assert len(history) == 2
-            gallery, summary, history = client.predict(  # gr.State outputs are not part of the API
-                None, finetune, "flux-pro-1.1-ultra-finetuned", "TOK one\nTOK two", "0.5, 1.5", False,
-                *fields, api_name="/grid")
-            assert "2 prompt(s) × 2 column(s)" in summary and len(gallery) == 4 and len(history) == 6
+            assert details["seed"] == 7 and details["strength"] == 1.1
+            assert details["base"]["status"] == details["tuned"]["status"] == "ok"
+            assert details["tuned"]["model"] == "flux-pro-1.1-ultra-finetuned"
+            sheet, cells = client.predict(finetune, "TOK one\nTOK two", "0.5, 1.5", False, 7, 1024, 768,
+                                          api_name="/grid")
+            assert cells["columns"] == ["strength 0.5", "strength 1.5"] and cells["failed"] == 0
+            assert len(cells["cells"]) == 4 and Image.open(sheet).width > 2 * 256
             with pytest.raises(AppError, match="strength 3 is out of range"):
-                client.predict(None, finetune, "flux-pro-1.1-ultra-finetuned", "TOK", "3", False, *fields,
-                               api_name="/grid")
-            with pytest.raises(AppError, match="No fine-tune is selected"):
-                client.predict(None, "", "flux-pro-1.1-ultra-finetuned", *fields, api_name="/compare")
+                client.predict(finetune, "TOK", "3", False, 7, 1024, 768, api_name="/grid")
+            with pytest.raises(AppError, match="No fine-tune is given"):
+                client.predict("", "a photo of TOK", 7, 1.1, 1024, 768, api_name="/compare")
         finally:
             client.close()
     tuned_sent = fake_cometapi.requests("/flux/v1/flux-pro-1.1-ultra-finetuned")
@@ -171,9 +173,9 @@ def test_two_apps_on_one_data_dir_poll_with_one_tracker(settings):
     first = app_module.create_app(settings)
     second = app_module.create_app(settings)
     try:
-        assert len(trackers()) == 1 and first.studio_tracker.polling and not second.studio_tracker.polling
+        assert len(trackers()) == 1 and first.studio.tracker.polling and not second.studio.tracker.polling
         first.close()
-        assert len(trackers()) == 1 and second.studio_tracker.polling  # it took over
+        assert len(trackers()) == 1 and second.studio.tracker.polling  # it took over
     finally:
         first.close()
         second.close()
@@ -184,7 +186,7 @@ def test_with_a_separate_database_dir_closing_the_app_leaves_a_copy_in_the_data_
     settings = settings.with_(db_dir=tmp_path / "local-db", db_backup_every_s=3600)
     demo = app_module.create_app(settings)
     try:
-        demo.studio_training.jobs.create("local", "local", "finetune", "cup-v1", "cup", "h", {})
+        demo.studio.jobs.create("local", "local", "finetune", "cup-v1", "cup", "h", {})
         assert not settings.db_backup_path.exists()
     finally:
         demo.close()  # stops the db-backup thread (the fixture checks) after a last copy
@@ -195,24 +197,90 @@ def test_with_a_separate_database_dir_closing_the_app_leaves_a_copy_in_the_data_
     copy.close()
 
 
-def test_a_script_drives_the_workflow_by_name_and_sees_only_its_steps(settings, tmp_path):
-    """The dataset pickers' choices are filled per visitor, so a script's dataset name was refused
-    ('not in the list of choices: []'); and the API page listed the page's plumbing too."""
-    photos = fx.good_set(tmp_path / "g", count=3, size=(900, 900))
+needs_local_engine = pytest.mark.skipif(not importlib.util.find_spec("diffusers"),
+                                        reason="the local engine (requirements-local.txt) is not installed")
+
+
+@needs_local_engine
+def test_a_script_drives_the_whole_workflow_by_name(settings, tmp_path):
+    """create, add, caption, launch, wait for ready, compare, grid: gradio_client alone, every dataset
+    and fine-tune named as the user named it (the pickers' choices were once empty for a script)."""
+    photos = fx.good_set(tmp_path / "g", count=3, size=(640, 640))
     with running_app(settings) as url:
         client = Client(url, verbose=False)
         try:
-            endpoints = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
-            assert endpoints == {f"/{name}" for name in app_module.PUBLIC_API}, endpoints
-            picker, *_ = client.predict([handle_file(str(p)) for p in photos], None, api_name="/add_images")
-            name = picker["value"]
-            zip_path, info = client.predict(name, api_name="/export_zip")
-            assert "3 images" in info and Path(zip_path).is_file()
-            with pytest.raises(Exception, match="not found"):
-                client.predict("no-such-dataset", api_name="/export_zip")
-            if importlib.util.find_spec("diffusers"):  # the local engine: launch it by the dataset's name
-                result, *_ = client.predict("local", name, "product", "TOK", "cup-api", 100, "", 16, "lora",
-                                            "quality", False, "auto", api_name="/launch_finetune")
-                assert "Launched" in result, result
+            endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+            assert set(endpoints) == {f"/{name}" for name in api.PUBLIC_API}, set(endpoints)
+            launch = {p["parameter_name"]: p["python_type"]["type"] for p in endpoints["/launch_finetune"]["parameters"]}
+            assert launch["iterations"] == "None | int" and launch["dataset"] == "str"
+            assert endpoints["/launch_finetune"]["description"].startswith("Start fine-tuning FLUX")
+
+            assert client.predict("cup", api_name="/create_dataset")["images"] == 0
+            client.predict("cup", [handle_file(str(p)) for p in photos], api_name="/add_images")
+            client.predict("cup", "CUPX", False, api_name="/set_trigger_word")
+            files = [i["file"] for i in client.predict("cup", api_name="/describe_dataset")["items"]]
+            done = client.predict("cup", {f: f"a photo of a red cup, view {n}" for n, f in enumerate(files)},
+                                  api_name="/set_captions")
+            assert done == {"name": "cup", "images": 3, "captioned": 3, "trigger_word": "CUPX"}
+            client.predict("cup", "CUPX", True, api_name="/set_trigger_word")  # now first in every caption
+            items = client.predict("cup", api_name="/describe_dataset")["items"]
+            assert all(i["caption"].startswith("CUPX") for i in items)
+
+            job = client.predict("cup", "cup-v1", "local", "product", "", 100, api_name="/launch_finetune")
+            assert job["name"] == "cup-v1" and job["provider"] == "local" and job["trigger_word"] == "CUPX"
+            deadline = time.monotonic() + 240
+            while (job := client.predict("cup-v1", api_name="/get_job"))["status"] != "ready":
+                assert job["status"] in ("submitting", "pending", "running"), job
+                assert time.monotonic() < deadline, job
+                time.sleep(0.5)  # polling a real training, as a script would; the loop ends on "ready"
+            assert [j["name"] for j in client.predict(api_name="/list_jobs")] == ["cup-v1"]
+
+            base, tuned, details = client.predict("cup-v1", "a photo of CUPX cup", 3, 1.0, 128, 128,
+                                                  api_name="/compare")
+            with Image.open(base) as b, Image.open(tuned) as t:
+                assert b.size == t.size == (128, 128)
+            assert details["base"]["status"] == details["tuned"]["status"] == "ok"
+            sheet, cells = client.predict("cup-v1", "CUPX cup\nCUPX cup on grass", "0.5, 1.0", True, 3, 128, 128,
+                                          api_name="/grid")
+            assert cells["columns"] == ["base", "strength 0.5", "strength 1"] and cells["failed"] == 0
+            with Image.open(sheet) as im:
+                assert im.width > 3 * 128 and im.height > 2 * 128
         finally:
             client.close()
+
+
+def test_scripts_see_only_their_own_records_by_name(settings, tmp_path):
+    """Hosted: a name another visitor uses means nothing to this one."""
+    from gradio_client.exceptions import AppError
+
+    settings = settings.with_(hosted=True)
+    photo = fx.good_set(tmp_path / "g", count=1, size=(640, 640))
+    with running_app(settings) as url:
+        alice, bob = Client(url, verbose=False), Client(url, verbose=False)
+        try:
+            alice.predict("cup", [handle_file(str(photo[0]))], api_name="/add_images")
+            for endpoint in ("/describe_dataset", "/export_zip", "/delete_dataset"):
+                with pytest.raises(AppError, match="Dataset 'cup' was not found"):
+                    bob.predict("cup", api_name=endpoint)
+            with pytest.raises(AppError, match="Dataset 'cup' was not found"):
+                bob.predict("cup", {"photo_00.jpg": "mine now"}, api_name="/set_captions")
+            assert alice.predict("cup", api_name="/describe_dataset")["images"] == 1
+        finally:
+            alice.close()
+            bob.close()
+
+
+def test_with_mcp_on_the_tools_are_the_api_with_their_parameters(settings):
+    settings = settings.with_(mcp=True)
+    with running_app(settings) as url:
+        tools = {t["name"]: t for t in httpx.get(url + "gradio_api/mcp/schema", timeout=30).json()}
+    assert set(tools) == set(api.PUBLIC_API)
+    launch = tools["launch_finetune"]
+    assert launch["description"].startswith("Start fine-tuning FLUX")
+    props = launch["inputSchema"]["properties"]
+    assert props["mode"]["enum"] == ["character", "product", "style", "general"]
+    assert props["dataset"]["description"] == "the dataset's name"
+    assert set(launch["inputSchema"]["required"]) == {"dataset", "name"}
+    assert tools["get_job"]["inputSchema"]["properties"]["job"]["type"] == "string"
+    assert set(tools["compare"]["inputSchema"]["properties"]) == {"finetune", "prompt", "seed", "strength", "width",
+                                                                  "height"}

@@ -32,10 +32,9 @@ def test_no_file_of_the_data_dir_is_served_and_deep_links_are_blocked(settings, 
         try:
             exports = []
             for client in visitors:
-                picker, *_ = client.predict([handle_file(str(p)) for p in photos], None, api_name="/add_images")
-                zip_path, info = client.predict(picker["value"], api_name="/export_zip")
-                assert "3 images" in info
-                exports.append(zip_path)
+                added = client.predict("cup", [handle_file(str(p)) for p in photos], api_name="/add_images")
+                assert added["images"] == 3
+                exports.append(client.predict("cup", api_name="/export_zip"))
             # A local job folder and a trained LoRA, as the local engine leaves them.
             job = settings.data_dir / "local_jobs" / "local-0123456789abcdef"
             (job / "output").mkdir(parents=True)
@@ -90,28 +89,26 @@ def test_the_dataset_list_is_each_visitors_own_not_anonymous(settings, tmp_path)
     with running_app(settings) as url:
         alice, bob = Client(url, verbose=False), Client(url, verbose=False)
         try:
-            picker, *_ = alice.predict([handle_file(str(photo))], None, api_name="/add_images")
-            mine = picker["value"]
-            alice_list = alice.predict(None, api_name="/list_datasets")
-            bob_list = bob.predict(None, api_name="/list_datasets")
+            mine = alice.predict("alices-set", [handle_file(str(photo))], api_name="/add_images")["name"]
+            alice_list = alice.predict(api_name="/list_datasets")
+            bob_list = bob.predict(api_name="/list_datasets")
             # Bob knows the name and asks to delete it: it is not his, so there is nothing to delete.
             from gradio_client.exceptions import AppError
 
             try:
                 bob.predict(mine, api_name="/delete_dataset")
-            except AppError as exc:  # his picker never offered it; were it sent anyway, his store has no such set
-                assert "not in the list of choices" in str(exc) or "was not found" in str(exc)
+            except AppError as exc:  # his store has no such set
+                assert "was not found" in str(exc)
             else:
                 raise AssertionError("Bob deleted a dataset that is not his")
-            still = alice.predict(None, api_name="/list_datasets")
-            picker, *_ = alice.predict(mine, api_name="/delete_dataset")  # her own: gone
-            after = alice.predict(None, api_name="/list_datasets")
+            still = alice.predict(api_name="/list_datasets")
+            alice.predict(mine, api_name="/delete_dataset")  # her own: gone
+            after = alice.predict(api_name="/list_datasets")
         finally:
             alice.close()
             bob.close()
-    choices = lambda update: [c[0] if isinstance(c, (list, tuple)) else c for c in update["choices"]]  # noqa: E731
-    assert choices(alice_list) == [mine] == choices(still)
-    assert choices(bob_list) == [] and choices(after) == [] and choices(picker) == []
+    assert alice_list == [mine] == still
+    assert bob_list == [] and after == []
 
 
 def test_a_fine_tune_id_resolves_against_the_callers_own_jobs_only(settings, fake_cometapi):
@@ -127,7 +124,7 @@ def test_a_fine_tune_id_resolves_against_the_callers_own_jobs_only(settings, fak
                               cometapi_key=Secret(FAKE_COMETAPI_KEY), shared_key_limit=10)
     fake_cometapi.pending_polls = 0
     finetune = fake_cometapi.add_finetune()
-    fields = ["a photo of TOK", 5, 1.0, "1:1", 1024, 768, 28, 2.5, 2, "jpeg"]
+    fields = ["a photo of TOK", 5, 1.0, 1024, 768]
     with running_app(settings) as url:
         alice, bob = Client(url, verbose=False), Client(url, verbose=False)
         try:
@@ -142,14 +139,13 @@ def test_a_fine_tune_id_resolves_against_the_callers_own_jobs_only(settings, fak
             for pasted, why in (("local-alicesjob", "is not one of your fine-tunes"),
                                 (finetune, "works only with your own key")):
                 try:
-                    bob.predict(None, pasted, "flux-pro-1.1-ultra-finetuned", *fields, api_name="/compare")
+                    bob.predict(pasted, *fields, api_name="/compare")
                 except AppError as exc:
                     assert why in str(exc)
                 else:
                     raise AssertionError(f"Bob used {pasted}")
             assert len(fake_cometapi.requests()) == before  # nothing was sent, nothing charged
-            base, tuned, *_ = alice.predict(None, finetune, "flux-pro-1.1-ultra-finetuned", *fields,
-                                            api_name="/compare")
+            base, tuned, *_ = alice.predict(finetune, *fields, api_name="/compare")
             assert Path(base).is_file() and Path(tuned).is_file()
         finally:
             alice.close()
@@ -167,10 +163,10 @@ def test_a_replayed_session_hash_or_a_made_up_cookie_gets_nothing(settings, tmp_
         bob = Client(url, verbose=False)
         mallory = Client(url, verbose=False, httpx_kwargs={"cookies": {VISITOR_COOKIE: "a" * 32 + "." + "b" * 32}})
         try:
-            picker, *_ = alice.predict([handle_file(str(photo))], None, api_name="/add_images")
+            alice.predict("alices-set", [handle_file(str(photo))], api_name="/add_images")
             bob.session_hash = alice.session_hash
             mallory.session_hash = alice.session_hash
-            lists = {who: c.predict(None, api_name="/list_datasets")["choices"]
+            lists = {who: c.predict(api_name="/list_datasets")
                      for who, c in (("alice", alice), ("bob", bob), ("mallory", mallory))}
             owners = {client_owner(settings, c) for c in (alice, bob)}
         finally:
@@ -236,7 +232,7 @@ def test_the_shared_key_budget_holds_against_cookie_churn_and_counts_captions_pe
                               shared_key_limit=3, shared_key_address_limit=6, shared_key_hourly_cap=100)
     fake_cometapi.pending_polls = 0
     finetune = fake_cometapi.add_finetune()
-    fields = ["a photo of TOK", 5, 1.0, "1:1", 1024, 768, 28, 2.5, 2, "jpeg"]
+    fields = ["a photo of TOK", 5, 1.0, 1024, 768]
     photos = fx.good_set(tmp_path / "g", count=4, size=(640, 640))
     refusals: list[str] = []
     with running_app(settings) as url:
@@ -250,7 +246,7 @@ def test_the_shared_key_budget_holds_against_cookie_churn_and_counts_captions_pe
             jobs.close()
             for client in churn:  # each compare is 2 paid calls
                 try:
-                    client.predict(None, finetune, "flux-pro-1.1-ultra-finetuned", *fields, api_name="/compare")
+                    client.predict(finetune, *fields, api_name="/compare")
                 except AppError as exc:
                     refusals.append(str(exc))
             generations = len(fake_cometapi.requests("/flux/v1/flux-pro-1.1-ultra")) + len(
@@ -267,10 +263,9 @@ def test_the_shared_key_budget_holds_against_cookie_churn_and_counts_captions_pe
     with running_app(settings) as url:
         visitor = Client(url, verbose=False)
         try:
-            picker, *_ = visitor.predict([handle_file(str(p)) for p in photos], None, api_name="/add_images")
-            name = picker["value"]
-            report, *_ = visitor.predict(name, "product", True, api_name="/auto_caption")
-            assert "4" in report and len(fake_cometapi.requests("/v1/chat/completions")) == 4
+            name = visitor.predict("set", [handle_file(str(p)) for p in photos], api_name="/add_images")["name"]
+            report = visitor.predict(name, "product", True, api_name="/auto_caption")
+            assert "Captioned 4" in report["summary"] and len(fake_cometapi.requests("/v1/chat/completions")) == 4
             try:
                 visitor.predict(name, "product", False, api_name="/auto_caption")  # 4 more: 8 > 5
             except AppError as exc:
@@ -304,10 +299,10 @@ def signed_in(user):  # the session cookie Gradio's OAuth callback leaves after 
 
 try:
     ann, ann_again, bob = signed_in("ann"), signed_in("ann"), signed_in("bob")
-    picker, *_ = ann.predict([handle_file(photo)], None, api_name="/add_images")
-    lists = [c.predict(None, api_name="/list_datasets")["choices"] for c in (ann, ann_again, bob)]
+    ann.predict("anns-set", [handle_file(photo)], api_name="/add_images")
+    lists = [c.predict(api_name="/list_datasets") for c in (ann, ann_again, bob)]
     print(json.dumps({"page_has_login": "Sign in" in __import__("httpx").get(url).text,
-                      "lists": [[c[0] if isinstance(c, list) else c for c in l] for l in lists],
+                      "lists": lists,
                       "owners": sorted(p.name for p in (settings.data_dir / "owners").iterdir())}))
 finally:
     demo.close()
@@ -347,7 +342,8 @@ def test_uploaded_file_names_reach_the_page_as_text(settings, tmp_path):
     with running_app(settings) as url:
         client = Client(url, verbose=False)
         try:
-            _, _, report, *_ = client.predict([handle_file(str(shoot))], None, api_name="/add_images")
+            # The page's own upload event (undocumented: the API's add_images returns the report as data).
+            _, _, report, *_ = client.predict([handle_file(str(shoot))], None, api_name="/on_add")
         finally:
             client.close()
     assert "not a readable image" in report

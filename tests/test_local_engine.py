@@ -428,7 +428,7 @@ def test_closing_the_app_stops_its_tracker_and_local_training(settings, tmp_path
     import app as app_module
 
     demo = app_module.create_app(settings, track_interval=0.05)
-    local = demo.studio_training.providers["local"]
+    local = demo.studio.providers["local"]
     remote_id = local.submit(make_zip(tmp_path / "ds.zip"), request(1000), tag="app-job")
     steps_done(remote_id, 2)
     assert {t.name for t in threading.enumerate()} >= {"studio-job-tracker", f"studio-local-train-{remote_id}"}

@@ -1,0 +1,500 @@
+"""The studio as a library: the whole workflow for notebooks and scripts, without the pages.
+
+It is the same object graph the app runs on (same data dir, job store, providers and rules), so a
+job launched here shows on the Train tab and the other way round. In a notebook::
+
+    from services.studio import Studio
+
+    studio = Studio()                                   # settings from the environment
+    ds = studio.dataset("my-cup").add("photos/")        # a folder, a .zip or image files
+    ds.set_trigger_word("CUPX").trigger_first()
+    job = studio.launch(ds, "cup-v1", iterations=100)   # the default provider: local engine or CometAPI
+    job.wait()                                          # a progress bar until it is ready
+    pair = studio.compare(job, "a photo of CUPX cup on a desk")
+    pair.images()                                       # (base, tuned) as PIL images
+    grid = studio.grid(job, ["CUPX cup on a beach", "CUPX cup in snow"], strengths=[0.6, 1.0])
+    grid.contact_sheet()                                # one labelled PIL image
+    studio.close()                                      # stops tracking and local training (resumable)
+
+``create_app(studio=studio)`` puts the pages on top of the same studio. Every method takes an
+``owner``: a notebook or script is the one local owner; the app passes each hosted visitor's.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from services import compare as cmp
+from services.access import ProviderAccess
+from services.captioning import Captioner, CaptionReport, images_to_caption
+from services.cometapi import CometAPIClient
+from services.cometapi_provider import CometAPIProvider
+from services.config import Secret, Settings
+from services.dataset import Dataset, DatasetStore, DatasetStores, ExportResult, ImportReport
+from services.dataset import add_affixes, find_replace, trigger_first
+from services.errors import InputError, StudioError
+from services.finetunes import Target, authorize_target, find_target
+from services.jobs import DatabaseBackup, Job, JobStore
+from services.local_provider import LocalProvider
+from services.owners import LOCAL_OWNER, installation_secret
+from services.providers import PRESETS, GenerateRequest, Provider, ProgressFn, TrainRequest
+from services.results import ResultStore
+from services.training import Tracker, TrainingService
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".zip", ".txt"})
+
+
+def default_providers(settings: Settings) -> dict[str, Provider]:
+    """Both providers; the first is the default: CometAPI with a key, else the local engine."""
+    cometapi = CometAPIProvider.from_settings(settings)
+    local = LocalProvider(settings)  # cheap: torch and diffusers load on first use
+    if settings.cometapi_key:
+        return {"cometapi": cometapi, "local": local}
+    return {"local": local, "cometapi": cometapi}
+
+
+def files_in(paths: Iterable[Path | str]) -> list[Path]:
+    """Files to import: each file as given, and a folder's images, zips and captions (recursively,
+    hidden files left out), in a stable order."""
+    out: list[Path] = []
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if path.is_dir():
+            out += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                          and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        elif path.is_file():
+            out.append(path)
+        else:
+            raise InputError(f"{path} does not exist.", hint="Give a folder, a .zip or image files.")
+    if not out:
+        raise InputError("No images were found there.", hint="Give a folder with JPG, PNG or WebP images, or a .zip.")
+    return out
+
+
+class Studio:
+    """Datasets, fine-tunes and comparisons over one data dir; the app's pages sit on top of one.
+
+    ``background`` (default True) resumes interrupted local jobs, tracks unfinished jobs every
+    ``track_interval`` seconds and keeps the database copy (when the database lives elsewhere).
+    Use it as a context manager, or call ``close()``.
+    """
+
+    def __init__(self, settings: Settings | None = None, *, providers: dict[str, Provider] | None = None,
+                 track_interval: float = 3.0, background: bool = True, owner: str = LOCAL_OWNER) -> None:
+        self.settings = settings = settings or Settings.from_env()
+        if settings.hosted:
+            installation_secret(settings)  # a lost secret stops here, not on each visitor's request
+        self.owner = owner
+        self.datasets = DatasetStores(settings)
+        self.providers = providers if providers is not None else default_providers(settings)
+        self.jobs = JobStore.from_settings(settings)  # one database: jobs, their events, generated images
+        self.training = TrainingService(
+            self.jobs, self.providers, self.datasets,
+            max_images={key: getattr(p, "max_images", 0) for key, p in self.providers.items()},
+            max_active={"local": settings.visitor_max_local_jobs} if settings.hosted else None,
+        )
+        self.access = ProviderAccess(settings, self.providers,
+                                     lambda key: CometAPIProvider.from_settings(settings, key=key))
+        self.results = ResultStore(settings, jobs=self.jobs)
+        self.tracker: Tracker | None = None
+        self.backup: DatabaseBackup | None = None
+        self._track_interval = track_interval
+        if background:
+            self.start()
+
+    @property
+    def default_provider(self) -> str:
+        return next(iter(self.providers))
+
+    def start(self) -> "Studio":
+        """Resume interrupted local jobs and start tracking; called by ``__init__`` unless ``background=False``."""
+        if self.tracker is None:
+            self.training.resume_on_start()
+            self.tracker = Tracker(self.training, interval=self._track_interval).start()
+            if self.settings.db_backup_path is not None:
+                self.backup = DatabaseBackup(self.jobs, self.settings.db_backup_path,
+                                             self.settings.db_backup_every_s).start()
+        return self
+
+    def close(self) -> None:
+        """Stop tracking, take a last database copy, stop local training at a checkpoint (it resumes on
+        the next start) and close the providers' connections. Safe to call twice."""
+        if self.tracker is not None:
+            self.tracker.stop()
+        if self.backup is not None:  # after the tracker's last write: the copy has it
+            self.backup.stop()
+            self.backup = None
+        self.training.close()
+        self.access.close()
+
+    def __enter__(self) -> "Studio":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ datasets
+
+    def store(self, owner: str | None = None) -> DatasetStore:
+        return self.datasets(owner or self.owner)
+
+    def list_datasets(self, owner: str | None = None) -> list[str]:
+        """The names of ``owner``'s datasets."""
+        return self.store(owner).list_names()
+
+    def dataset(self, name: str, *, create: bool = True, owner: str | None = None) -> "DatasetHandle":
+        """A dataset by name; made (empty) when it doesn't exist yet and ``create`` is true."""
+        if not (name or "").strip():
+            raise InputError("No dataset name was given.", hint="Name one of your datasets, or a new one.")
+        store = self.store(owner)
+        if not store.exists(name):
+            if not create:
+                store.open(name)  # raises "was not found", with a hint
+            name = store.create(name).name
+        return DatasetHandle(self, name, owner or self.owner)
+
+    def captioner(self, key: Secret | None, owner: str, address: str, images: int) -> Captioner | None:
+        """The visitor's own key, else the shared one, charged one paid call per image when hosted;
+        None when there is no key at all."""
+        settings = self.settings
+        if key:
+            return Captioner(lambda: CometAPIClient(settings.cometapi_base_url, key), settings.caption_model,
+                             settings.caption_concurrency)
+        if not settings.cometapi_key:
+            return None
+        if settings.hosted:
+            self.access.budget.charge(owner, address, images)
+        return Captioner(lambda: CometAPIClient.from_settings(settings), settings.caption_model,
+                         settings.caption_concurrency)
+
+    def auto_caption(self, dataset: str, *, mode: str = "general", only_empty: bool = True, owner: str | None = None,
+                     key: Secret | None = None, address: str = "", progress: ProgressFn | None = None) -> CaptionReport:
+        """Caption the dataset's images with a vision model through CometAPI (needs a key)."""
+        owner = owner or self.owner
+        store = self.store(owner)
+        images = len(images_to_caption(store.open(dataset), only_empty))  # one paid call each
+        captioner = self.captioner(key, owner, address, images)
+        if captioner is None:
+            raise InputError("Auto-captioning needs a CometAPI key.",
+                             hint="Set COMETAPI_KEY and restart, or write the captions yourself.")
+        return captioner.caption_dataset(store, dataset, mode=mode, only_empty=only_empty, progress=progress)
+
+    # ------------------------------------------------------------ training
+
+    def train_request(self, name: str, *, mode: str = "general", trigger_word: str = "", iterations: int | None = None,
+                      learning_rate: float | None = None, lora_rank: int | None = None,
+                      finetune_type: str | None = None, priority: str | None = None, captioning: bool | None = None,
+                      gradient_checkpointing: bool | None = None) -> TrainRequest:
+        """A validated request: what is not given comes from the mode's defaults (``PRESETS``)."""
+        preset = PRESETS.get(mode, PRESETS["general"])
+
+        def pick(value, key: str):
+            return preset[key] if value is None else value
+
+        return TrainRequest(
+            name=(name or "").strip(), mode=mode, trigger_word=(trigger_word or "").strip(),
+            iterations=pick(iterations, "iterations"), learning_rate=learning_rate,
+            lora_rank=pick(lora_rank, "lora_rank"), finetune_type=pick(finetune_type, "finetune_type"),
+            priority=pick(priority, "priority"), captioning=pick(captioning, "captioning"),
+            gradient_checkpointing=gradient_checkpointing,
+        ).validate()
+
+    def launch(self, dataset: "str | DatasetHandle", name: str, *, provider: str | None = None, mode: str = "general",
+               trigger_word: str = "", owner: str | None = None, key: Secret | None = None, address: str = "",
+               on_upload: ProgressFn | None = None, **settings) -> "JobHandle":
+        """Start a fine-tune of ``dataset`` called ``name`` and return its job at once (``.wait()`` for it).
+
+        ``provider``: "local" or "cometapi" (default: the app's default). ``trigger_word`` defaults to
+        the dataset's. Further settings (``iterations``, ``learning_rate``, ``lora_rank``, ``finetune_type``,
+        ``priority``, ``captioning``, ``gradient_checkpointing``) default to the mode's."""
+        owner = owner or self.owner
+        dataset_name = dataset.name if isinstance(dataset, DatasetHandle) else str(dataset or "")
+        if dataset_name and not trigger_word:
+            trigger_word = self.store(owner).open(dataset_name).trigger_word or "TOK"
+        request = self.train_request(name, mode=mode, trigger_word=trigger_word, **settings)
+        provider_key = provider or self.default_provider
+        chosen = self.access.get(provider_key, owner, key, cost=1, address=address)
+        job = self.training.launch(owner, provider_key, dataset_name, request, on_upload=on_upload, provider=chosen)
+        return JobHandle(self, job, owner)
+
+    def list_jobs(self, owner: str | None = None) -> list[Job]:
+        """``owner``'s jobs, newest first."""
+        return self.jobs.list(owner or self.owner)
+
+    def job(self, ref: "str | JobHandle", owner: str | None = None) -> "JobHandle":
+        """One of ``owner``'s jobs by id, fine-tune id or name (the newest of that name)."""
+        if isinstance(ref, JobHandle):
+            return ref
+        owner = owner or self.owner
+        ref = (ref or "").strip()
+        jobs = self.jobs.list(owner)
+        found = next((j for j in jobs if ref in (j.id, j.remote_id)), None) \
+            or next((j for j in jobs if j.name == ref), None)
+        if found is None:
+            raise InputError(f"No job of yours is called or numbered '{ref[:60]}'.",
+                             hint="List your jobs to see their names and ids.")
+        return JobHandle(self, found, owner)
+
+    def refresh(self, job_id: str, owner: str | None = None) -> Job:
+        """The job as it is now: asks its provider unless the tracker is already polling it."""
+        owner = owner or self.owner
+        if self.tracker is None or not self.tracker.polling:
+            self.training.track_once(owner)
+        return self.jobs.get(owner, job_id)
+
+    # ------------------------------------------------------------ comparing
+
+    def target(self, finetune: "str | JobHandle", owner: str, key: Secret | None = None) -> Target:
+        """The fine-tune to generate with, if ``owner`` may: one of theirs by job id, fine-tune id or name."""
+        if isinstance(finetune, JobHandle):
+            finetune = finetune.id
+        found = find_target(str(finetune), self.jobs, owner, list(self.providers))
+        if not found.job_id:
+            job = next((j for j in self.jobs.list(owner) if finetune in (j.id, j.name, j.remote_id)), None)
+            if job is not None:  # one of theirs, not ready: say so rather than "not one of yours"
+                raise InputError(f"Fine-tune '{job.name}' is {job.status}, not ready.",
+                                 hint="Wait until it is ready, then compare.")
+        return authorize_target(found, self.jobs, owner, self.settings, bool(key))
+
+    def compare(self, finetune: "str | JobHandle", prompt: str, *, seed: int = 42, strength: float = 1.0,
+                width: int = 1024, height: int = 768, aspect_ratio: str = "1:1", steps: int | None = None,
+                guidance: float | None = None, tuned_model: str | None = None, owner: str | None = None,
+                key: Secret | None = None, address: str = "") -> "Comparison":
+        """The base model and the fine-tune with the same prompt and seed, side by side.
+
+        ``steps``/``guidance`` default to the model's own. The local engine rounds the size to what the
+        model takes (the tiny test model makes small images)."""
+        owner = owner or self.owner
+        target = self.target(finetune, owner, key)
+        request = self.generate_request(prompt, seed=seed, strength=strength, width=width, height=height,
+                                        aspect_ratio=aspect_ratio, steps=steps, guidance=guidance)
+        provider = self.access.get(target.provider_key, owner, key, cost=2, address=address)
+        pair = cmp.compare_pair(provider, request, finetune_id=target.finetune_id, tuned_model=tuned_model,
+                                out_dir=self.results.out_dir(owner), owner=owner, results=self.results)
+        return Comparison(pair, target)
+
+    def grid(self, finetune: "str | JobHandle", prompts: Sequence[str], strengths: Sequence[float] = (0.6, 0.9, 1.2),
+             *, include_base: bool = True, seed: int = 42, width: int = 1024, height: int = 768,
+             aspect_ratio: str = "1:1", steps: int | None = None, guidance: float | None = None,
+             tuned_model: str | None = None, owner: str | None = None, key: Secret | None = None, address: str = "",
+             on_cell: Callable[[cmp.CellResult, cmp.GridProgress], None] | None = None) -> "Grid":
+        """Rows = prompts, columns = the base model (optional) and each strength; one seed for all."""
+        owner = owner or self.owner
+        target = self.target(finetune, owner, key)
+        lines, columns = cmp.plan_grid(list(prompts), list(strengths), include_base, target.finetune_id)
+        template = self.generate_request(lines[0], seed=seed, strength=1.0, width=width, height=height,
+                                         aspect_ratio=aspect_ratio, steps=steps, guidance=guidance)
+        provider = self.access.get(target.provider_key, owner, key, cost=len(lines) * len(columns), address=address)
+        result = cmp.run_grid(provider, lines, list(strengths), template, finetune_id=target.finetune_id,
+                              tuned_model=tuned_model, include_base=include_base, on_cell=on_cell,
+                              out_dir=self.results.out_dir(owner), owner=owner, results=self.results)
+        return Grid(result, self.results.out_dir(owner) / f"contact-sheet-{result.group_id}.png")
+
+    @staticmethod
+    def generate_request(prompt: str, *, seed: int, strength: float, width: int, height: int, aspect_ratio: str,
+                         steps: int | None, guidance: float | None) -> GenerateRequest:
+        if not (prompt or "").strip():
+            raise InputError("The prompt is empty.", hint="Describe the picture, with the trigger word.")
+        return GenerateRequest(prompt=prompt.strip(), seed=int(seed), width=int(width), height=int(height),
+                               aspect_ratio=aspect_ratio, steps=None if steps is None else int(steps),
+                               guidance=None if guidance is None else float(guidance),
+                               strength=cmp.check_strength(float(strength)))
+
+
+@dataclass
+class DatasetHandle:
+    """One dataset; each method saves at once and returns the handle, so calls chain."""
+
+    studio: Studio
+    name: str
+    owner: str
+    last_report: ImportReport | None = field(default=None, repr=False)
+
+    @property
+    def _store(self) -> DatasetStore:
+        return self.studio.store(self.owner)
+
+    def info(self) -> Dataset:
+        """The dataset as saved: items (file, caption, size), trigger word, folder."""
+        return self._store.open(self.name)
+
+    def __len__(self) -> int:
+        return len(self.info().items)
+
+    @property
+    def trigger_word(self) -> str:
+        return self.info().trigger_word
+
+    @property
+    def captions(self) -> dict[str, str]:
+        """File name -> caption."""
+        return {item.file: item.caption for item in self.info().items}
+
+    def add(self, *paths: Path | str, progress: ProgressFn | None = None) -> "DatasetHandle":
+        """Add a folder (recursively), zips (with same-name .txt captions) or image files. Files that
+        can't be used are reported in ``last_report``, never raised; the others are added."""
+        _, self.last_report = self._store.add_files(self.name, files_in(paths), progress=progress)
+        return self
+
+    def set_trigger_word(self, word: str) -> "DatasetHandle":
+        self._store.set_trigger_word(self.name, word)
+        return self
+
+    def set_captions(self, captions: dict[str, str]) -> "DatasetHandle":
+        """Set the captions of the files named (file name -> caption); the others keep theirs."""
+        self._store.set_captions(self.name, captions)
+        return self
+
+    def caption_all(self, caption: str, *, only_empty: bool = True) -> "DatasetHandle":
+        """One caption for every image (or only those without one); ``{trigger}`` is the trigger word."""
+        text = caption.replace("{trigger}", self.trigger_word or "TOK")
+        self._store.map_captions(self.name, lambda c: text if (not only_empty or not c.strip()) else c)
+        return self
+
+    def trigger_first(self) -> "DatasetHandle":
+        """Put the trigger word first in every caption (added where it is missing)."""
+        word = self.trigger_word
+        if not word:
+            raise InputError("The dataset has no trigger word.", hint="Call set_trigger_word('TOK') first.")
+        self._store.map_captions(self.name, lambda c: trigger_first(c, word))
+        return self
+
+    def find_replace(self, find: str, replace: str) -> "DatasetHandle":
+        if not find:
+            raise InputError("Nothing to find.", hint="Give the text to replace.")
+        self._store.map_captions(self.name, lambda c: find_replace(c, find, replace))
+        return self
+
+    def add_affixes(self, prefix: str = "", suffix: str = "") -> "DatasetHandle":
+        self._store.map_captions(self.name, lambda c: add_affixes(c, prefix, suffix))
+        return self
+
+    def auto_caption(self, mode: str = "general", *, only_empty: bool = True) -> CaptionReport:
+        """Caption with a vision model through CometAPI (needs ``COMETAPI_KEY``)."""
+        return self.studio.auto_caption(self.name, mode=mode, only_empty=only_empty, owner=self.owner)
+
+    def remove(self, *files: str) -> "DatasetHandle":
+        self._store.remove_images(self.name, files)
+        return self
+
+    def export_zip(self) -> ExportResult:
+        """The training zip (images and same-name captions), as providers receive it."""
+        return self._store.export_zip(self.name)
+
+    def delete(self) -> None:
+        self._store.delete(self.name)
+
+
+@dataclass
+class JobHandle:
+    """One training job; ``job`` is the record as last read (``refresh()`` reads it again)."""
+
+    studio: Studio
+    job: Job
+    owner: str
+
+    @property
+    def id(self) -> str:
+        return self.job.id
+
+    @property
+    def status(self) -> str:
+        return self.job.status
+
+    def refresh(self) -> Job:
+        self.job = self.studio.refresh(self.job.id, self.owner)
+        return self.job
+
+    def wait(self, timeout: float | None = None, *, poll_s: float = 1.0, progress: bool = True) -> Job:
+        """Wait until the job is ready (returned), with a progress bar in a notebook (``tqdm.auto``).
+
+        Raises a ``StudioError`` saying why when it fails or is cancelled, and ``TimeoutError`` after
+        ``timeout`` seconds (the job goes on)."""
+        from tqdm.auto import tqdm
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        bar = tqdm(total=100, desc=self.job.name, unit="%", disable=not progress, leave=True)
+        try:
+            while True:
+                job = self.refresh()
+                bar.n = round(100 * (job.progress or 0.0))
+                bar.set_postfix_str((job.message or job.status)[:60], refresh=False)
+                bar.refresh()
+                if job.status == "ready":
+                    bar.n = 100
+                    bar.refresh()
+                    return job
+                if not job.is_active:
+                    raise StudioError(f"Fine-tune '{job.name}' is {job.status}: {job.error or job.message}",
+                                      hint="Resume it (local engine) or launch it again.")
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError(f"'{job.name}' is still {job.status} after {timeout:g} s; it goes on.")
+                time.sleep(poll_s)
+        finally:
+            bar.close()
+
+    def cancel(self) -> Job:
+        self.job = self.studio.training.cancel(self.owner, self.job.id)
+        return self.job
+
+    def resume(self) -> Job:
+        """Continue an interrupted or cancelled local job from its last checkpoint."""
+        self.job = self.studio.training.resume(self.owner, self.job.id)
+        return self.job
+
+    def losses(self) -> list[tuple[int, float]]:
+        """(step, loss) for each training step recorded so far (the local engine reports every step)."""
+        points = [e["data"] for e in self.studio.jobs.events(self.owner, self.job.id, "step")]
+        return [(int(p["step"]), float(p["loss"])) for p in points
+                if p.get("loss") is not None and p.get("step") is not None]
+
+
+@dataclass
+class Comparison:
+    """The base and tuned images of one comparison (paths on disk, with their settings)."""
+
+    pair: cmp.PairResult
+    target: Target
+
+    @property
+    def base(self) -> cmp.CellResult:
+        return self.pair.base
+
+    @property
+    def tuned(self) -> cmp.CellResult:
+        return self.pair.tuned
+
+    def images(self) -> tuple[Image.Image | None, Image.Image | None]:
+        """(base, tuned) as PIL images; None for one that failed (its ``.error`` says why)."""
+        return _open(self.base), _open(self.tuned)
+
+
+@dataclass
+class Grid:
+    """A finished grid; ``contact_sheet()`` draws it as one labelled image (and saves it as PNG)."""
+
+    result: cmp.GridResult
+    sheet_path: Path
+
+    @property
+    def failed(self) -> int:
+        return self.result.failed
+
+    def contact_sheet(self) -> Image.Image:
+        cmp.contact_sheet(self.result, self.sheet_path)
+        with Image.open(self.sheet_path) as im:
+            return im.copy()
+
+
+def _open(cell: cmp.CellResult) -> Image.Image | None:
+    if cell.status != "ok" or not cell.path:
+        return None
+    with Image.open(cell.path) as im:
+        return im.copy()
