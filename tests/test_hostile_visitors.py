@@ -362,3 +362,65 @@ def test_the_upload_route_is_for_known_visitors_and_capped_per_request(settings,
         assert ok.status_code == 200 and len(ok.json()) == 1  # the positive control
         many = [("files", (f"p{i}.jpg", b"x" * 100_000, "image/jpeg")) for i in range(30)]  # 3 MB in all
         assert http.post(upload, files=many).status_code == 413
+
+
+def _mcp_calls(url: str, calls: list[tuple[str, dict]], *, keep_cookies: bool = True) -> list[tuple[bool, str]]:
+    """One assistant's MCP session (streamable HTTP, as assistants connect): each call's (is_error, text)."""
+    import asyncio
+
+    from mcp import ClientSession
+    from mcp.client.streamable_http import streamablehttp_client
+    from mcp.shared._httpx_utils import create_mcp_http_client
+
+    def no_cookies(headers=None, timeout=None, auth=None) -> httpx.AsyncClient:
+        client = create_mcp_http_client(headers, timeout, auth)
+
+        async def forget(_response) -> None:  # a client that keeps no cookie
+            client.cookies.clear()
+
+        client.event_hooks["response"].append(forget)
+        return client
+
+    async def run() -> list[tuple[bool, str]]:
+        factory = create_mcp_http_client if keep_cookies else no_cookies
+        async with streamablehttp_client(url + "gradio_api/mcp/", httpx_client_factory=factory) as (read, write, _):
+            async with ClientSession(read, write) as session:
+                await session.initialize()
+                out = []
+                for name, args in calls:
+                    result = await session.call_tool(name, args)
+                    out.append((result.isError, " ".join(c.text for c in result.content if hasattr(c, "text"))))
+                return out
+
+    return asyncio.run(run())
+
+
+def test_mcp_assistants_are_visitors_like_any_other(settings, fake_cometapi):
+    """Gradio's MCP server calls the app through one shared client. Each assistant is the visitor its own
+    cookie says; one that keeps no cookie reaches nobody's work, not the first assistant's; and the
+    shared key's budget holds for tools as for the page."""
+    from services.config import Secret
+    from tests.conftest import FAKE_COMETAPI_KEY
+
+    settings = settings.with_(hosted=True, mcp=True, cometapi_base_url=fake_cometapi.url,
+                              cometapi_key=Secret(FAKE_COMETAPI_KEY), shared_key_limit=2)
+    fake_cometapi.pending_polls = 0
+    finetune = fake_cometapi.add_finetune()
+    with running_app(settings) as url:
+        alice = _mcp_calls(url, [("create_dataset", {"name": "alices"}), ("list_datasets", {})])
+        forgetful = _mcp_calls(url, [("create_dataset", {"name": "forgotten"}), ("list_datasets", {}),
+                                     ("describe_dataset", {"dataset": "alices"})], keep_cookies=False)
+        other_forgetful = _mcp_calls(url, [("list_datasets", {})], keep_cookies=False)
+        bob = _mcp_calls(url, [("list_datasets", {}), ("delete_dataset", {"dataset": "alices"}),
+                               ("compare", {"finetune": finetune, "prompt": "TOK"})])
+        alice_again = _mcp_calls(url, [("list_datasets", {})])
+    assert alice == [(False, "{'name': 'alices', 'images': 0, 'captioned': 0, 'trigger_word': ''}"),
+                     (False, "['alices']")]
+    # No cookie: each call is its own throwaway owner, so not even its own dataset is listed a call later...
+    assert forgetful[1] == (False, "[]") and forgetful[2][0] and "was not found" in forgetful[2][1]
+    assert other_forgetful == [(False, "[]")]  # ...and never the shared client's cookie, the same for all
+    assert bob[0] == (False, "[]") and bob[1][0] and "was not found" in bob[1][1]
+    # A fine-tune id that is not his, on the shared key: refused before anything is sent.
+    assert bob[2][0] and "works only with your own key" in bob[2][1]
+    assert fake_cometapi.requests("/flux/v1/flux-pro-1.1-ultra") == []
+    assert alice_again == [(False, "[]")]  # a new session is a new assistant: cookies are per session
