@@ -127,6 +127,8 @@ class Settings:
 
     # Local engine.
     local_model: str = ""
+    # Downloads a gated base model (FLUX.1-dev) from the Hub; empty = huggingface_hub's own login, if any.
+    hf_token: Secret = field(default_factory=lambda: Secret(""))
 
     # Hosting.
     auth: str = ""  # "user:pass" for a shared password; empty = none
@@ -167,6 +169,7 @@ class Settings:
             caption_model=env.get("COMETAPI_CAPTION_MODEL", "").strip() or d.caption_model,
             caption_concurrency=_int(env, "COMETAPI_CAPTION_CONCURRENCY", d.caption_concurrency, minimum=1),
             local_model=env.get("FLUX_LOCAL_MODEL", "").strip(),
+            hf_token=Secret(env.get("HF_TOKEN")),
             auth=env.get("FLUX_STUDIO_AUTH", "").strip(),
             mcp=_bool(env, "FLUX_STUDIO_MCP", False),
             shared_key_limit=_int(env, "FLUX_STUDIO_SHARED_KEY_LIMIT", d.shared_key_limit, minimum=0),

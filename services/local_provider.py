@@ -488,6 +488,9 @@ class LocalProvider:
             "base_model_label": self.model_label,
             "base_model_id": base_id,
             "device": self.device,
+            # The tiny model needs no memory preset on any GPU (and must not need bitsandbytes);
+            # "" lets the trainer pick one from the GPU for a real model.
+            "memory_preset": "none" if tiny else "",
             "_model": self.model,
             "_finetune_type": request.finetune_type,
         }

@@ -356,6 +356,7 @@ def test_gradient_checkpointing_is_an_option_and_trains(settings, tmp_path, monk
               for rid in (auto, forced)}
     assert config[auto]["gradient_checkpointing"] is False  # auto: off for the tiny model
     assert config[forced]["gradient_checkpointing"] is True
+    assert config[auto]["memory_preset"] == "none"  # the tiny model gets no memory preset, even on a GPU
     assert enabled == [True]  # switched on in the model for the forced job only, and it still trained
 
 

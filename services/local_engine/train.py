@@ -31,7 +31,7 @@ from pathlib import Path, PurePosixPath
 
 from services import atomic
 from services.errors import InputError
-from services.local_engine import quiet_libraries
+from services.local_engine import memory, quiet_libraries
 
 log = logging.getLogger("flux_studio.local_engine")
 
@@ -42,6 +42,9 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", 
 # Aspect ratios offered as buckets (w/h).
 BUCKET_RATIOS = (1.0, 4 / 3, 3 / 4, 3 / 2, 2 / 3, 16 / 9, 9 / 16)
 MAX_DATASET_IMAGES = 200
+# Captions are encoded this many at a time: T5-XXL's activations for 200 captions of 512 tokens in
+# one batch would take several GB beside the model (services.local_engine.memory counts one chunk).
+CAPTION_CHUNK = 4
 
 
 def pick_device(device: str | None = None) -> str:
@@ -87,6 +90,7 @@ class TrainConfig:
     base_model_label: str = ""  # for the model card
     base_model_id: str = ""  # a Hub repo id for the model card's base_model ("" = none)
     device: str | None = None
+    memory_preset: str = ""  # services.local_engine.memory.PRESETS name; "" = from the GPU (none on the CPU)
 
 
 @dataclass
@@ -235,6 +239,8 @@ class Trainer:
         self.optimizer = None
         self.params: list = []
         self.losses: list[float] = []
+        self.preset = None  # a memory.MemoryPreset on CUDA, set by load()
+        self.encode_device: str | None = None  # where the text encoders run (the CPU on small GPUs)
 
     # ---------------------------------------------------------------- setup
 
@@ -247,7 +253,8 @@ class Trainer:
         self.dtype = train_dtype(self.device)
         torch.manual_seed(self.cfg.seed)
         self.examples = read_dataset_zip(self.zip_path, self.cfg.trigger_word)
-        pipe = FluxPipeline.from_pretrained(self.cfg.model_path, dtype=self.dtype)
+        self.apply_memory_preset()
+        pipe = FluxPipeline.from_pretrained(self.cfg.model_path, dtype=self.dtype, **self.quantization_kwargs())
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe
         self.transformer = pipe.transformer
@@ -267,7 +274,8 @@ class Trainer:
         self.transformer.add_adapter(LoraConfig(
             r=self.cfg.rank, lora_alpha=self.cfg.rank, init_lora_weights="gaussian", target_modules=targets,
         ))
-        self.transformer.to(self.device)
+        if not getattr(self.transformer, "is_quantized", False):  # bitsandbytes already put it on the GPU
+            self.transformer.to(self.device)
         # Trainable LoRA weights in fp32 even when the frozen model is bf16 (stable AdamW updates).
         self.params = [p for p in self.transformer.parameters() if p.requires_grad]
         for p in self.params:
@@ -275,18 +283,25 @@ class Trainer:
         if self.cfg.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
         self.transformer.train()
-        self.optimizer = torch.optim.AdamW(self.params, lr=self.cfg.learning_rate, betas=(0.9, 0.999),
-                                           weight_decay=1e-4, eps=1e-8)
+        self.optimizer = memory.make_optimizer(self.params, self.preset, self.cfg.learning_rate)
 
     def encode_prompts(self, prompts: list[str]):
-        """[(prompt_embeds, pooled)] for each prompt, text encoders on the training device."""
+        """[(prompt_embeds, pooled)] for each prompt, on the training device (encoded on ``encode_device``)."""
         import torch
 
         with torch.no_grad():
             pe, pooled, text_ids = self.pipe.encode_prompt(
-                prompts, prompt_2=None, device=self.device, max_sequence_length=self.cfg.max_sequence_length)
-        self.text_ids = text_ids
+                prompts, prompt_2=None, device=self.encode_device or self.device,
+                max_sequence_length=self.cfg.max_sequence_length)
+        pe, pooled, self.text_ids = pe.to(self.device), pooled.to(self.device), text_ids.to(self.device)
         return [(pe[i:i + 1], pooled[i:i + 1]) for i in range(len(prompts))]
+
+    def encode_captions(self, captions: list[str]) -> list:
+        """``encode_prompts`` a few captions at a time (CAPTION_CHUNK), so the batch never costs GBs."""
+        out: list = []
+        for i in range(0, len(captions), CAPTION_CHUNK):
+            out += self.encode_prompts(captions[i:i + CAPTION_CHUNK])
+        return out
 
     def encode_image(self, img, bucket: tuple[int, int]):
         """The VAE posterior of one image, shifted/scaled and packed: (mean, std)."""
@@ -325,10 +340,10 @@ class Trainer:
 
         self.load()
         pipe = self.pipe
-        pipe.text_encoder.to(self.device)
-        pipe.text_encoder_2.to(self.device)
+        pipe.text_encoder.to(self.encode_device or self.device)
+        pipe.text_encoder_2.to(self.encode_device or self.device)
         captions = list(dict.fromkeys([e.caption for e in self.examples] + [self.sample_prompt()]))
-        embeds = dict(zip(captions, self.encode_prompts(captions)))
+        embeds = dict(zip(captions, self.encode_captions(captions)))
         self.sample_embeds = embeds[self.sample_prompt()]
         pipe.vae.to(self.device)
         self.cache = []
@@ -342,6 +357,24 @@ class Trainer:
         self.add_lora()
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
+
+    def apply_memory_preset(self) -> None:
+        """Pick the memory preset (none on the CPU); it may cap the resolution and force checkpointing."""
+        self.preset = memory.resolve_preset(self.cfg.memory_preset, self.device)
+        self.encode_device = "cpu" if self.preset is not None and self.preset.encoders_on_cpu else self.device
+        if self.preset is None:
+            return
+        resolution = memory.training_resolution(self.preset, self.cfg.resolution)
+        if resolution != self.cfg.resolution:
+            log.info("Memory preset %s: training at %d px instead of %d", self.preset.name, resolution,
+                     self.cfg.resolution)
+        self.cfg.resolution = resolution  # so the model card says what was trained
+        self.cfg.gradient_checkpointing = memory.checkpointing_for(self.preset, self.cfg.gradient_checkpointing)
+
+    def quantization_kwargs(self) -> dict:
+        """``quantization_config=`` for ``from_pretrained`` when the preset quantises the transformer."""
+        config = memory.pipeline_quantization_config(self.preset)
+        return {"quantization_config": config} if config is not None else {}
 
     def free_encoders(self) -> None:
         """Drop the text encoders and the VAE encoder: only the transformer and VAE decoder are left."""
