@@ -204,6 +204,8 @@ BASE_MODEL_INFO = ("Local engine: what it fine-tunes. Real models are downloaded
 def picks_base_model(provider) -> bool:
     """Whether a provider trains on a base model picked per job (the local engine)."""
     return hasattr(provider, "model_choices")
+
+
 NO_DATASET = "No dataset picked yet: save one on the Dataset tab, then pick it here."
 
 
@@ -326,13 +328,14 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
         )
 
     tab = TrainTab(banner, provider, dataset, mode, trigger, name, iterations, learning_rate, lora_rank,
-                   finetune_type, priority, captioning, base_model, launch, launch_result, jobs, queue, detail, selected, timer,
-                   seen, on_load=on_load)
+                   finetune_type, priority, captioning, base_model, launch, launch_result, jobs, queue, detail,
+                   selected, timer, seen, on_load=on_load)
 
     # -- handlers
 
     def on_provider(provider_key: str, key, request: gr.Request = None):
-        return (banner_markdown(service, provider_key, key, settings, calls_left(owner_for(request, settings), request)),
+        left = calls_left(owner_for(request, settings), request)
+        return (banner_markdown(service, provider_key, key, settings, left),
                 gr.update(visible=picks_base_model(service.providers.get(provider_key))))
 
     def on_refresh(current: str | None, request: gr.Request = None):

@@ -122,7 +122,8 @@ class Flux2:
         dist = vae.encode(pixels).latent_dist
         mean, std = pipe._patchify_latents(dist.mean), pipe._patchify_latents(dist.std)
         bn_mean = vae.bn.running_mean.view(1, -1, 1, 1).to(mean.device, mean.dtype)
-        bn_std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(mean.device, mean.dtype)
+        bn_var = vae.bn.running_var.view(1, -1, 1, 1)
+        bn_std = torch.sqrt(bn_var + vae.config.batch_norm_eps).to(mean.device, mean.dtype)
         return pipe._pack_latents((mean - bn_mean) / bn_std), pipe._pack_latents(std / bn_std)
 
     def latent_ids(self, pipe, bucket: tuple[int, int], device, dtype):

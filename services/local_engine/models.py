@@ -108,7 +108,8 @@ def family_of_folder(folder: Path) -> str:
         class_name = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
     except (OSError, ValueError, AttributeError):
         raise InputError(f"{folder} is not a diffusers pipeline folder (no readable model_index.json).",
-                         hint="Point FLUX_LOCAL_MODEL at a folder saved with save_pretrained, or at a Hub id.") from None
+                         hint="Point FLUX_LOCAL_MODEL at a folder saved with save_pretrained, or at a Hub id.",
+                         ) from None
     family = PIPELINE_CLASSES.get(class_name)
     if family is None:
         raise InputError(f"{folder} holds a {class_name or 'unnamed'} pipeline; the local engine trains "
@@ -124,7 +125,8 @@ def _distilled(folder: Path) -> bool:
         return False
 
 
-def _custom(spec: str, family: str, *, label: str, repo_id: str = "", path: str = "", distilled: bool = False) -> BaseModel:
+def _custom(spec: str, family: str, *, label: str, repo_id: str = "", path: str = "",
+            distilled: bool = False) -> BaseModel:
     """An unlisted folder or Hub id: the family's defaults, adjusted for distilled checkpoints."""
     base = FAMILY_DEFAULTS[family]
     steps, guidance, seq = base.sample_steps, base.sample_guidance, base.max_sequence_length
@@ -160,7 +162,7 @@ def _cached_family(repo_id: str) -> str | None:
         from huggingface_hub import try_to_load_from_cache
 
         cached = try_to_load_from_cache(repo_id, "model_index.json")
-    except Exception:  # pragma: no cover - a cache problem only loses the shortcut
+    except (ImportError, OSError, ValueError):  # a cache problem only loses the shortcut
         return None
     if isinstance(cached, str):
         try:
@@ -183,7 +185,7 @@ def resolve(spec: str | None) -> BaseModel:
     if _looks_like_path(spec) or Path(spec).expanduser().is_dir():
         return from_folder(spec)
     # An unlisted Hub id: its cached model_index.json says the family; failing that, its name.
-    family = _cached_family(spec) or (FLUX2 if re.search(r"flux\.?2|klein", spec, re.I) else FLUX1)
+    family = _cached_family(spec) or (FLUX2 if re.search(r"flux\.?2|klein", spec, re.IGNORECASE) else FLUX1)
     return _custom(spec, family, label=spec, repo_id=spec)
 
 
