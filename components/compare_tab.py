@@ -179,8 +179,9 @@ def build(access: ProviderAccess, jobs: JobStore, results: ResultStore, settings
         info = (f"Same prompt, seed {req.seed}. Base `{result.base.model}`: {_cell_summary(result.base)} · "
                 f"Tuned `{result.tuned.model}` at strength {req.strength:g}: {_cell_summary(result.tuned)} · "
                 f"wall time {result.wall_s:.1f}s" + (" (both ran at once)." if overlapped else "."))
-        if getattr(provider, "is_tiny", False):
-            info += "\n\n*Local engine on the tiny test model: its images are noise by design; set FLUX_LOCAL_MODEL for real ones.*"
+        if trained_on_tiny(provider, target.finetune_id):
+            info += ("\n\n*Local engine on a tiny test model: its images are noise by design; train on a real base "
+                     "model (the Train tab's picker, or FLUX_LOCAL_MODEL) for real ones.*")
         info += budget_note(target, key, owner, request)
         return servable(result.base.path), servable(result.tuned.path), info, history_items(results, owner)
 
@@ -276,6 +277,12 @@ def build(access: ProviderAccess, jobs: JobStore, results: ResultStore, settings
     sheet_btn.click(on_sheet, [last_grid], [sheet_file])
     refresh.click(on_load, None, [finetune, history])
     return CompareTab(finetune=finetune, history=history, on_load=on_load)
+
+
+def trained_on_tiny(provider, finetune_id: str) -> bool:
+    """Whether a local fine-tune's base model is a tiny test model (whose images are noise)."""
+    base_of, is_tiny = getattr(provider, "base_model_of", None), getattr(provider, "is_tiny_model", None)
+    return base_of is not None and is_tiny is not None and is_tiny(base_of(finetune_id))
 
 
 def _cell_summary(cell: "cmp.CellResult") -> str:

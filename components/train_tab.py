@@ -45,6 +45,7 @@ class TrainTab:
     finetune_type: gr.Radio
     priority: gr.Radio
     captioning: gr.Checkbox
+    base_model: gr.Dropdown
     launch: gr.Button
     launch_result: gr.Markdown
     jobs: gr.Dataframe
@@ -196,6 +197,15 @@ def banner_markdown(service: TrainingService, provider_key: str, session_key=Non
 
 
 CHECKPOINTING = {"auto": None, "on": True, "off": False}  # the Train tab's choice -> TrainRequest
+BASE_MODEL_INFO = ("Local engine: what it fine-tunes. Real models are downloaded on first use (FLUX.1 [dev] and "
+                   "[klein] 9B need an accepted licence); the tiny test models make noise, by design.")
+
+
+def picks_base_model(provider) -> bool:
+    """Whether a provider trains on a base model picked per job (the local engine)."""
+    return hasattr(provider, "model_choices")
+
+
 NO_DATASET = "No dataset picked yet: save one on the Dataset tab, then pick it here."
 
 
@@ -237,6 +247,13 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
                               info="Saved on the Dataset tab.", allow_custom_value=True)
         refresh = gr.Button("↻", size="sm", scale=0, min_width=40)
     dataset_info = gr.Markdown(NO_DATASET, elem_id="train-dataset-info")
+    # The registry's models (and FLUX_LOCAL_MODEL); custom values reach the server, which checks them.
+    local = next((p for p in service.providers.values() if picks_base_model(p)), None)
+    base_model = gr.Dropdown(
+        choices=local.model_choices() if local else [], value=local.default_model_choice() if local else None,
+        label="Base model", elem_id="train-base-model", info=BASE_MODEL_INFO, allow_custom_value=True,
+        visible=local is not None and local.key == default_provider,
+    )
     preset = P.PRESETS["character"]
     with gr.Row():
         mode = gr.Radio(list(P.MODES), value="character", label="Mode", elem_id="train-mode",
@@ -311,13 +328,15 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
         )
 
     tab = TrainTab(banner, provider, dataset, mode, trigger, name, iterations, learning_rate, lora_rank,
-                   finetune_type, priority, captioning, launch, launch_result, jobs, queue, detail, selected, timer,
-                   seen, on_load=on_load)
+                   finetune_type, priority, captioning, base_model, launch, launch_result, jobs, queue, detail,
+                   selected, timer, seen, on_load=on_load)
 
     # -- handlers
 
     def on_provider(provider_key: str, key, request: gr.Request = None):
-        return banner_markdown(service, provider_key, key, settings, calls_left(owner_for(request, settings), request))
+        left = calls_left(owner_for(request, settings), request)
+        return (banner_markdown(service, provider_key, key, settings, left),
+                gr.update(visible=picks_base_model(service.providers.get(provider_key))))
 
     def on_refresh(current: str | None, request: gr.Request = None):
         return dataset_choices(owner_for(request, settings), current)
@@ -338,7 +357,8 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
 
     @shows_errors
     def on_launch(provider_key, dataset_, mode_, trigger_, name_, iterations_, lr_, rank_, type_, priority_,
-                  captioning_, checkpointing_, seen_, key, request: gr.Request = None, progress=gr.Progress()):
+                  captioning_, checkpointing_, base_model_, seen_, key, request: gr.Request = None,
+                  progress=gr.Progress()):
         owner = owner_for(request, settings)
         provider = access.get(provider_key, owner, key, cost=1, address=client_address(request, settings))
         req = P.TrainRequest(
@@ -346,6 +366,7 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
             learning_rate=parse_learning_rate(lr_), lora_rank=int(rank_), finetune_type=type_,
             priority=priority_, captioning=bool(captioning_),
             gradient_checkpointing=CHECKPOINTING.get(checkpointing_ or "auto"),
+            base_model=(base_model_ or None) if picks_base_model(provider) else None,
         )
         progress(0, desc="Exporting dataset")
 
@@ -464,14 +485,14 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
         return f"✅ Published to [{repo.strip()}]({url}) ({'private' if private_ else 'public'})."
 
     publish.click(on_publish, [selected, repo_id, hf_token, private], [publish_result, hf_token], concurrency_limit=2)
-    provider.change(on_provider, [provider, session_key], [banner])
+    provider.change(on_provider, [provider, session_key], [banner, base_model])
     refresh.click(on_refresh, [dataset], [dataset])
     dataset.change(on_dataset, [dataset, mode, name], [trigger, name, dataset_info])
     mode.change(on_mode, [mode, dataset, name], [iterations, lora_rank, finetune_type, priority, captioning, name])
     launch.click(
         on_launch,
         [provider, dataset, mode, trigger, name, iterations, learning_rate, lora_rank, finetune_type, priority,
-         captioning, checkpointing, seen, session_key],
+         captioning, checkpointing, base_model, seen, session_key],
         [launch_result, jobs, detail, selected, timer, seen, banner],
         concurrency_limit=4,
     )

@@ -77,10 +77,18 @@ def random_seed() -> int:
     return secrets.randbelow(2**31 - 1)
 
 
-def models_for(provider: Provider, tuned_model: str | None) -> tuple[str | None, str | None]:
-    """(base model, tuned model) names; providers with one pipeline answer (None, None)."""
+def models_for(provider: Provider, tuned_model: str | None,
+               finetune_id: str | None = None) -> tuple[str | None, str | None]:
+    """(base model, tuned model) names; providers with one pipeline answer (None, None).
+
+    Where each fine-tune has its own base model (the local engine), the base image is made with
+    the model the fine-tune was trained on, not the provider's default."""
     pick = getattr(provider, "compare_models", None)
-    return pick(tuned_model) if pick is not None else (None, None)
+    if pick is not None:
+        return pick(tuned_model)
+    base_of = getattr(provider, "base_model_of", None)
+    base = base_of(finetune_id.strip()) if base_of is not None and (finetune_id or "").strip() else None
+    return base, base
 
 
 def check_strength(value: float) -> float:
@@ -144,7 +152,7 @@ def compare_pair(provider: Provider, request: GenerateRequest, *, finetune_id: s
     check_strength(request.strength)
     results_group = results.new_group() if results else time.strftime("%Y%m%d-%H%M%S")
     group_dir = out_dir / results_group
-    models = models_for(provider, tuned_model)
+    models = models_for(provider, tuned_model, finetune_id)
     kw = dict(finetune_id=finetune_id.strip(), models=models, out_dir=group_dir, owner=owner, results=results,
               group_id=results_group)
     started = time.monotonic()
@@ -202,7 +210,7 @@ def run_grid(provider: Provider, prompts: Sequence[str], strengths: Sequence[flo
     prompts, columns = plan_grid(prompts, strengths, include_base, finetune_id)
     total = len(prompts) * len(columns)
     group_id = results.new_group() if results else time.strftime("%Y%m%d-%H%M%S")
-    models = models_for(provider, tuned_model)
+    models = models_for(provider, tuned_model, finetune_id)
     jobs: list[_Cell] = []
     for r, prompt in enumerate(prompts):
         c = 0

@@ -42,7 +42,7 @@ from services.errors import (
     StudioError,
     TaskNotFoundError,
 )
-from services.local_engine import release_gpu_memory
+from services.local_engine import models, release_gpu_memory
 from services.owners import LOCAL_OWNER, owner_dir
 from services.local_queue import GPU, SLOT, GpuBusyError, GpuGate, Holder, Run, TrainingSlot
 from services.providers import GeneratedImage, GenerateRequest, ProgressFn, TrainRequest, TrainStatus
@@ -52,7 +52,7 @@ log = logging.getLogger("flux_studio.local")
 REQUIRED_MODULES = ("torch", "diffusers", "transformers", "peft", "safetensors")
 INSTALL_HINT = ("The local engine needs torch and diffusers: run `pip install -r requirements-local.txt` "
                 "(make run does it).")
-TINY_LABEL = "tiny random FLUX (test model: images are noise; it proves the workflow, not quality)"
+TINY_LABEL = models.BY_KEY[models.TINY_FLUX1].label
 WAITING = "Waiting for the running local job"
 _TAG_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _ID_RE = re.compile(r"^local-[A-Za-z0-9_-]{1,64}$")
@@ -139,24 +139,55 @@ class LocalProvider:
 
     @property
     def is_tiny(self) -> bool:
-        return self.model in ("", "tiny")
+        """Whether the default model (``FLUX_LOCAL_MODEL``) is the tiny FLUX.1 test model."""
+        return self.model in ("", "tiny", models.TINY_FLUX1)
 
     @property
     def model_label(self) -> str:
-        return TINY_LABEL if self.is_tiny else self.model
+        if self.is_tiny:
+            return TINY_LABEL
+        listed = models.BY_KEY.get(models.default_choice(self.model))
+        return listed.label if listed else self.model
 
     @property
     def tiny_model_dir(self) -> Path:
-        return Path(self.settings.data_dir) / "models" / "tiny-flux"
+        return self._tiny_dir(models.TINY_FLUX1)
+
+    def _tiny_dir(self, key: str) -> Path:
+        return Path(self.settings.data_dir) / models.TINY_FOLDERS[key]
+
+    def model_choices(self) -> list[tuple[str, str]]:
+        """(label, value) pairs for the Train tab's base-model picker."""
+        return models.choices(self.model)
+
+    def default_model_choice(self) -> str:
+        return models.default_choice(self.model)
+
+    def check_request(self, request: TrainRequest) -> None:
+        """Refuse, before any job is recorded, a base model this engine does not offer."""
+        models.check_choice(request.base_model, self.model)
+
+    def base_model_of(self, finetune_id: str) -> str | None:
+        """The base model a local fine-tune was trained on (what its Compare base image must use)."""
+        try:
+            return self._read_state(finetune_id).get("model", self.model)
+        except StudioError:
+            return None
+
+    def is_tiny_model(self, spec: str | None) -> bool:
+        try:
+            return models.resolve(self.model if spec is None else spec).tiny
+        except StudioError:
+            return False
 
     def _model_path(self, model: str | None = None) -> str:
-        """The path/id ``FluxPipeline.from_pretrained`` gets; builds the tiny model on first use."""
-        model = self.model if model is None else model
-        if model in ("", "tiny"):
+        """The path/id ``from_pretrained`` gets; builds a tiny model on first use."""
+        base = models.resolve(self.model if model is None else model)
+        if base.tiny and not base.path:
             from services.local_engine.tiny import ensure_tiny_model
 
-            return str(ensure_tiny_model(self.tiny_model_dir))
-        return model
+            return str(ensure_tiny_model(self._tiny_dir(base.key), base.family))
+        return base.source
 
     # ------------------------------------------------------------ Provider
 
@@ -185,6 +216,7 @@ class LocalProvider:
             raise InputError("The training zip is missing.", hint="Export the dataset again.")
         if not isinstance(request.iterations, int) or request.iterations < 1:
             raise InputError("Iterations must be a whole number of at least 1.")
+        base_model = models.check_choice(request.base_model, self.model)
         suffix = tag if tag and _TAG_RE.match(tag) else uuid.uuid4().hex[:16]
         remote_id = f"local-{suffix}"
         if owner and owner != LOCAL_OWNER:
@@ -205,12 +237,12 @@ class LocalProvider:
                     done += len(chunk)
                     if on_upload:
                         on_upload(done, total)
-            _write_json(tmp / "config.json", self._config(request))
+            _write_json(tmp / "config.json", self._config(request, base_model))
             now = time.time()
             _write_json(tmp / "state.json", {
                 "remote_id": remote_id, "tag": tag, "name": request.name, "state": "pending", "step": 0,
                 "total": request.iterations, "loss": None, "eta_s": None, "message": "Queued.",
-                "samples": [], "model": self.model, "created_at": now, "updated_at": now,
+                "samples": [], "model": base_model, "created_at": now, "updated_at": now,
             })
             os.replace(tmp, job)
             self._enqueue(remote_id, resume=False)
@@ -431,7 +463,7 @@ class LocalProvider:
             log.exception("Local generation failed")
             raise ProviderError(f"The local engine could not generate the image: {type(exc).__name__}: {exc}"[:400],
                                 hint="Check the model and the memory available.") from None
-        params = {**params, "model_path": TINY_LABEL if base in ("", "tiny") else base}
+        params = {**params, "model_path": _model_label(base)}
         if finetune:
             params.update({"finetune_id": finetune, "finetune_strength": request.strength})
         return GeneratedImage(path=path, model="local tuned" if finetune else "local base", seed=request.seed,
@@ -450,10 +482,11 @@ class LocalProvider:
 
     # ------------------------------------------------------------ internals
 
-    def _config(self, request: TrainRequest) -> dict:
+    def _config(self, request: TrainRequest, base_model: str) -> dict:
         from services.local_engine import tiny as tiny_consts  # no torch import: constants only
 
-        tiny = self.is_tiny
+        base = models.resolve(base_model)
+        tiny = base.tiny
         steps = request.iterations
         if tiny:
             resolution = self.resolution or tiny_consts.TRAIN_RESOLUTION
@@ -461,8 +494,6 @@ class LocalProvider:
             resolution = self.resolution or (1024 if request.priority == "high_res_only" else 512)
         sample_every = self.steps_per_sample if self.steps_per_sample is not None else max(10, steps // 5)
         ckpt_every = self.checkpoint_every if self.checkpoint_every is not None else max(10, steps // 10)
-        schnell = "schnell" in self.model.lower()
-        base_id = "" if tiny or Path(self.model).expanduser().exists() else self.model
         return {
             "model_path": "",  # resolved by the worker (the tiny model is built there)
             "steps": steps,
@@ -475,23 +506,26 @@ class LocalProvider:
             "batch_size": 1,
             "seed": 0,
             "guidance": 1.0,
-            "max_sequence_length": tiny_consts.MAX_SEQUENCE_LENGTH if tiny else (256 if schnell else 512),
+            "max_sequence_length": base.max_sequence_length,
             "gradient_checkpointing": (not tiny) if request.gradient_checkpointing is None
             else bool(request.gradient_checkpointing),
             "sample_every": sample_every,
             "checkpoint_every": ckpt_every,
             "sample_prompt": "",
             "sample_seed": 42,
-            "sample_steps": 2 if tiny else (4 if schnell else 20),
-            "sample_guidance": 0.0 if schnell else 3.5,
+            # Samples during training: a few steps fewer than a real generation's default.
+            "sample_steps": 2 if tiny else min(base.sample_steps, 20),
+            "sample_guidance": base.sample_guidance,
             "sample_size": None,
-            "base_model_label": self.model_label,
-            "base_model_id": base_id,
+            "base_model_label": base.label,
+            "base_model_id": base.repo_id,
+            "family": base.family,
+            "base_model": base_model,
             "device": self.device,
-            # The tiny model needs no memory preset on any GPU (and must not need bitsandbytes);
+            # The tiny models need no memory preset on any GPU (and must not need bitsandbytes);
             # "" lets the trainer pick one from the GPU for a real model.
             "memory_preset": "none" if tiny else "",
-            "_model": self.model,
+            "_model": base_model,
             "_finetune_type": request.finetune_type,
         }
 
@@ -698,6 +732,13 @@ class LocalProvider:
                                    message=f"Cancelled at step {result.step} of {result.total}. The checkpoint is "
                                            "kept; resume it any time.")
         return trainer
+
+
+def _model_label(spec: str) -> str:
+    try:
+        return models.resolve(spec).label
+    except StudioError:
+        return spec
 
 
 def _evict(run: Run) -> None:

@@ -49,6 +49,9 @@ class TrainRequest:
     # Local engine only: recompute activations in the backward pass (much less GPU memory, slower steps).
     # None = automatic: on for real models, off for the tiny test model.
     gradient_checkpointing: bool | None = None
+    # Local engine only: the base model to train on (a key of services.local_engine.models, or the
+    # configured FLUX_LOCAL_MODEL); None = the engine's default. Checked by the provider; CometAPI ignores it.
+    base_model: str | None = None
 
     def problems(self) -> dict[str, str]:
         """Every field that is wrong, with what to do, before anything is sent."""
@@ -166,8 +169,10 @@ class Provider(Protocol):
 
     def cancel(self, remote_id: str) -> None: ...
 
-    # Optional: ``resume(remote_id)`` for providers that keep checkpoints (the local engine), and
-    # ``compare_models(tuned_model) -> (base, tuned)`` for providers with several models (CometAPI).
+    # Optional: ``resume(remote_id)`` for providers that keep checkpoints (the local engine),
+    # ``compare_models(tuned_model) -> (base, tuned)`` for providers with several models (CometAPI),
+    # ``base_model_of(finetune_id)`` for providers whose fine-tunes each have their own base model
+    # (the local engine), and ``check_request(request)`` to refuse a request before it is recorded.
 
     def delete(self, remote_id: str) -> None: ...
 

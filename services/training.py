@@ -125,6 +125,9 @@ class TrainingService:
         ready, why = provider.readiness()
         if not ready:
             raise InputError(why)
+        check = getattr(provider, "check_request", None)
+        if check is not None:  # provider-specific fields (the local engine's base model), before any job row
+            check(request)
         if not dataset_name:
             raise InputError("No dataset is selected.", hint="Pick a saved dataset (make one on the Dataset tab).")
         cap = self._max_active.get(provider.key)

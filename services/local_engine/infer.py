@@ -1,10 +1,11 @@
-"""Image generation with a local FLUX pipeline, with or without a trained LoRA.
+"""Image generation with a local FLUX pipeline (FLUX.1 or FLUX.2 [klein]), with or without a trained LoRA.
 
 Pipelines are loaded once per (model path, device) and cached; each has a lock, so one
 generation runs on it at a time and the adapter state (which LoRA, at what strength) can't
 change under a running call. A base image and a tuned image made with the same prompt, seed,
 size, steps and guidance differ only by the LoRA: base disables every adapter, tuned activates
-exactly one with ``set_adapters([name], [strength])``.
+exactly one with ``set_adapters([name], [strength])``. The pipeline class and the defaults
+(steps, guidance, prompt length) come from the model's registry entry (``models.resolve``).
 """
 from __future__ import annotations
 
@@ -17,12 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services import atomic
-from services.local_engine import release_gpu_memory, tiny
+from services.local_engine import models, release_gpu_memory, tiny
+from services.local_engine.families import adapter
 from services.local_engine.train import pick_device, quiet_libraries, train_dtype
 
-REAL_STEPS = 28
-REAL_GUIDANCE = 3.5
-SCHNELL_STEPS = 4
 MAX_ADAPTERS = 4  # LoRAs kept loaded per pipeline; the least recently used is dropped
 REAL_MAX_SIDE = 2048
 REAL_MIN_SIDE = 256
@@ -33,8 +32,11 @@ class _Entry:
     pipe: object
     lock: threading.Lock = field(default_factory=threading.Lock)
     adapters: OrderedDict = field(default_factory=OrderedDict)  # name -> (lora path, mtime)
-    is_tiny: bool = False
-    is_schnell: bool = False
+    model: models.BaseModel = field(default_factory=lambda: models.BY_KEY[models.TINY_FLUX1])
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.model.tiny
 
 
 _PIPES: dict[tuple[str, str], _Entry] = {}
@@ -63,12 +65,11 @@ def get_pipeline(model_path: str, device: str | None = None) -> _Entry:
 
 
 def _load(model_path: str, device: str) -> _Entry:
-    from diffusers import FluxPipeline
-
-    pipe = FluxPipeline.from_pretrained(str(model_path), dtype=train_dtype(device))
+    model = models.resolve(str(model_path))
+    pipe = adapter(model.family).pipeline_class().from_pretrained(str(model_path), dtype=train_dtype(device))
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
-    return _Entry(pipe, is_tiny=tiny.is_tiny_model(Path(model_path)), is_schnell="schnell" in str(model_path).lower())
+    return _Entry(pipe, model=model)
 
 
 def clear_cache() -> None:
@@ -139,18 +140,16 @@ def generate(model_path: str, out_dir: Path, *, prompt: str, seed: int, width: i
     import torch
 
     entry = get_pipeline(model_path, device)
-    pipe = entry.pipe
+    pipe, model = entry.pipe, entry.model
     multiple = pipe.vae_scale_factor * 2
-    if entry.is_tiny:
+    if model.tiny:
         w, h = round_size(width, height, multiple, max_side=tiny.MAX_GENERATE_SIDE, min_side=multiple * 8)
-        steps = steps or tiny.DEFAULT_STEPS
-        max_seq = tiny.MAX_SEQUENCE_LENGTH
     else:
         w, h = round_size(width, height, multiple, max_side=REAL_MAX_SIDE, min_side=REAL_MIN_SIDE)
-        steps = steps or (SCHNELL_STEPS if entry.is_schnell else REAL_STEPS)
-        max_seq = 256 if entry.is_schnell else 512
+    steps = steps or model.sample_steps
+    max_seq = model.max_sequence_length
     if guidance is None:
-        guidance = 0.0 if entry.is_schnell else REAL_GUIDANCE
+        guidance = model.sample_guidance
     steps = max(1, min(int(steps), 100))
     started = time.monotonic()
     with entry.lock:

@@ -1,14 +1,20 @@
-"""A tiny, randomly initialised FLUX pipeline built in code: no download, no weights.
+"""Tiny, randomly initialised FLUX pipelines built in code: no download, no weights.
 
-It has the real FLUX architecture (CLIP + T5 text encoders, a FLUX transformer, a KL VAE,
-the flow-matching scheduler) at toy sizes, following diffusers' own test components
-(``tests/pipelines/flux/test_pipeline_flux.py``, ``get_dummy_components``). Its images are
-noise; it exists so the whole train -> sample -> checkpoint -> LoRA -> compare workflow
-runs anywhere, on a CPU, in seconds, through the very same ``FluxPipeline.from_pretrained``
-call a real model uses.
+Two of them, one per family the engine trains:
 
-``ensure_tiny_model(folder)`` writes it once with ``save_pretrained`` (built in a temporary
-folder, then renamed into place, so a crash never leaves half a model behind).
+* FLUX.1: the real architecture (CLIP + T5 text encoders, a FLUX transformer, a KL VAE, the
+  flow-matching scheduler) at toy sizes, following diffusers' own test components
+  (``tests/pipelines/flux/test_pipeline_flux.py``, ``get_dummy_components``).
+* FLUX.2 [klein]: a Qwen3 text encoder (28 layers, so the pipeline's default hidden-state taps
+  9, 18 and 27 exist), a FLUX.2 transformer and the FLUX.2 VAE (with its latent batch-norm
+  statistics), after ``tests/pipelines/flux2/test_pipeline_flux2_klein.py``.
+
+Their images are noise; they exist so the whole train -> sample -> checkpoint -> LoRA -> compare
+workflow runs anywhere, on a CPU, in seconds, through the very same ``from_pretrained`` call a
+real model uses. Every tokenizer is built from a vocabulary written here, never downloaded.
+
+``ensure_tiny_model(folder, family)`` writes one once with ``save_pretrained`` (built in a
+temporary folder, then renamed into place, so a crash never leaves half a model behind).
 """
 from __future__ import annotations
 
@@ -22,10 +28,15 @@ from pathlib import Path
 SEED = 0
 # Bumped whenever the architecture or tokenizers change, so an old copy is rebuilt.
 VERSION = "1"
+FLUX2_VERSION = "flux2-1"
 MARKER = "tiny-flux.version"
-# Resolution knobs the engine uses for this model (its VAE does not downsample).
+# Resolution knobs the engine uses for these models (their VAEs do not downsample).
 TRAIN_RESOLUTION = 64
 MAX_SEQUENCE_LENGTH = 32
+# The Qwen chat template alone takes ~25 tokens of the FLUX.2 prompt.
+FLUX2_MAX_SEQUENCE_LENGTH = 64
+QWEN_HIDDEN = 16
+QWEN_LAYERS = 28
 DEFAULT_STEPS = 4
 MAX_GENERATE_SIDE = 128
 
@@ -90,8 +101,85 @@ def t5_tokenizer():
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
 
 
+# Qwen3's chat template, reduced to what Flux2KleinPipeline asks of it (one user turn, no thinking).
+QWEN_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+
+def qwen_tokenizer():
+    """A byte-level BPE Qwen2 tokenizer (one token per byte) with Qwen's special tokens and chat template."""
+    from transformers import Qwen2TokenizerFast
+
+    vocab = {c: i for i, c in enumerate(_bytes_to_unicode().values())}
+    for token in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"):
+        vocab[token] = len(vocab)
+    tokenizer = Qwen2TokenizerFast(vocab=vocab, merges=[], eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   model_max_length=512, extra_special_tokens=["<|im_start|>", "<think>", "</think>"])
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_flux2_pipeline():
+    """The tiny FLUX.2 [klein] pipeline in memory, identical on every call (fixed seeds)."""
+    from services.local_engine import quiet_libraries
+
+    quiet_libraries()
+    import torch
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tokenizer = qwen_tokenizer()
+    torch.manual_seed(SEED)
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=QWEN_HIDDEN, intermediate_size=32, num_hidden_layers=QWEN_LAYERS,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=512,
+        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    ))
+    torch.manual_seed(SEED)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=4,  # the VAE's one latent channel, patchified 2x2
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=3 * QWEN_HIDDEN,  # three hidden-state taps, stacked
+        timestep_guidance_channels=32,
+        axes_dims_rope=[4, 4, 4, 4],
+        guidance_embeds=False,  # like [klein] base: real classifier-free guidance
+    )
+    torch.manual_seed(SEED)
+    vae = AutoencoderKLFlux2(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        block_out_channels=(4,),
+        layers_per_block=1,
+        latent_channels=1,
+        norm_num_groups=1,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    # Non-trivial latent statistics, so the batch-norm (de)normalisation is really exercised.
+    vae.bn.running_mean.fill_(0.1)
+    vae.bn.running_var.fill_(2.0)
+    return Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
+                              tokenizer=tokenizer, transformer=transformer)
+
+
 def build_tiny_pipeline():
-    """The tiny pipeline in memory, identical on every call (fixed seeds)."""
+    """The tiny FLUX.1 pipeline in memory, identical on every call (fixed seeds)."""
     from services.local_engine import quiet_libraries
 
     quiet_libraries()
@@ -168,18 +256,19 @@ def is_tiny_model(folder: Path) -> bool:
     return (Path(folder) / MARKER).is_file()
 
 
-def ensure_tiny_model(folder: Path) -> Path:
-    """Write the tiny model to ``folder`` once (atomically) and return ``folder``."""
+def ensure_tiny_model(folder: Path, family: str = "flux1") -> Path:
+    """Write the tiny model of ``family`` ("flux1" or "flux2") to ``folder`` once (atomically); returns ``folder``."""
     folder = Path(folder)
     marker = folder / MARKER
+    version, build = (VERSION, build_tiny_pipeline) if family == "flux1" else (FLUX2_VERSION, build_tiny_flux2_pipeline)
     with _LOCK:
-        if marker.is_file() and marker.read_text().strip() == VERSION:
+        if marker.is_file() and marker.read_text().strip() == version:
             return folder
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
         try:
-            build_tiny_pipeline().save_pretrained(tmp, safe_serialization=True)
-            (tmp / MARKER).write_text(VERSION + "\n")
+            build().save_pretrained(tmp, safe_serialization=True)
+            (tmp / MARKER).write_text(version + "\n")
             if folder.exists():  # an older version (or a broken leftover): replace it
                 old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
                 os.replace(folder, old)

@@ -1,9 +1,13 @@
 """Flow-matching LoRA training of a FLUX transformer, with cached latents and text embeddings.
 
-The speed lever: every training image goes through the VAE and every caption through the two
+Both families train here: FLUX.1 and FLUX.2 [klein]; what differs between them (encoders,
+latent packing, position ids, the transformer call, LoRA targets) is in ``families``.
+
+The speed lever: every training image goes through the VAE and every caption through the
 text encoders exactly once, before the first step (what diffusers' ``train_dreambooth_lora_flux.py``
 does with ``--cache_latents`` and fixed instance prompts). The text encoders (T5-XXL alone is
-~9 GB in bf16) and the VAE encoder are then freed, so each step is the transformer alone.
+~9 GB in bf16, FLUX.2 [klein]'s Qwen3 4-8B) and the VAE encoder are then freed, so each step is
+the transformer alone.
 Latents are cached as the VAE posterior (mean and std), and a fresh latent is drawn from it every
 step, so caching changes nothing about what is trained.
 
@@ -32,13 +36,13 @@ from pathlib import Path, PurePosixPath
 from services import atomic
 from services.errors import InputError
 from services.local_engine import memory, quiet_libraries
+from services.local_engine.families import FLUX1_LORA_TARGETS, TextEmbeds, adapter
 
 log = logging.getLogger("flux_studio.local_engine")
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
-# Attention projections LoRA is put on (double-stream blocks also have the add_* context ones).
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+LORA_TARGETS = FLUX1_LORA_TARGETS  # FLUX.1's; each family names its own (families.py)
 # Aspect ratios offered as buckets (w/h).
 BUCKET_RATIOS = (1.0, 4 / 3, 3 / 4, 3 / 2, 2 / 3, 16 / 9, 9 / 16)
 MAX_DATASET_IMAGES = 200
@@ -89,6 +93,8 @@ class TrainConfig:
     sample_size: tuple[int, int] | None = None  # (w, h); None = the first image's bucket
     base_model_label: str = ""  # for the model card
     base_model_id: str = ""  # a Hub repo id for the model card's base_model ("" = none)
+    family: str = "flux1"  # "flux1" | "flux2" (models.FAMILIES): which pipeline and adapter
+    base_model: str = ""  # the base model's spec (a models.REGISTRY key, a Hub id or a folder)
     device: str | None = None
     memory_preset: str = ""  # services.local_engine.memory.PRESETS name; "" = from the GPU (none on the CPU)
 
@@ -212,11 +218,18 @@ def to_pixels(img, device, dtype):
 @dataclass
 class CachedExample:
     bucket: tuple[int, int]
-    mean: object  # packed latent posterior mean, (1, tokens, channels) after shift/scale
+    mean: object  # packed latent posterior mean, (1, tokens, channels), normalised the family's way
     std: object
-    prompt_embeds: object  # (1, seq, dim)
-    pooled: object  # (1, dim)
+    embeds: TextEmbeds
     caption: str
+
+    @property
+    def prompt_embeds(self):  # (1, seq, dim)
+        return self.embeds.prompt_embeds
+
+    @property
+    def pooled(self):  # (1, dim); None for FLUX.2
+        return self.embeds.pooled
 
 
 class Trainer:
@@ -229,13 +242,15 @@ class Trainer:
         self.samples_dir = self.job_dir / "samples"
         self.ckpt_dir = self.job_dir / "checkpoints"
         self.out_dir = self.job_dir / "output"
+        self.family = adapter(cfg.family)
         self.pipe = None
         self.transformer = None
         self.examples: list[Example] = []
         self.cache: list[CachedExample] = []
         self.text_ids = None
         self.img_ids: dict[tuple[int, int], object] = {}
-        self.sample_embeds = None
+        self.sample_embeds: TextEmbeds | None = None
+        self.negative_embeds: TextEmbeds | None = None  # the empty prompt (FLUX.2's guidance pass)
         self.optimizer = None
         self.params: list = []
         self.losses: list[float] = []
@@ -247,29 +262,31 @@ class Trainer:
     def load(self) -> None:
         quiet_libraries()
         import torch
-        from diffusers import FluxPipeline
 
         self.device = pick_device(self.cfg.device)
         self.dtype = train_dtype(self.device)
         torch.manual_seed(self.cfg.seed)
         self.examples = read_dataset_zip(self.zip_path, self.cfg.trigger_word)
         self.apply_memory_preset()
-        pipe = FluxPipeline.from_pretrained(self.cfg.model_path, dtype=self.dtype, **self.quantization_kwargs())
+        pipe = self.family.pipeline_class().from_pretrained(self.cfg.model_path, dtype=self.dtype,
+                                                            **self.quantization_kwargs())
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe
         self.transformer = pipe.transformer
         self.vae_scale = pipe.vae_scale_factor
         self.buckets = bucket_sizes(self.cfg.resolution, self.cfg.bucket_step)
-        for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.transformer):
+        for m in (pipe.vae, *self.text_encoders(), pipe.transformer):
             m.requires_grad_(False)
             m.eval()
+
+    def text_encoders(self) -> list:
+        return [getattr(self.pipe, name) for name in self.family.text_encoder_names]
 
     def add_lora(self) -> None:
         import torch
         from peft import LoraConfig
 
-        names = {n for n, _ in self.transformer.named_modules()}
-        targets = [t for t in LORA_TARGETS if any(n == t or n.endswith("." + t) for n in names)]
+        targets = self.family.lora_targets(self.transformer)
         torch.manual_seed(self.cfg.seed)
         self.transformer.add_adapter(LoraConfig(
             r=self.cfg.rank, lora_alpha=self.cfg.rank, init_lora_weights="gaussian", target_modules=targets,
@@ -285,16 +302,17 @@ class Trainer:
         self.transformer.train()
         self.optimizer = memory.make_optimizer(self.params, self.preset, self.cfg.learning_rate)
 
-    def encode_prompts(self, prompts: list[str]):
-        """[(prompt_embeds, pooled)] for each prompt, on the training device (encoded on ``encode_device``)."""
+    def encode_prompts(self, prompts: list[str]) -> list[TextEmbeds]:
+        """The embeddings of each prompt, on the training device (encoded on ``encode_device``: the small
+        memory presets keep the text encoders on the CPU)."""
         import torch
 
+        encode_on = self.encode_device or self.device
         with torch.no_grad():
-            pe, pooled, text_ids = self.pipe.encode_prompt(
-                prompts, prompt_2=None, device=self.encode_device or self.device,
-                max_sequence_length=self.cfg.max_sequence_length)
-        pe, pooled, self.text_ids = pe.to(self.device), pooled.to(self.device), text_ids.to(self.device)
-        return [(pe[i:i + 1], pooled[i:i + 1]) for i in range(len(prompts))]
+            embeds, text_ids = self.family.encode_prompts(self.pipe, prompts, encode_on, self.cfg.max_sequence_length)
+        self.text_ids = text_ids.to(self.device)
+        return [TextEmbeds(e.prompt_embeds.to(self.device), None if e.pooled is None else e.pooled.to(self.device))
+                for e in embeds]
 
     def encode_captions(self, captions: list[str]) -> list:
         """``encode_prompts`` a few captions at a time (CAPTION_CHUNK), so the batch never costs GBs."""
@@ -304,25 +322,15 @@ class Trainer:
         return out
 
     def encode_image(self, img, bucket: tuple[int, int]):
-        """The VAE posterior of one image, shifted/scaled and packed: (mean, std)."""
+        """The VAE posterior of one image, normalised and packed into tokens: (mean, std)."""
         import torch
 
-        vae = self.pipe.vae
         with torch.no_grad():
-            pixels = to_pixels(fit(img, bucket), self.device, vae.dtype)
-            dist = vae.encode(pixels).latent_dist
-            sf, shift = vae.config.scaling_factor, vae.config.shift_factor or 0.0
-            mean = (dist.mean - shift) * sf
-            std = dist.std * sf
-            b, c, h, w = mean.shape
-            pack = self.pipe._pack_latents
-            return pack(mean, b, c, h, w), pack(std, b, c, h, w)
+            return self.family.encode_image(self.pipe, to_pixels(fit(img, bucket), self.device, self.pipe.vae.dtype))
 
     def latent_ids(self, bucket: tuple[int, int]):
         if bucket not in self.img_ids:
-            w, h = bucket
-            lh, lw = h // self.vae_scale, w // self.vae_scale
-            self.img_ids[bucket] = self.pipe._prepare_latent_image_ids(1, lh // 2, lw // 2, self.device, self.dtype)
+            self.img_ids[bucket] = self.family.latent_ids(self.pipe, bucket, self.device, self.dtype)
         return self.img_ids[bucket]
 
     def sample_prompt(self) -> str:
@@ -340,18 +348,19 @@ class Trainer:
 
         self.load()
         pipe = self.pipe
-        pipe.text_encoder.to(self.encode_device or self.device)
-        pipe.text_encoder_2.to(self.encode_device or self.device)
+        for encoder in self.text_encoders():
+            encoder.to(self.encode_device or self.device)
         captions = list(dict.fromkeys([e.caption for e in self.examples] + [self.sample_prompt()]))
         embeds = dict(zip(captions, self.encode_captions(captions)))
         self.sample_embeds = embeds[self.sample_prompt()]
+        if self.cfg.family != "flux1":  # classifier-free guidance needs the empty prompt once the encoders are gone
+            self.negative_embeds = self.encode_prompts([""])[0]
         pipe.vae.to(self.device)
         self.cache = []
         for ex in self.examples:
             bucket = pick_bucket(ex.image.width, ex.image.height, self.buckets)
             mean, std = self.encode_image(ex.image, bucket) if cache else (None, None)
-            pe, pooled = embeds[ex.caption]
-            self.cache.append(CachedExample(bucket, mean, std, pe, pooled, ex.caption))
+            self.cache.append(CachedExample(bucket, mean, std, embeds[ex.caption], ex.caption))
         if cache:
             self.free_encoders()
         self.add_lora()
@@ -382,8 +391,8 @@ class Trainer:
 
         import torch
 
-        self.pipe.text_encoder = None
-        self.pipe.text_encoder_2 = None
+        for name in self.family.text_encoder_names:
+            setattr(self.pipe, name, None)
         self.pipe.vae.encoder = None
         gc.collect()
         if self.device.startswith("cuda"):
@@ -410,7 +419,7 @@ class Trainer:
         perm = torch.randperm(len(batches), generator=g).tolist()
         return batches[perm[pos]]
 
-    def flow_loss(self, latents, prompt_embeds, pooled, img_ids, gen):
+    def flow_loss(self, latents, embeds: list[TextEmbeds], img_ids, gen):
         """One flow-matching loss: x_t = (1 - s) x0 + s noise, the model predicts noise - x0."""
         import torch
 
@@ -422,16 +431,8 @@ class Trainer:
         guidance = None
         if self.transformer.config.guidance_embeds:
             guidance = torch.full((b,), self.cfg.guidance, device=self.device, dtype=torch.float32)
-        pred = self.transformer(
-            hidden_states=noisy.to(self.dtype),
-            timestep=sigmas.to(self.dtype),
-            guidance=guidance,
-            pooled_projections=pooled.to(self.dtype),
-            encoder_hidden_states=prompt_embeds.to(self.dtype),
-            txt_ids=self.text_ids,
-            img_ids=img_ids,
-            return_dict=False,
-        )[0]
+        pred = self.family.predict(self.transformer, noisy, sigmas, embeds, self.text_ids, img_ids, guidance,
+                                   self.dtype)
         target = noise - latents
         return torch.mean((pred.float() - target.float()) ** 2)
 
@@ -453,12 +454,11 @@ class Trainer:
         std = torch.cat([c.std for c in items])
         eps = torch.randn(mean.shape, generator=gen, device="cpu").to(self.device, mean.dtype)
         latents = (mean + std * eps).float()
-        loss = self.flow_loss(latents, torch.cat([c.prompt_embeds for c in items]),
-                              torch.cat([c.pooled for c in items]), self.latent_ids(items[0].bucket), gen)
+        loss = self.flow_loss(latents, [c.embeds for c in items], self.latent_ids(items[0].bucket), gen)
         return self._optimise(loss)
 
     def step_plain(self, step: int, gen) -> float:
-        """The baseline: re-encode this batch's images (VAE) and captions (CLIP + T5) every step."""
+        """The baseline: re-encode this batch's images (VAE) and captions (text encoders) every step."""
         import torch
 
         idx = self.batch_indices(step)
@@ -470,8 +470,7 @@ class Trainer:
         std = torch.cat([s for _, s in packed])
         eps = torch.randn(mean.shape, generator=gen, device="cpu").to(self.device, mean.dtype)
         latents = (mean + std * eps).float()
-        loss = self.flow_loss(latents, torch.cat([e[0] for e in enc]), torch.cat([e[1] for e in enc]),
-                              self.latent_ids(items[0].bucket), gen)
+        loss = self.flow_loss(latents, enc, self.latent_ids(items[0].bucket), gen)
         return self._optimise(loss)
 
     # ---------------------------------------------------------------- samples, checkpoints, output
@@ -482,10 +481,9 @@ class Trainer:
         w, h = self.sample_size()
         self.transformer.eval()
         try:
-            pe, pooled = self.sample_embeds
             gen = torch.Generator(device="cpu").manual_seed(self.cfg.sample_seed)
             image = self.pipe(
-                prompt_embeds=pe, pooled_prompt_embeds=pooled, width=w, height=h,
+                **self.family.sample_kwargs(self.sample_embeds, self.negative_embeds), width=w, height=h,
                 num_inference_steps=self.cfg.sample_steps, guidance_scale=self.cfg.sample_guidance,
                 max_sequence_length=self.cfg.max_sequence_length, generator=gen,
             ).images[0]
@@ -545,8 +543,6 @@ class Trainer:
         return int(state["step"])
 
     def save_lora(self, samples: list[Path]) -> Path:
-        from diffusers import FluxPipeline
-
         tmp = self.job_dir / ".output.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -558,7 +554,7 @@ class Trainer:
         except Exception:
             metadata = None
         kwargs = {"transformer_lora_adapter_metadata": metadata} if metadata else {}
-        FluxPipeline.save_lora_weights(tmp, transformer_lora_layers=self.lora_state_dict(), **kwargs)
+        self.family.pipeline_class().save_lora_weights(tmp, transformer_lora_layers=self.lora_state_dict(), **kwargs)
         shown = []
         if samples:
             (tmp / "samples").mkdir()
@@ -635,6 +631,13 @@ def checkpoint_step(path: Path) -> int:
 
 def model_card(cfg: TrainConfig, image_count: int, samples: list[str], losses: list[float]) -> str:
     """A Hugging Face model card: front matter (base_model, tags) and how to use the LoRA."""
+    from services.local_engine import models
+
+    try:
+        base_model = models.resolve(cfg.base_model or cfg.base_model_id or cfg.model_path)
+    except InputError:  # a folder moved since: the family's defaults will do for the snippet
+        base_model = models.FAMILY_DEFAULTS[cfg.family]
+    pipeline_class = models.pipeline_of(cfg.family)
     front = ["---"]
     if cfg.base_model_id:
         front.append(f"base_model: {cfg.base_model_id}")
@@ -643,6 +646,7 @@ def model_card(cfg: TrainConfig, image_count: int, samples: list[str], losses: l
         "pipeline_tag: text-to-image",
         f"instance_prompt: {cfg.trigger_word}",
         "tags:", "- lora", "- flux", "- diffusers", "- text-to-image", "- flux-finetune-studio",
+        *(["- flux2-klein"] if cfg.family == models.FLUX2 else []),
     ]
     if samples:
         front.append("widget:")
@@ -652,6 +656,7 @@ def model_card(cfg: TrainConfig, image_count: int, samples: list[str], losses: l
     base = cfg.base_model_label or cfg.base_model_id or cfg.model_path
     load_id = cfg.base_model_id or "<path to the base model>"
     params = {
+        "base_model": cfg.base_model or base,
         "steps": cfg.steps, "learning_rate": cfg.learning_rate, "lora_rank": cfg.rank, "lora_alpha": cfg.rank,
         "resolution": cfg.resolution, "batch_size": cfg.batch_size, "seed": cfg.seed,
         "training_images": image_count,
@@ -659,7 +664,7 @@ def model_card(cfg: TrainConfig, image_count: int, samples: list[str], losses: l
     }
     body = [
         "",
-        f"# FLUX LoRA: {cfg.trigger_word}",
+        f"# {'FLUX.2 [klein]' if cfg.family == models.FLUX2 else 'FLUX'} LoRA: {cfg.trigger_word}",
         "",
         f"A LoRA for **{base}**, trained with FLUX Finetune Studio's local engine "
         "(flow matching, LoRA on the transformer's attention projections).",
@@ -680,11 +685,12 @@ def model_card(cfg: TrainConfig, image_count: int, samples: list[str], losses: l
         "",
         "```python",
         "import torch",
-        "from diffusers import FluxPipeline",
+        f"from diffusers import {pipeline_class}",
         "",
-        f"pipe = FluxPipeline.from_pretrained({load_id!r}, torch_dtype=torch.bfloat16).to('cuda')",
+        f"pipe = {pipeline_class}.from_pretrained({load_id!r}, torch_dtype=torch.bfloat16).to('cuda')",
         f"pipe.load_lora_weights('<this repo or folder>', weight_name={LORA_FILE!r})",
-        f"image = pipe({(cfg.trigger_word + ', a photo')!r}, num_inference_steps=28, guidance_scale=3.5).images[0]",
+        f"image = pipe(prompt={(cfg.trigger_word + ', a photo')!r}, num_inference_steps={base_model.sample_steps}, "
+        f"guidance_scale={base_model.sample_guidance:g}).images[0]",
         "```",
         "",
     ]
