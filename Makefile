@@ -41,6 +41,7 @@ bench: $(VENV)/.deps-dev
 	$(PY) -m benchmarks.dataset_prep
 	$(PY) -m benchmarks.compare_latency
 	$(PY) -m benchmarks.local_train
+	$(PY) -m benchmarks.local_train_gpu
 	$(PY) -m benchmarks.results_history
 
 deploy: $(VENV)/.deps-app
