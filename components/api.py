@@ -178,7 +178,7 @@ def build(studio: Studio) -> None:
     def launch_finetune(dataset: str, name: str, provider: str = "", mode: Mode = "general", trigger_word: str = "",
                         iterations: int | None = None, learning_rate: float | None = None,
                         lora_rank: int | None = None, finetune_type: str = "", priority: str = "",
-                        request: gr.Request = None) -> dict:
+                        base_model: str = "", request: gr.Request = None) -> dict:
         """Start fine-tuning FLUX on a dataset. It returns at once; poll get_job until the status is ready.
 
         Args:
@@ -192,13 +192,15 @@ def build(studio: Studio) -> None:
             lora_rank: 16 or 32 (empty: the mode's default)
             finetune_type: "lora" or "full" (CometAPI; empty: the mode's default)
             priority: "speed", "quality" or "high_res_only" (CometAPI; empty: the mode's default)
+            base_model: the local engine's base model, e.g. "flux1-dev" or "flux2-klein-base-4b" (empty: the app's)
         Returns:
             the job: id, name, provider, status, progress, message
         """
         job = studio.launch(dataset, name, provider=provider or None, mode=mode, trigger_word=trigger_word,
                             owner=owner(request), address=client_address(request, settings),
                             iterations=iterations, learning_rate=learning_rate, lora_rank=lora_rank,
-                            finetune_type=finetune_type or None, priority=priority or None)
+                            finetune_type=finetune_type or None, priority=priority or None,
+                            base_model=base_model or None)
         return job_summary(job.job)
 
     @shows_errors

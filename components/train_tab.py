@@ -18,8 +18,9 @@ from services import providers as P
 from services.config import Secret, Settings
 from services.dataset import DatasetStore
 from services.access import ProviderAccess
-from services.errors import InputError, ProviderError
+from services.errors import InputError, ProviderError, StudioError
 from services.jobs import Job
+from services.local_engine import memory
 from services.training import TrainingService
 
 JOB_COLUMNS = ["job", "name", "provider", "dataset", "status", "progress", "elapsed", "created"]
@@ -201,6 +202,29 @@ BASE_MODEL_INFO = ("Local engine: what it fine-tunes. Real models are downloaded
                    "[klein] 9B need an accepted licence); the tiny test models make noise, by design.")
 
 
+MEMORY_CHOICES = [("Auto (from the GPU)", "")] + [(p.label, name) for name, p in memory.PRESETS.items()]
+
+
+def memory_summary(local, base_model: str | None, preset: str, rank, priority: str, checkpointing: str) -> str:
+    """The preset, its estimated peak memory and the GPU, or why the base model can't be used."""
+    if local is None:
+        return ""
+    request = P.TrainRequest(name="-", mode="general", lora_rank=int(rank or 32), priority=priority or "quality",
+                             base_model=base_model or None, memory_preset=preset or "",
+                             gradient_checkpointing=CHECKPOINTING.get(checkpointing or "auto"))
+    try:
+        plan = local.memory_plan(request, local.check_request_model(request))
+    except StudioError as exc:
+        return f"⚠️ {plain(exc.user_message())}"
+    fits = ""
+    if plan.preset is not None:
+        try:
+            plan.check()
+        except StudioError as exc:
+            fits = f"\n\n⚠️ {plain(exc.user_message())}"
+    return plain(plan.summary()) + fits
+
+
 def picks_base_model(provider) -> bool:
     """Whether a provider trains on a base model picked per job (the local engine)."""
     return hasattr(provider, "model_choices")
@@ -254,6 +278,10 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
         label="Base model", elem_id="train-base-model", info=BASE_MODEL_INFO, allow_custom_value=True,
         visible=local is not None and local.key == default_provider,
     )
+    with gr.Row(visible=local is not None and local.key == default_provider) as memory_row:
+        memory_preset = gr.Dropdown(MEMORY_CHOICES, value="", label="Memory preset", elem_id="train-memory-preset",
+                                    scale=1, info="Auto picks one from the GPU's memory.")
+        memory_info = gr.Markdown(memory_summary(local, None, "", 32, "quality", "auto"), elem_id="train-memory-info")
     preset = P.PRESETS["character"]
     with gr.Row():
         mode = gr.Radio(list(P.MODES), value="character", label="Mode", elem_id="train-mode",
@@ -336,6 +364,7 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
     def on_provider(provider_key: str, key, request: gr.Request = None):
         left = calls_left(owner_for(request, settings), request)
         return (banner_markdown(service, provider_key, key, settings, left),
+                gr.update(visible=picks_base_model(service.providers.get(provider_key))),
                 gr.update(visible=picks_base_model(service.providers.get(provider_key))))
 
     def on_refresh(current: str | None, request: gr.Request = None):
@@ -357,7 +386,7 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
 
     @shows_errors
     def on_launch(provider_key, dataset_, mode_, trigger_, name_, iterations_, lr_, rank_, type_, priority_,
-                  captioning_, checkpointing_, base_model_, seen_, key, request: gr.Request = None,
+                  captioning_, checkpointing_, base_model_, memory_preset_, seen_, key, request: gr.Request = None,
                   progress=gr.Progress()):
         owner = owner_for(request, settings)
         provider = access.get(provider_key, owner, key, cost=1, address=client_address(request, settings))
@@ -367,6 +396,7 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
             priority=priority_, captioning=bool(captioning_),
             gradient_checkpointing=CHECKPOINTING.get(checkpointing_ or "auto"),
             base_model=(base_model_ or None) if picks_base_model(provider) else None,
+            memory_preset=(memory_preset_ or "") if picks_base_model(provider) else "",
         )
         progress(0, desc="Exporting dataset")
 
@@ -485,14 +515,17 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
         return f"✅ Published to [{repo.strip()}]({url}) ({'private' if private_ else 'public'})."
 
     publish.click(on_publish, [selected, repo_id, hf_token, private], [publish_result, hf_token], concurrency_limit=2)
-    provider.change(on_provider, [provider, session_key], [banner, base_model])
+    provider.change(on_provider, [provider, session_key], [banner, base_model, memory_row])
+    gr.on([base_model.change, memory_preset.change, lora_rank.change, priority.change, checkpointing.change],
+          lambda *values: memory_summary(local, *values), [base_model, memory_preset, lora_rank, priority, checkpointing],
+          [memory_info], show_progress="hidden")
     refresh.click(on_refresh, [dataset], [dataset])
     dataset.change(on_dataset, [dataset, mode, name], [trigger, name, dataset_info])
     mode.change(on_mode, [mode, dataset, name], [iterations, lora_rank, finetune_type, priority, captioning, name])
     launch.click(
         on_launch,
         [provider, dataset, mode, trigger, name, iterations, learning_rate, lora_rank, finetune_type, priority,
-         captioning, checkpointing, base_model, seen, session_key],
+         captioning, checkpointing, base_model, memory_preset, seen, session_key],
         [launch_result, jobs, detail, selected, timer, seen, banner],
         concurrency_limit=4,
     )

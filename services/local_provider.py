@@ -164,8 +164,33 @@ class LocalProvider:
         return models.default_choice(self.model)
 
     def check_request(self, request: TrainRequest) -> None:
-        """Refuse, before any job is recorded, a base model this engine does not offer."""
-        models.check_choice(request.base_model, self.model)
+        """Refuse, before any job is recorded, a base model this engine does not offer, or a training
+        this GPU's memory can't hold (never found out as an out-of-memory error halfway through)."""
+        self.memory_plan(request, self.check_request_model(request)).check()
+
+    def check_request_model(self, request: TrainRequest) -> str:
+        """The spec of the request's base model, if this engine offers it (InputError otherwise).
+        Hosted, a visitor may not make the server download another multi-GB model: only the configured
+        one (or a tiny test model)."""
+        spec = models.check_choice(request.base_model, self.model)
+        configured = models.default_choice(self.model)
+        if self.settings.hosted and spec != configured and not models.resolve(spec).tiny:
+            raise InputError(f"This hosted app trains on {models.resolve(configured).label} only.",
+                             hint="Run the studio on your own machine to pick another base model.")
+        return spec
+
+    def memory_plan(self, request: TrainRequest, spec: str | None = None):
+        """The memory preset, its estimated peak and the GPU, for the Train tab and the launch check."""
+        from services.local_engine import memory
+
+        base = models.resolve(spec or request.base_model or self.model)
+        if base.tiny or not base.transformer_params:
+            return memory.MemoryPlan(None, None, None)  # the tiny models fit anywhere; unknown ones can't be told
+        checkpointing = True if request.gradient_checkpointing is None else bool(request.gradient_checkpointing)
+        return memory.plan_memory(base.family, base.transformer_params, self._resolution(request, base),
+                                  request.lora_rank, preset_name=request.memory_preset,
+                                  gradient_checkpointing=checkpointing, device=None if self.device is None
+                                  else ("cuda" if self.device.startswith("cuda") else "cpu"))
 
     def base_model_of(self, finetune_id: str) -> str | None:
         """The base model a local fine-tune was trained on (what its Compare base image must use)."""
@@ -180,14 +205,17 @@ class LocalProvider:
         except StudioError:
             return False
 
-    def _model_path(self, model: str | None = None) -> str:
-        """The path/id ``from_pretrained`` gets; builds a tiny model on first use."""
+    def _model_path(self, model: str | None = None, on_progress=None) -> str:
+        """The folder ``from_pretrained`` gets: a tiny model is built on first use, a Hub model is
+        downloaded into the HF cache (reused; disk space checked first), a folder is used as is."""
         base = models.resolve(self.model if model is None else model)
         if base.tiny and not base.path:
             from services.local_engine.tiny import ensure_tiny_model
 
             return str(ensure_tiny_model(self._tiny_dir(base.key), base.family))
-        return base.source
+        from services.local_engine.download import fetch_base_model
+
+        return str(fetch_base_model(base.source, token=self.settings.hf_token, on_progress=on_progress))
 
     # ------------------------------------------------------------ Provider
 
@@ -482,16 +510,18 @@ class LocalProvider:
 
     # ------------------------------------------------------------ internals
 
-    def _config(self, request: TrainRequest, base_model: str) -> dict:
+    def _resolution(self, request: TrainRequest, base: "models.BaseModel") -> int:
         from services.local_engine import tiny as tiny_consts  # no torch import: constants only
 
+        if base.tiny:
+            return self.resolution or tiny_consts.TRAIN_RESOLUTION
+        return self.resolution or (1024 if request.priority == "high_res_only" else 512)
+
+    def _config(self, request: TrainRequest, base_model: str) -> dict:
         base = models.resolve(base_model)
         tiny = base.tiny
         steps = request.iterations
-        if tiny:
-            resolution = self.resolution or tiny_consts.TRAIN_RESOLUTION
-        else:
-            resolution = self.resolution or (1024 if request.priority == "high_res_only" else 512)
+        resolution = self._resolution(request, base)
         sample_every = self.steps_per_sample if self.steps_per_sample is not None else max(10, steps // 5)
         ckpt_every = self.checkpoint_every if self.checkpoint_every is not None else max(10, steps // 10)
         return {
@@ -524,7 +554,7 @@ class LocalProvider:
             "device": self.device,
             # The tiny models need no memory preset on any GPU (and must not need bitsandbytes);
             # "" lets the trainer pick one from the GPU for a real model.
-            "memory_preset": "none" if tiny else "",
+            "memory_preset": "none" if tiny else request.memory_preset,
             "_model": base_model,
             "_finetune_type": request.finetune_type,
         }
@@ -655,7 +685,11 @@ class LocalProvider:
         job = self._folder(rid)
         raw = json.loads((job / "config.json").read_text(encoding="utf-8"))
         cfg = config_from_json(raw)
-        cfg.model_path = self._model_path(raw.get("_model", self.model))
+
+        def downloading(done: int, total: int) -> None:
+            run.live["message"] = f"Downloading the base model: {done / 2**30:.1f} of {total / 2**30:.1f} GB…"
+
+        cfg.model_path = self._model_path(raw.get("_model", self.model), on_progress=downloading)
         if cfg.device is None and self.device:
             cfg.device = self.device
         on_gpu = pick_device(cfg.device).startswith("cuda")

@@ -52,6 +52,8 @@ class TrainRequest:
     # Local engine only: the base model to train on (a key of services.local_engine.models, or the
     # configured FLUX_LOCAL_MODEL); None = the engine's default. Checked by the provider; CometAPI ignores it.
     base_model: str | None = None
+    # Local engine only, on a CUDA GPU: a services.local_engine.memory preset name ("" = picked from the GPU).
+    memory_preset: str = ""
 
     def problems(self) -> dict[str, str]:
         """Every field that is wrong, with what to do, before anything is sent."""

@@ -191,7 +191,7 @@ class Studio:
     def train_request(self, name: str, *, mode: str = "general", trigger_word: str = "", iterations: int | None = None,
                       learning_rate: float | None = None, lora_rank: int | None = None,
                       finetune_type: str | None = None, priority: str | None = None, captioning: bool | None = None,
-                      gradient_checkpointing: bool | None = None) -> TrainRequest:
+                      gradient_checkpointing: bool | None = None, base_model: str | None = None) -> TrainRequest:
         """A validated request: what is not given comes from the mode's defaults (``PRESETS``)."""
         preset = PRESETS.get(mode, PRESETS["general"])
 
@@ -203,7 +203,7 @@ class Studio:
             iterations=pick(iterations, "iterations"), learning_rate=learning_rate,
             lora_rank=pick(lora_rank, "lora_rank"), finetune_type=pick(finetune_type, "finetune_type"),
             priority=pick(priority, "priority"), captioning=pick(captioning, "captioning"),
-            gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing=gradient_checkpointing, base_model=base_model or None,
         ).validate()
 
     def launch(self, dataset: "str | DatasetHandle", name: str, *, provider: str | None = None, mode: str = "general",
@@ -213,7 +213,9 @@ class Studio:
 
         ``provider``: "local" or "cometapi" (default: the app's default). ``trigger_word`` defaults to
         the dataset's. Further settings (``iterations``, ``learning_rate``, ``lora_rank``, ``finetune_type``,
-        ``priority``, ``captioning``, ``gradient_checkpointing``) default to the mode's."""
+        ``priority``, ``captioning``, ``gradient_checkpointing``) default to the mode's; ``base_model`` (local
+        engine: a key of ``services.local_engine.models``, e.g. "flux1-dev", "flux2-klein-base-4b") defaults
+        to ``FLUX_LOCAL_MODEL``."""
         owner = owner or self.owner
         dataset_name = dataset.name if isinstance(dataset, DatasetHandle) else str(dataset or "")
         if dataset_name and not trigger_word:

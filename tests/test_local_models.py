@@ -180,14 +180,88 @@ def test_the_train_tab_sends_the_picked_base_model_and_the_server_checks_it(torc
     with running_app(settings) as url:
         client = Client(url, verbose=False)
         try:
-            picker, *_ = client.predict([handle_file(str(p)) for p in photos], None, api_name="/add_images")
-            args = ("local", picker["value"], "product", "TOK", "cup", 100, "", 16, "lora", "quality", False, "auto")
+            client.predict("cups", [handle_file(str(p)) for p in photos], api_name="/add_images")
             with pytest.raises(Exception, match="not a base model the local engine offers"):
-                client.predict(*args, "/etc", api_name="/launch_finetune")
+                client.predict("cups", "cup", "local", "product", base_model="/etc", api_name="/launch_finetune")
             assert client.predict(api_name="/list_jobs") == []
-            result, *_ = client.predict(*args, "tiny-flux2-klein", api_name="/launch_finetune")
-            assert "Launched" in result, result
+            job = client.predict("cups", "cup", "local", "product", iterations=100, base_model="tiny-flux2-klein",
+                                 api_name="/launch_finetune")
+            assert job["status"] in ("pending", "running"), job
         finally:
             client.close()
     (config,) = (settings.data_dir / "local_jobs").glob("*/config.json")
     assert json.loads(config.read_text())["family"] == "flux2"
+
+
+def _service_on_a_gpu(settings, monkeypatch, gb: float):
+    """The training service with the local engine on a (pretend) CUDA GPU of ``gb`` GB."""
+    from services.local_engine import memory
+    from services.local_provider import LocalProvider
+
+    monkeypatch.setattr(memory, "detect_gpu", lambda index=0: memory.GpuMemory("Test GPU", gb, None))
+    local = LocalProvider(settings.with_(local_model="black-forest-labs/FLUX.1-dev"), device="cuda")
+    jobs = JobStore.from_settings(settings)
+    return TrainingService(jobs, {"local": local}, DatasetStores(settings)), local, jobs
+
+
+def test_a_training_that_would_not_fit_the_gpu_is_refused_before_launch(settings, tmp_path, monkeypatch):
+    """bf16 FLUX.1 [dev] needs about 25 GB: on a 16 GB card it is refused at launch, naming what fits, and
+    nothing is recorded; Auto picks the 16 GB preset, whose estimate the Train tab shows."""
+    from components.train_tab import memory_summary
+
+    service, local, jobs = _service_on_a_gpu(settings, monkeypatch, 16.0)
+    try:
+        store = DatasetStores(settings)("local")
+        store.create("cups")
+        store.add_files("cups", fx.good_set(tmp_path / "g", count=2, size=(256, 256)))
+        request = TrainRequest(name="cup", mode="product", lora_rank=16, base_model="flux1-dev", memory_preset="bf16")
+        with pytest.raises(InputError, match=r"needs about 2\d\.\d GB.*16\.0 GB") as refused:
+            service.launch("local", "local", "cups", request)
+        assert "16gb" in refused.value.hint or "16 GB" in refused.value.hint
+        assert jobs.list("local") == [] and not (settings.data_dir / "local_jobs").exists()
+        auto = memory_summary(local, "flux1-dev", "", 16, "quality", "auto")
+        assert auto.startswith("Memory preset 16 GB") and "(fits)" in auto and "Test GPU has 16.0 GB" in auto
+        assert "does NOT fit" in memory_summary(local, "flux1-dev", "bf16", 16, "quality", "auto")
+        assert memory_summary(local, "tiny-flux2-klein", "", 16, "quality", "auto").startswith("No CUDA GPU")
+    finally:
+        local.close()
+        jobs.close()
+
+
+def test_a_hub_model_is_fetched_into_the_hf_cache_with_the_token_and_progress_shown(settings, monkeypatch):
+    """The worker resolves a Hub base model through download.fetch_base_model (mocked: no network),
+    with HF_TOKEN and a progress callback that the job's message shows."""
+    from services.config import Secret
+    from services.local_engine import download
+    from services.local_provider import LocalProvider
+
+    calls = []
+
+    def fetch(model, *, token=None, cache_dir=None, on_progress=None):
+        calls.append((model, token.reveal() if token else ""))
+        if on_progress:
+            on_progress(3 * 2**30, 12 * 2**30)
+        return Path("/cache/snapshots/abc")
+
+    monkeypatch.setattr(download, "fetch_base_model", fetch)
+    local = LocalProvider(settings.with_(hf_token=Secret("hf_secret_token")))
+    try:
+        seen = []
+        path = local._model_path("flux1-dev", on_progress=lambda done, total: seen.append((done, total)))
+        assert path == "/cache/snapshots/abc" and seen == [(3 * 2**30, 12 * 2**30)]
+        assert calls == [("black-forest-labs/FLUX.1-dev", "hf_secret_token")]
+        assert local._model_path("tiny-flux2-klein").endswith("tiny-flux2-klein") and len(calls) == 1
+    finally:
+        local.close()
+
+
+def test_a_hosted_visitor_cannot_make_the_server_download_another_base_model(settings):
+    from services.local_provider import LocalProvider
+
+    local = LocalProvider(settings.with_(hosted=True))
+    try:
+        with pytest.raises(InputError, match="trains on tiny FLUX.1.* only|trains on .* only"):
+            local.check_request(TrainRequest(name="x", mode="product", base_model="flux1-dev"))
+        local.check_request(TrainRequest(name="x", mode="product", base_model="tiny-flux2-klein"))  # fine
+    finally:
+        local.close()

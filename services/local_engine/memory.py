@@ -340,7 +340,7 @@ def plan_memory(family: str, transformer_params: float, resolution: int, rank: i
                 preset_name: str = "", gradient_checkpointing: bool = True,
                 gpu: GpuMemory | None = None, device: str | None = None) -> MemoryPlan:
     """Preset + estimate for this GPU (detected unless given). ``device`` "cpu" forces the no-GPU plan."""
-    if gpu is None and device is None:
+    if gpu is None and device != "cpu":
         gpu = detect_gpu()
     if device is None:
         device = "cuda" if gpu is not None else "cpu"

@@ -52,6 +52,9 @@ class BaseModel:
     pipeline_class: str = "FluxPipeline"
     tiny: bool = False
     path: str = ""  # a local folder (set for folder specs)
+    # The transformer's parameter count at its published configuration (benchmarks/local_train_gpu.py
+    # counts 11.9e9, 3.88e9 and 9.08e9): what the memory estimate scales with. 0 = unknown.
+    transformer_params: float = 0.0
 
     @property
     def source(self) -> str:
@@ -79,16 +82,16 @@ def pipeline_of(family: str) -> str:
 # Sizes: the diffusers folders' safetensors in bf16 (transformer + text encoders + VAE), rounded.
 REGISTRY: tuple[BaseModel, ...] = (
     BaseModel("flux1-dev", "FLUX.1 [dev]", FLUX1, "black-forest-labs/FLUX.1-dev", gated=True,
-              download_bytes=34 * GB, sample_steps=28, sample_guidance=3.5, guidance_distilled=True),
+              download_bytes=34 * GB, sample_steps=28, sample_guidance=3.5, guidance_distilled=True, transformer_params=11.9e9),
     BaseModel("flux1-schnell", "FLUX.1 [schnell]", FLUX1, "black-forest-labs/FLUX.1-schnell",
-              download_bytes=34 * GB, sample_steps=4, sample_guidance=0.0, max_sequence_length=256),
+              download_bytes=34 * GB, sample_steps=4, sample_guidance=0.0, max_sequence_length=256, transformer_params=11.9e9),
     # The undistilled [klein] "base" checkpoints are the ones BFL names for fine-tuning and LoRA
     # training (the step-distilled FLUX.2-klein-4B/-9B are for 4-step inference).
     BaseModel("flux2-klein-base-4b", "FLUX.2 [klein] base 4B", FLUX2, "black-forest-labs/FLUX.2-klein-base-4B",
-              download_bytes=16 * GB, sample_steps=50, sample_guidance=4.0, pipeline_class="Flux2KleinPipeline"),
+              download_bytes=16 * GB, sample_steps=50, sample_guidance=4.0, pipeline_class="Flux2KleinPipeline", transformer_params=3.88e9),
     BaseModel("flux2-klein-base-9b", "FLUX.2 [klein] base 9B", FLUX2, "black-forest-labs/FLUX.2-klein-base-9B",
               gated=True, download_bytes=35 * GB, sample_steps=50, sample_guidance=4.0,
-              pipeline_class="Flux2KleinPipeline"),
+              pipeline_class="Flux2KleinPipeline", transformer_params=9.08e9),
     _tiny(TINY_FLUX1, FLUX1),
     _tiny(TINY_FLUX2, FLUX2),
 )
