@@ -11,6 +11,7 @@ from gradio_client import Client
 
 from services.config import Secret
 from services.jobs import JobStore
+from services.results import ResultStore
 from tests.browser import client_owner, running_app
 from tests.conftest import FAKE_COMETAPI_KEY
 
@@ -25,12 +26,13 @@ def test_twenty_sessions_stay_responsive_and_isolated(settings, fake_cometapi):
     fake_cometapi.set_latency("/flux/v1/flux-pro-1.1-ultra", 0.5)
     fake_cometapi.set_latency("/flux/v1/flux-pro-1.1-ultra-finetuned", 0.5)
     finetune = fake_cometapi.add_finetune()
-    fields = ["a photo of TOK", 5, 1.0, "1:1", 1024, 768, 28, 2.5, 2, "jpeg"]
+    fields = ["a photo of TOK", 5, 1.0, 1024, 768]
 
     with running_app(settings) as url:
         clients = [Client(url, verbose=False) for _ in range(SESSIONS + 1)]
         probe_client, visitors = clients[0], clients[1:]
         jobs = JobStore.from_settings(settings)
+        owners = [client_owner(settings, client) for client in visitors]
         for client in visitors:  # each compares a ready fine-tune of their own (a pasted id must be theirs)
             owner = client_owner(settings, client)
             job = jobs.create(owner, "cometapi", "finetune", "mine", "ds", "h", {})
@@ -42,9 +44,8 @@ def test_twenty_sessions_stay_responsive_and_isolated(settings, fake_cometapi):
 
         def visit(i: int, client: Client) -> None:
             try:
-                base, tuned, _info, history = client.predict(
-                    None, finetune, "flux-pro-1.1-ultra-finetuned", *fields, api_name="/compare")
-                outcomes[i] = (base, tuned, history)
+                base, tuned, _details = client.predict(finetune, *fields, api_name="/compare")
+                outcomes[i] = (base, tuned)
             except Exception as exc:  # recorded and asserted below
                 outcomes[i] = exc
 
@@ -73,13 +74,13 @@ def test_twenty_sessions_stay_responsive_and_isolated(settings, fake_cometapi):
 
     failures = {i: o for i, o in outcomes.items() if isinstance(o, Exception)}
     assert not failures and len(outcomes) == SESSIONS
-    # Every visitor sees exactly their own two images, nobody else's.
+    # Every visitor's history holds exactly their own two images, nobody else's.
+    results = ResultStore(settings)
     seen: set[str] = set()
-    for base, tuned, history in outcomes.values():
+    for (base, tuned), owner in zip((outcomes[i] for i in range(SESSIONS)), owners):
         assert Path(base).exists() and Path(tuned).exists()
-        assert len(history) == 2
-        names = {Path(item["image"] if isinstance(item["image"], str) else item["image"]["path"]).name for item in history}
-        assert not names & seen
+        names = {str(results.path_for(owner, r)) for r in results.list(owner)}
+        assert len(names) == 2 and not names & seen
         seen |= names
     assert len(fake_cometapi.requests("/flux/v1/flux-pro-1.1-ultra")) == SESSIONS
     # 40 renders of 0.5 s, 8 compares at a time: about 3 s; a serial queue would need 20 s (plus overhead).
