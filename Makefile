@@ -45,7 +45,7 @@ bench: $(VENV)/.deps-dev
 	$(PY) -m benchmarks.results_history
 
 deploy: $(VENV)/.deps-app
-	$(PY) -m services.deploy $(ARGS)
+	$(PY) -m tools.deploy $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -26,10 +26,10 @@ from PIL import Image
 
 from components import api, compare_tab, dataset_tab, session_panel, train_tab
 from components.identity import VisitorGate
-from services import atomic
+from services.storage import atomic
 from services.config import Settings
 from services.errors import ConfigError
-from services.providers import Provider
+from services.providers.base import Provider
 from services.studio import Studio
 
 TITLE = "FLUX Finetune Studio"

@@ -23,10 +23,10 @@ import time
 from pathlib import Path
 
 from services import compare as cmp
-from services.cometapi import CometAPIClient
-from services.cometapi_provider import CometAPIProvider
+from services.providers.cometapi.client import CometAPIClient
+from services.providers.cometapi.provider import CometAPIProvider
 from services.config import Secret
-from services.providers import GenerateRequest
+from services.providers.base import GenerateRequest
 from tests.fake_cometapi import FakeCometAPI
 
 KEY = "bench-key"

@@ -22,7 +22,7 @@ It is a benchmark, not a test: it exits 0 when a target is missed and says
 
 ``--compare-pool`` adds a second experiment: ours with ``Settings(workers=1)``, with the
 default worker count (threads), and with a process-pool variant of ``prepare_all`` that
-lives only in this file (it calls ``services.images.prepare_image`` in a
+lives only in this file (it calls ``services.storage.images.prepare_image`` in a
 ``ProcessPoolExecutor``), to tell whether threads or processes serve this machine better.
 
 Times are the best of ``--repeat`` runs (naive and ours interleaved; medians are shown
@@ -240,7 +240,7 @@ def _cpu_s(who: int) -> float:
 
 def phase_naive(workdir: Path, count: int, out_dir: Path) -> dict:
     from services.config import Settings
-    from services.images import target_size
+    from services.storage.images import target_size
 
     max_pixels = int(Settings().target_megapixels * 1_000_000)
     paths = list_images(workdir, count)
@@ -274,11 +274,11 @@ def phase_naive(workdir: Path, count: int, out_dir: Path) -> dict:
 
 
 def prepare_all_processes(jobs, out_dir, settings, progress=None):
-    """``services.dataset.prepare_all`` with a ProcessPoolExecutor instead of threads.
+    """``services.storage.datasets.prepare_all`` with a ProcessPoolExecutor instead of threads.
 
     Same contract (results in input order); exists only for the --compare-pool experiment.
     """
-    from services.images import prepare_image
+    from services.storage.images import prepare_image
 
     total = len(jobs)
     results = [None] * total
@@ -305,7 +305,7 @@ def prepare_all_processes(jobs, out_dir, settings, progress=None):
 
 
 def phase_ours(workdir: Path, count: int, data_dir: Path, workers: int, pool: str) -> dict:
-    import services.dataset as sd
+    import services.storage.datasets as sd
     from services.config import Settings
 
     if pool == "processes":

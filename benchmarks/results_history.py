@@ -23,7 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from services.config import Settings
-from services.results import ResultRecord, ResultStore
+from services.storage.results import ResultRecord, ResultStore
 
 OWNER = "local"
 

@@ -15,10 +15,10 @@ from components.feedback import shows_errors
 from components.identity import client_address, owner_for
 from components.serving import servable
 from services import compare as cmp
-from services.dataset import Dataset, dataset_warnings
+from services.storage.datasets import Dataset, dataset_warnings
 from services.errors import InputError
-from services.jobs import Job
-from services.providers import Mode
+from services.storage.jobs import Job
+from services.providers.base import Mode
 from services.studio import Studio
 
 # The endpoints on the API page and the MCP server. Every other event is the page's own plumbing

@@ -15,13 +15,13 @@ from components.identity import client_address, owner_for
 from components.serving import servable, servable_items
 from services import compare as cmp
 from services.access import ProviderAccess
-from services.cometapi_provider import BASE_FOR
+from services.providers.cometapi.provider import BASE_FOR
 from services.config import THREAD_PREFIX, Settings
 from services.errors import InputError
 from services.finetunes import Target, authorize_target, guess_provider, ready_targets
-from services.jobs import JobStore
-from services.providers import ASPECT_RATIOS, OUTPUT_FORMATS, GenerateRequest
-from services.results import ResultStore
+from services.storage.jobs import JobStore
+from services.providers.base import ASPECT_RATIOS, OUTPUT_FORMATS, GenerateRequest
+from services.storage.results import ResultStore
 
 TUNED_MODELS = list(BASE_FOR)  # flux-pro-1.1-ultra-finetuned, flux-pro-finetuned
 PASTED = "__pasted__"

@@ -13,9 +13,9 @@ from components import feedback
 from components.feedback import plain, progress_callback, shows_errors
 from components.identity import client_address, owner_for
 from components.serving import servable, servable_items
-from services import dataset as ds_service
+from services.storage import datasets as ds_service
 from services.config import Settings
-from services.dataset import Dataset, DatasetStore
+from services.storage.datasets import Dataset, DatasetStore
 from services.captioning import Captioner, images_to_caption
 from services.errors import InputError
 

@@ -9,9 +9,9 @@ import gradio as gr
 from starlette.datastructures import Headers
 from starlette.responses import PlainTextResponse
 
-from services import visitors
+from services.storage import visitors
 from services.config import Settings
-from services.owners import LOCAL_OWNER
+from services.storage.owners import LOCAL_OWNER
 
 ANONYMOUS = "anonymous"
 VISITOR_COOKIE = "flux_studio_visitor"

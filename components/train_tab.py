@@ -14,13 +14,13 @@ from components import feedback
 from components.feedback import plain, shows_errors
 from components.identity import client_address, owner_for
 from components.serving import servable_items
-from services import providers as P
+from services.providers import base as P
 from services.config import Secret, Settings
-from services.dataset import DatasetStore
+from services.storage.datasets import DatasetStore
 from services.access import ProviderAccess
 from services.errors import InputError, ProviderError, StudioError
-from services.jobs import Job
-from services.local_engine import memory
+from services.storage.jobs import Job
+from services.providers.local.engine import memory
 from services.training import TrainingService
 
 JOB_COLUMNS = ["job", "name", "provider", "dataset", "status", "progress", "elapsed", "created"]

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from services.config import Secret, Settings
 from services.errors import InputError, RateLimitedError
-from services.providers import Provider, close_provider
+from services.providers.base import Provider, close_provider
 
 
 class RateLimiter:

@@ -11,9 +11,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 
-from services.cometapi import CometAPIClient
+from services.providers.cometapi.client import CometAPIClient
 from services.config import THREAD_PREFIX
-from services.dataset import Dataset, DatasetStore, trigger_first
+from services.storage.datasets import Dataset, DatasetStore, trigger_first
 from services.errors import AuthError, EndpointUnavailableError, InputError, InsufficientCreditsError, StudioError
 
 ProgressFn = Callable[[int, int, str], None]

@@ -19,11 +19,11 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from services import atomic
+from services.storage import atomic
 from services.config import THREAD_PREFIX
 from services.errors import InputError, ModeratedError, StudioError
-from services.providers import GenerateRequest, Provider
-from services.results import ResultStore
+from services.providers.base import GenerateRequest, Provider
+from services.storage.results import ResultStore
 
 log = logging.getLogger(__name__)
 

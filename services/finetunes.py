@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from services.config import Settings
 from services.errors import InputError
-from services.jobs import JobStore
+from services.storage.jobs import JobStore
 
 
 @dataclass(frozen=True)

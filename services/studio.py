@@ -32,18 +32,18 @@ from PIL import Image
 from services import compare as cmp
 from services.access import ProviderAccess
 from services.captioning import Captioner, CaptionReport, images_to_caption
-from services.cometapi import CometAPIClient
-from services.cometapi_provider import CometAPIProvider
+from services.providers.cometapi.client import CometAPIClient
+from services.providers.cometapi.provider import CometAPIProvider
 from services.config import Secret, Settings
-from services.dataset import Dataset, DatasetStore, DatasetStores, ExportResult, ImportReport
-from services.dataset import add_affixes, find_replace, trigger_first
+from services.storage.datasets import Dataset, DatasetStore, DatasetStores, ExportResult, ImportReport
+from services.storage.datasets import add_affixes, find_replace, trigger_first
 from services.errors import InputError, StudioError
 from services.finetunes import Target, authorize_target, find_target
-from services.jobs import DatabaseBackup, Job, JobStore
-from services.local_provider import LocalProvider
-from services.owners import LOCAL_OWNER, installation_secret
-from services.providers import PRESETS, GenerateRequest, Provider, ProgressFn, TrainRequest
-from services.results import ResultStore
+from services.storage.jobs import DatabaseBackup, Job, JobStore
+from services.providers.local.provider import LocalProvider
+from services.storage.owners import LOCAL_OWNER, installation_secret
+from services.providers.base import PRESETS, GenerateRequest, Provider, ProgressFn, TrainRequest
+from services.storage.results import ResultStore
 from services.training import Tracker, TrainingService
 
 log = logging.getLogger(__name__)
@@ -214,7 +214,7 @@ class Studio:
         ``provider``: "local" or "cometapi" (default: the app's default). ``trigger_word`` defaults to
         the dataset's. Further settings (``iterations``, ``learning_rate``, ``lora_rank``, ``finetune_type``,
         ``priority``, ``captioning``, ``gradient_checkpointing``) default to the mode's; ``base_model`` (local
-        engine: a key of ``services.local_engine.models``, e.g. "flux1-dev", "flux2-klein-base-4b") defaults
+        engine: a key of ``services.providers.local.engine.models``, e.g. "flux1-dev", "flux2-klein-base-4b") defaults
         to ``FLUX_LOCAL_MODEL``."""
         owner = owner or self.owner
         dataset_name = dataset.name if isinstance(dataset, DatasetHandle) else str(dataset or "")

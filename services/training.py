@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from services.config import THREAD_PREFIX
-from services.dataset import DatasetStore
+from services.storage.datasets import DatasetStore
 from services.errors import (
     EndpointUnavailableError,
     InputError,
@@ -32,8 +32,8 @@ from services.errors import (
     TaskNotFoundError,
     WaitTimeoutError,
 )
-from services.jobs import ACTIVE_STATUSES, Job, JobStore
-from services.providers import Provider, ProgressFn, TrainRequest, TrainStatus, close_provider
+from services.storage.jobs import ACTIVE_STATUSES, Job, JobStore
+from services.providers.base import Provider, ProgressFn, TrainRequest, TrainStatus, close_provider, job_tag
 
 log = logging.getLogger("flux_studio.training")
 
@@ -48,15 +48,6 @@ WAITING_FOR_KEY = ("Waiting for your CometAPI key: this job was launched with it
                    "(keys are kept in memory only). Enter it again at the top of the page to go on tracking it.")
 # States the user may resume a job from; every other terminal state is final.
 RESUMABLE = frozenset({"interrupted", "cancelled"})
-
-
-def job_tag(job_id: str) -> str:
-    return f"fs-{job_id[:12]}"
-
-
-def remote_comment(name: str, job_id: str) -> str:
-    """The fine-tune name sent to the provider: the user's name plus our tag for recovery."""
-    return f"{name.strip()} [{job_tag(job_id)}]"
 
 
 @dataclass(frozen=True)

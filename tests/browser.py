@@ -79,7 +79,7 @@ def upload_files(page, elem_id: str, paths) -> None:
 def client_owner(settings, client) -> str:
     """The owner a gradio_client Client is, hosted: from the visitor cookie the server minted for it."""
     from components.identity import VISITOR_COOKIE
-    from services import visitors
+    from services.storage import visitors
 
     owner = visitors.owner_of(settings, client.cookies.get(VISITOR_COOKIE))
     assert owner, f"the server minted no visitor cookie for this client: {client.cookies}"

@@ -18,7 +18,7 @@ os.environ["FLUX_STUDIO_DATA_DIR"] = tempfile.mkdtemp(prefix="flux-studio-test-"
 atexit.register(shutil.rmtree, os.environ["FLUX_STUDIO_DATA_DIR"], ignore_errors=True)
 
 from services.config import THREAD_PREFIX, Settings  # noqa: E402
-from services.dataset import DatasetStore  # noqa: E402
+from services.storage.datasets import DatasetStore  # noqa: E402
 
 # A thread that has signalled it is done may still be returning; this long, at most, to let it.
 THREAD_EXIT_S = 10.0

@@ -57,7 +57,7 @@ def test_unknown_provider(tmp_path):
         access.get("nope", "local", None)
 
 
-def _budget(clock, **limits) -> "SharedKeyBudget":
+def _budget(clock, **limits):
     from services.access import SharedKeyBudget
 
     return SharedKeyBudget(Settings(**limits), clock=clock)

@@ -190,7 +190,7 @@ def test_with_a_separate_database_dir_closing_the_app_leaves_a_copy_in_the_data_
         assert not settings.db_backup_path.exists()
     finally:
         demo.close()  # stops the db-backup thread (the fixture checks) after a last copy
-    from services.jobs import JobStore
+    from services.storage.jobs import JobStore
 
     copy = JobStore(settings.db_backup_path)
     assert [j.name for j in copy.list("local")] == ["cup-v1"]

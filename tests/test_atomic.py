@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from services import atomic
+from services.storage import atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = 4 * 2**20  # big enough that a kill lands mid-write often
 WRITER = f"""
 import sys
-from services import atomic
+from services.storage import atomic
 target = sys.argv[1]
 a, b = b"a" * {SIZE}, b"b" * {SIZE}
 i = 0

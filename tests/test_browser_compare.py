@@ -7,7 +7,7 @@ import pytest
 from playwright.sync_api import expect
 
 from services.config import Secret
-from services.jobs import JobStore
+from services.storage.jobs import JobStore
 from tests.browser import chromium, running_app
 from tests.conftest import FAKE_COMETAPI_KEY
 

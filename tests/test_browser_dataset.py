@@ -6,7 +6,7 @@ import zipfile
 
 import pytest
 
-from services.dataset import DatasetStore
+from services.storage.datasets import DatasetStore
 from tests import imagefactory as fx
 from tests.browser import chromium, running_app, upload_files
 
@@ -84,7 +84,7 @@ def test_dataset_tab_end_to_end(settings, tmp_path):
 def test_editing_one_caption_in_a_stale_table_writes_that_caption_only(settings, tmp_path):
     """An auto-caption run saves captions while the page still shows the old, empty ones; the person
     then edits one cell. Only that caption is written: the run's captions stay."""
-    from services.dataset import DatasetStores
+    from services.storage.datasets import DatasetStores
 
     store = DatasetStores(settings)("local")
     name = store.create("set").name

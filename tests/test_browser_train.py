@@ -8,8 +8,8 @@ import pytest
 from playwright.sync_api import expect
 
 from services.config import Secret
-from services.dataset import DatasetStores
-from services.jobs import JobStore
+from services.storage.datasets import DatasetStores
+from services.storage.jobs import JobStore
 from tests import imagefactory as fx
 from tests.browser import chromium, click_launch, running_app, wait_for_train_dataset
 from tests.conftest import FAKE_COMETAPI_KEY

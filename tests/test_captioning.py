@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from services.captioning import Captioner, clean_caption, instruction
-from services.cometapi import CometAPIClient
+from services.providers.cometapi.client import CometAPIClient
 from services.config import Secret
 from services.errors import InputError
 from tests import imagefactory as fx

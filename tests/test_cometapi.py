@@ -22,7 +22,7 @@ import pytest
 import respx
 from PIL import Image
 
-from services.cometapi import CometAPIClient, TaskResult, TaskStatus
+from services.providers.cometapi.client import CometAPIClient, TaskResult, TaskStatus
 from services.config import Secret, Settings
 from services.errors import (
     AuthError,

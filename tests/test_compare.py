@@ -9,12 +9,12 @@ import pytest
 from PIL import Image
 
 from services import compare as cmp
-from services.cometapi import CometAPIClient
-from services.cometapi_provider import CometAPIProvider
+from services.providers.cometapi.client import CometAPIClient
+from services.providers.cometapi.provider import CometAPIProvider
 from services.config import Secret
 from services.errors import InputError
-from services.providers import GenerateRequest
-from services.results import ResultStore
+from services.providers.base import GenerateRequest
+from services.storage.results import ResultStore
 from tests.conftest import FAKE_COMETAPI_KEY
 
 OWNER = "local"
@@ -205,7 +205,7 @@ def test_a_cancelled_grid_starts_no_more_cells(tmp_path):
     import threading
 
     from services.compare import run_grid
-    from services.providers import GeneratedImage, GenerateRequest
+    from services.providers.base import GeneratedImage, GenerateRequest
 
     started, cancel = [], threading.Event()
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from services.config import Settings
-from services.dataset import (
+from services.storage.datasets import (
     DatasetStore,
     add_affixes,
     dataset_warnings,
@@ -20,7 +20,7 @@ from services.dataset import (
     validate_trigger_word,
 )
 from services.errors import DatasetError, InputError
-from services.images import target_size
+from services.storage.images import target_size
 from tests import imagefactory as fx
 
 
@@ -421,7 +421,7 @@ def test_concurrent_imports_never_clobber_each_other(store, tmp_path):
 
 
 def test_hosted_owners_get_separate_unguessable_roots(settings):
-    from services.dataset import DatasetStores
+    from services.storage.datasets import DatasetStores
 
     stores = DatasetStores(settings)
     alice, bob, local = stores("user-alice"), stores("user-bob"), stores("local")
@@ -475,7 +475,7 @@ BOMB_SCRIPT = """
 import re, sys, zipfile
 from pathlib import Path
 from services.config import Settings
-from services.dataset import DatasetStore
+from services.storage.datasets import DatasetStore
 
 tmp = Path(sys.argv[1])
 bomb = tmp / "bomb.zip"
@@ -514,7 +514,7 @@ def test_a_zip_bomb_is_refused_without_the_process_growing(tmp_path):
 
 
 def test_a_hosted_visitor_is_held_to_a_dataset_count_and_a_byte_quota(tmp_path):
-    from services.dataset import DatasetStores
+    from services.storage.datasets import DatasetStores
 
     settings = Settings(data_dir=tmp_path / "d", hosted=True, visitor_max_datasets=2, visitor_max_bytes=400_000)
     visitor = DatasetStores(settings)("visitor-abc")

@@ -8,7 +8,7 @@ from unittest import mock
 import pytest
 import yaml
 
-from services import deploy as dp
+from tools import deploy as dp
 from services.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -81,7 +81,7 @@ def test_no_file_of_the_data_dir_is_served_and_deep_links_are_blocked(settings, 
 def test_the_dataset_list_is_each_visitors_own_not_anonymous(settings, tmp_path):
     """The Dataset tab's list (on load and on Refresh) once came from the 'anonymous' owner for every
     visitor, so a dataset planted there showed in everyone's list and nobody saw their own."""
-    from services.dataset import DatasetStores
+    from services.storage.datasets import DatasetStores
 
     settings = settings.with_(hosted=True)
     DatasetStores(settings)("anonymous").create("planted-by-anonymous")
@@ -117,7 +117,7 @@ def test_a_fine_tune_id_resolves_against_the_callers_own_jobs_only(settings, fak
     from gradio_client.exceptions import AppError
 
     from services.config import Secret
-    from services.jobs import JobStore
+    from services.storage.jobs import JobStore
     from tests.conftest import FAKE_COMETAPI_KEY
 
     settings = settings.with_(hosted=True, cometapi_base_url=fake_cometapi.url,
@@ -225,7 +225,7 @@ def test_the_shared_key_budget_holds_against_cookie_churn_and_counts_captions_pe
     from gradio_client.exceptions import AppError
 
     from services.config import Secret
-    from services.jobs import JobStore
+    from services.storage.jobs import JobStore
     from tests.conftest import FAKE_COMETAPI_KEY
 
     settings = settings.with_(hosted=True, cometapi_base_url=fake_cometapi.url, cometapi_key=Secret(FAKE_COMETAPI_KEY),

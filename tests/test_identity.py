@@ -4,7 +4,7 @@ from __future__ import annotations
 import gradio as gr
 
 from components.identity import VISITOR_COOKIE, owner_for
-from services import visitors
+from services.storage import visitors
 from services.config import Settings
 
 

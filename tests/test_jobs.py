@@ -1,4 +1,4 @@
-"""Tests for services.jobs.JobStore: persistence, owner isolation, validation, threads."""
+"""Tests for services.storage.jobs.JobStore: persistence, owner isolation, validation, threads."""
 from __future__ import annotations
 
 import sqlite3
@@ -9,7 +9,7 @@ import pytest
 
 from services.config import Secret, Settings
 from services.errors import JobError
-from services.jobs import SCHEMA_VERSION, TERMINAL_STATUSES, Job, JobStore
+from services.storage.jobs import SCHEMA_VERSION, TERMINAL_STATUSES, Job, JobStore
 
 
 class FakeClock:
@@ -337,7 +337,7 @@ def test_wal_mode_is_on(store: JobStore, db_path: Path) -> None:
 
 def test_store_module_does_not_import_gradio() -> None:
     import ast
-    import services.jobs as mod
+    import services.storage.jobs as mod
 
     tree = ast.parse(Path(mod.__file__).read_text())
     names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
@@ -350,7 +350,7 @@ def test_a_database_kept_off_the_data_dir_is_copied_there_and_restored_from_it(t
     local disk, is copied to the data dir with SQLite's backup API, and a fresh disk starts from it."""
     import threading
 
-    from services.jobs import DatabaseBackup
+    from services.storage.jobs import DatabaseBackup
 
     settings = Settings(data_dir=tmp_path / "bucket", db_dir=tmp_path / "local-disk")
     store = JobStore.from_settings(settings)

@@ -10,8 +10,8 @@ from pathlib import Path
 from gradio_client import Client
 
 from services.config import Secret
-from services.jobs import JobStore
-from services.results import ResultStore
+from services.storage.jobs import JobStore
+from services.storage.results import ResultStore
 from tests.browser import client_owner, running_app
 from tests.conftest import FAKE_COMETAPI_KEY
 

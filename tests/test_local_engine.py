@@ -22,11 +22,11 @@ from PIL import Image  # noqa: E402
 
 from services.config import Secret, Settings  # noqa: E402
 from services.errors import AuthError, EngineUnavailableError, ProviderError  # noqa: E402
-from services.local_engine import tiny  # noqa: E402
-from services.local_engine.train import Trainer, TrainConfig  # noqa: E402
-from services.local_provider import WAITING, LocalProvider, read_losses  # noqa: E402
-from services.local_queue import SLOT, TrainingSlot  # noqa: E402
-from services.providers import GenerateRequest, Provider, TrainRequest  # noqa: E402
+from services.providers.local.engine import tiny  # noqa: E402
+from services.providers.local.engine.train import Trainer, TrainConfig  # noqa: E402
+from services.providers.local.provider import WAITING, LocalProvider, read_losses  # noqa: E402
+from services.providers.local.queue import SLOT, TrainingSlot  # noqa: E402
+from services.providers.base import GenerateRequest, Provider, TrainRequest  # noqa: E402
 from tests.imagefactory import jpeg_bytes, photo  # noqa: E402
 
 CAPTIONS = ["a red ball on green grass", "TOK, a blue cup on a table", "a small dog in the city", "a cat on the beach"]
@@ -462,7 +462,7 @@ def test_delete_waits_for_the_run_to_stop_and_never_hides_a_failure(settings, tm
 
 def test_loading_one_model_does_not_block_generation_with_another(monkeypatch):
     """Loading can be a multi-GB download: it once held the lock every generation needs."""
-    from services.local_engine import infer
+    from services.providers.local.engine import infer
 
     loading, release = threading.Event(), threading.Event()
     loaded: list[str] = []
@@ -497,7 +497,7 @@ def test_loading_one_model_does_not_block_generation_with_another(monkeypatch):
 def test_a_compare_while_the_gpu_trains_is_refused_with_a_reason(settings, trained, tmp_path):
     """On a GPU, generating during a training would load a second copy of the model."""
     from services.errors import EngineUnavailableError
-    from services.local_queue import GpuGate
+    from services.providers.local.queue import GpuGate
 
     provider, remote_id, _, _ = trained
     gpu = GpuGate()
@@ -508,7 +508,7 @@ def test_a_compare_while_the_gpu_trains_is_refused_with_a_reason(settings, train
 
 
 def test_a_hosted_visitors_local_job_lives_in_their_own_folder(settings, tmp_path):
-    from services.owners import owner_dir
+    from services.storage.owners import owner_dir
 
     hosted = settings.with_(hosted=True)
     provider = LocalProvider(hosted, steps_per_sample=0, checkpoint_every=0)

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from services.dataset import DatasetStores
+from services.storage.datasets import DatasetStores
 from services.errors import InputError
-from services.jobs import JobStore
-from services.local_engine import models
-from services.providers import GenerateRequest, TrainRequest
+from services.storage.jobs import JobStore
+from services.providers.local.engine import models
+from services.providers.base import GenerateRequest, TrainRequest
 from services.training import TrainingService
 from tests import imagefactory as fx
 
@@ -55,7 +55,7 @@ def test_the_registry_names_real_hub_models_and_tells_a_folders_family(tmp_path)
 
 
 def test_the_picker_offers_the_registry_and_flux_local_model_and_refuses_anything_else(settings, tmp_path):
-    from services.local_provider import LocalProvider
+    from services.providers.local.provider import LocalProvider
 
     folder = folder_with(tmp_path, "studio-klein", {"_class_name": "Flux2KleinPipeline"})
     values = [v for _, v in models.choices(str(folder))]
@@ -94,7 +94,7 @@ def torch():
 def test_the_tiny_klein_builds_once_offline_and_loads_through_from_pretrained(torch, tmp_path):
     from diffusers import Flux2KleinPipeline
 
-    from services.local_engine import tiny
+    from services.providers.local.engine import tiny
 
     folder = tiny.ensure_tiny_model(tmp_path / "tiny-flux2-klein", "flux2")
     stamp = (folder / "model_index.json").stat().st_mtime_ns
@@ -127,7 +127,7 @@ def pixels(path: Path):
 def test_klein_trains_a_lora_and_compare_uses_its_base_model(torch, settings, tmp_path):
     """A job picks the tiny FLUX.2 [klein] while the engine's default stays the tiny FLUX.1."""
     from services import compare as cmp
-    from services.local_provider import LocalProvider
+    from services.providers.local.provider import LocalProvider
     from tests.test_local_engine import make_zip
 
     provider = LocalProvider(settings, steps_per_sample=0, checkpoint_every=0)
@@ -195,8 +195,8 @@ def test_the_train_tab_sends_the_picked_base_model_and_the_server_checks_it(torc
 
 def _service_on_a_gpu(settings, monkeypatch, gb: float):
     """The training service with the local engine on a (pretend) CUDA GPU of ``gb`` GB."""
-    from services.local_engine import memory
-    from services.local_provider import LocalProvider
+    from services.providers.local.engine import memory
+    from services.providers.local.provider import LocalProvider
 
     monkeypatch.setattr(memory, "detect_gpu", lambda index=0: memory.GpuMemory("Test GPU", gb, None))
     local = LocalProvider(settings.with_(local_model="black-forest-labs/FLUX.1-dev"), device="cuda")
@@ -232,8 +232,8 @@ def test_a_hub_model_is_fetched_into_the_hf_cache_with_the_token_and_progress_sh
     """The worker resolves a Hub base model through download.fetch_base_model (mocked: no network),
     with HF_TOKEN and a progress callback that the job's message shows."""
     from services.config import Secret
-    from services.local_engine import download
-    from services.local_provider import LocalProvider
+    from services.providers.local.engine import download
+    from services.providers.local.provider import LocalProvider
 
     calls = []
 
@@ -256,7 +256,7 @@ def test_a_hub_model_is_fetched_into_the_hf_cache_with_the_token_and_progress_sh
 
 
 def test_a_hosted_visitor_cannot_make_the_server_download_another_base_model(settings):
-    from services.local_provider import LocalProvider
+    from services.providers.local.provider import LocalProvider
 
     local = LocalProvider(settings.with_(hosted=True))
     try:

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from services.local_queue import Run, TrainingSlot
+from services.providers.local.queue import Run, TrainingSlot
 
 WAIT_S = 10.0  # an upper bound for a thread to reach a point it will reach at once
 
@@ -128,7 +128,7 @@ def test_a_holder_that_is_not_cancelled_is_never_evicted(slot, clock):
 
 
 def test_the_gpu_is_never_shared_by_a_training_and_a_generation():
-    from services.local_queue import GpuBusyError, GpuGate
+    from services.providers.local.queue import GpuBusyError, GpuGate
 
     gate = GpuGate()
     generating, finish = threading.Event(), threading.Event()

@@ -9,7 +9,7 @@ import pytest
 
 from services.config import Secret
 from services.errors import ConfigError
-from services.owners import SECRET_FILE, installation_secret, owner_dir
+from services.storage.owners import SECRET_FILE, installation_secret, owner_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 

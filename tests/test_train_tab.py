@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from components.train_tab import (LINGER_SECONDS, RAW, SMOOTHED, keep_polling, loss_frame, queue_markdown,
                                   sample_items)
-from services.jobs import Job, JobStore
-from services.local_queue import Holder
+from services.storage.jobs import Job, JobStore
+from services.providers.local.queue import Holder
 from services.training import TrainingService
 
 

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import pytest
 
-from services.cometapi_provider import CometAPIProvider
+from services.providers.cometapi.provider import CometAPIProvider
 from services.config import Secret
-from services.dataset import DatasetStores
+from services.storage.datasets import DatasetStores
 from services.errors import EndpointUnavailableError, InputError, JobError
-from services.jobs import JobStore
-from services.providers import TrainRequest
-from services.training import RECONCILE_GIVE_UP_S, TrainingService, job_tag
+from services.storage.jobs import JobStore
+from services.providers.base import TrainRequest, job_tag
+from services.training import RECONCILE_GIVE_UP_S, TrainingService
 from tests import imagefactory as fx
 from tests.conftest import FAKE_COMETAPI_KEY
 
@@ -21,7 +21,7 @@ def _provider(fake, key: str = FAKE_COMETAPI_KEY) -> CometAPIProvider:
 
 
 def _client(fake, key):
-    from services.cometapi import CometAPIClient
+    from services.providers.cometapi.client import CometAPIClient
 
     return CometAPIClient(fake.url, Secret(key), sleep=lambda s: None, rand=lambda: 0.5)
 
@@ -276,7 +276,7 @@ class _Resumable:
         return f"ckpt-{tag}"
 
     def status(self, remote_id):
-        from services.providers import TrainStatus
+        from services.providers.base import TrainStatus
 
         if self.state == "interrupted":
             return TrainStatus("failed", message="Interrupted at step 3.", result={"resumable": True})
@@ -329,7 +329,7 @@ class _Curve(_Resumable):
         self.curve: list[tuple[int, float]] = []
 
     def status(self, remote_id):
-        from services.providers import TrainStatus
+        from services.providers.base import TrainStatus
 
         step, loss = self.curve[-1] if self.curve else (None, None)
         return TrainStatus(self.state, step=step, loss=loss, losses=tuple(self.curve))

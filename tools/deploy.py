@@ -1,4 +1,4 @@
-"""Deploy the app to a Hugging Face Space: ``python -m services.deploy`` (or ``make deploy``).
+"""Deploy the app to a Hugging Face Space: ``python -m tools.deploy`` (or ``make deploy``).
 
 ``space.yaml`` is the single source of truth. Hugging Face reads a Space's settings only from
 README.md's front matter, so this module rewrites that front matter from space.yaml (with
@@ -151,7 +151,7 @@ def deploy(config: SpaceConfig, *, token: str, root: Path = ROOT, api=None, env:
         api.set_space_volumes(config.space_id, [Volume(type="bucket", source=config.bucket, mount_path=config.mount_path)])
         variables["FLUX_STUDIO_DATA_DIR"] = config.mount_path
         # SQLite (WAL) is unsafe on a bucket mount: the database stays on the Space's local disk,
-        # copied to the bucket every few minutes and on shutdown (services.jobs.DatabaseBackup).
+        # copied to the bucket every few minutes and on shutdown (services.storage.jobs.DatabaseBackup).
         variables.setdefault("FLUX_STUDIO_DB_DIR", LOCAL_DB_DIR)
     for name, value in variables.items():
         api.add_space_variable(config.space_id, name, value)

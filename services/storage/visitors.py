@@ -1,7 +1,7 @@
 """Visitor tokens for hosted mode: minted by the server, checked by the server.
 
 A token is ``<random>.<mac>``: 128 random bits and an HMAC of them with the installation secret
-(``services.owners``), so a value a client makes up is simply not a token. The owner id kept in
+(``services.storage.owners``), so a value a client makes up is simply not a token. The owner id kept in
 job rows and used for folder names is a keyed hash of the random part; the token itself, the
 capability, is stored nowhere.
 """
@@ -13,7 +13,7 @@ import re
 import secrets
 
 from services.config import Settings
-from services.owners import installation_secret
+from services.storage.owners import installation_secret
 
 _TOKEN_RE = re.compile(r"([0-9a-f]{32})\.([0-9a-f]{32})")
 

@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from services.config import Settings
-from services.jobs import JobStore
-from services.owners import owner_dir
+from services.storage.jobs import JobStore
+from services.storage.owners import owner_dir
 
 log = logging.getLogger(__name__)
 

@@ -7,11 +7,11 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from services.cometapi import CometAPIClient, TaskResult, TaskStatus
+from services.providers.cometapi.client import CometAPIClient, TaskResult, TaskStatus
 from services.config import Secret, Settings
 from services.errors import InputError, TaskNotFoundError
-from services.providers import GeneratedImage, GenerateRequest, ProgressFn, TrainRequest, TrainStatus
-from services.training import job_tag, remote_comment
+from services.providers.base import (GeneratedImage, GenerateRequest, ProgressFn, TrainRequest, TrainStatus, job_tag,
+                                     remote_comment)
 
 # Which base model a fine-tune model is compared against (contract: "Inference with a fine-tune").
 BASE_FOR = {

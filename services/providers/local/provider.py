@@ -5,13 +5,13 @@ Jobs live in ``<data_dir>/local_jobs/<remote_id>/`` (hosted, a visitor's in thei
 
     dataset.zip        the training zip, copied at submission
     config.json        the training configuration (TrainConfig)
-    state.json         state, step, loss, samples, ... (written atomically: services.atomic)
+    state.json         state, step, loss, samples, ... (written atomically: services.storage.atomic)
     samples/           sample images every N steps (fixed seed, so they show the LoRA learning)
     checkpoints/       the latest checkpoint: LoRA + optimizer + step + RNG
     output/            pytorch_lora_weights.safetensors, README.md (model card), samples/
 
 One training runs at a time (per process); further jobs wait in line for the training slot
-(``services.local_queue``). Each run has a daemon thread. ``close()`` stops this provider's runs
+(``services.providers.local.queue``). Each run has a daemon thread. ``close()`` stops this provider's runs
 at a checkpoint; if the app stops mid-run, ``status`` reports the job as failed but resumable
 from its last checkpoint, and ``resume`` continues it from there.
 
@@ -33,7 +33,7 @@ import time
 import uuid
 from pathlib import Path
 
-from services import atomic
+from services.storage import atomic
 from services.config import THREAD_PREFIX, Secret, Settings
 from services.errors import (
     EngineUnavailableError,
@@ -42,10 +42,10 @@ from services.errors import (
     StudioError,
     TaskNotFoundError,
 )
-from services.local_engine import models, release_gpu_memory
-from services.owners import LOCAL_OWNER, owner_dir
-from services.local_queue import GPU, SLOT, GpuBusyError, GpuGate, Holder, Run, TrainingSlot
-from services.providers import GeneratedImage, GenerateRequest, ProgressFn, TrainRequest, TrainStatus
+from services.providers.local.engine import models, release_gpu_memory
+from services.storage.owners import LOCAL_OWNER, owner_dir
+from services.providers.local.queue import GPU, SLOT, GpuBusyError, GpuGate, Holder, Run, TrainingSlot
+from services.providers.base import GeneratedImage, GenerateRequest, ProgressFn, TrainRequest, TrainStatus
 
 log = logging.getLogger("flux_studio.local")
 
@@ -181,7 +181,7 @@ class LocalProvider:
 
     def memory_plan(self, request: TrainRequest, spec: str | None = None):
         """The memory preset, its estimated peak and the GPU, for the Train tab and the launch check."""
-        from services.local_engine import memory
+        from services.providers.local.engine import memory
 
         base = models.resolve(spec or request.base_model or self.model)
         if base.tiny or not base.transformer_params:
@@ -210,10 +210,10 @@ class LocalProvider:
         downloaded into the HF cache (reused; disk space checked first), a folder is used as is."""
         base = models.resolve(self.model if model is None else model)
         if base.tiny and not base.path:
-            from services.local_engine.tiny import ensure_tiny_model
+            from services.providers.local.engine.tiny import ensure_tiny_model
 
             return str(ensure_tiny_model(self._tiny_dir(base.key), base.family))
-        from services.local_engine.download import fetch_base_model
+        from services.providers.local.engine.download import fetch_base_model
 
         return str(fetch_base_model(base.source, token=self.settings.hf_token, on_progress=on_progress))
 
@@ -442,7 +442,7 @@ class LocalProvider:
                 raise ProviderError(f"Local job {remote_id} did not stop within {wait_s:.0f} s, so its folder was "
                                     "kept.", hint="Try again in a minute, or restart the app and delete it then.")
         try:
-            from services.local_engine import infer
+            from services.providers.local.engine import infer
         except ImportError:  # the engine is not installed: no adapter can be loaded
             infer = None
         if infer is not None:
@@ -470,7 +470,7 @@ class LocalProvider:
             base = model if model is not None else self._read_state(finetune).get("model", self.model)
         else:
             base = self.model if model is None else model
-        from services.local_engine import infer
+        from services.providers.local.engine import infer
 
         try:
             model_path = self._model_path(base)
@@ -502,7 +502,7 @@ class LocalProvider:
         st = self.status(remote_id)
         if st.state != "ready":
             raise InputError(f"The local fine-tune is {st.state}; only finished ones can be published.")
-        from services.local_engine.hub import publish_lora
+        from services.providers.local.engine.hub import publish_lora
 
         url = publish_lora(self._job_dir(remote_id) / "output", repo_id, token, private=private)
         self._update_state(remote_id, hub_url=url)
@@ -511,7 +511,7 @@ class LocalProvider:
     # ------------------------------------------------------------ internals
 
     def _resolution(self, request: TrainRequest, base: "models.BaseModel") -> int:
-        from services.local_engine import tiny as tiny_consts  # no torch import: constants only
+        from services.providers.local.engine import tiny as tiny_consts  # no torch import: constants only
 
         if base.tiny:
             return self.resolution or tiny_consts.TRAIN_RESOLUTION
@@ -678,8 +678,8 @@ class LocalProvider:
                 self._update_state(run.remote_id, **changes)
 
     def _train(self, run: Run):
-        from services.local_engine import infer
-        from services.local_engine.train import config_from_json, pick_device
+        from services.providers.local.engine import infer
+        from services.providers.local.engine.train import config_from_json, pick_device
 
         rid = run.remote_id
         job = self._folder(rid)
@@ -700,7 +700,7 @@ class LocalProvider:
             return self._run_trainer(run, cfg, raw, job)
 
     def _run_trainer(self, run: Run, cfg, raw: dict, job: Path):
-        from services.local_engine.train import Callbacks, Trainer
+        from services.providers.local.engine.train import Callbacks, Trainer
 
         rid = run.remote_id
         trainer = Trainer(cfg, job / "dataset.zip", job)
@@ -741,7 +741,7 @@ class LocalProvider:
             self._update_run_state(run, checkpoint_step=step, step=step, loss=run.live.get("loss"))
 
         if run.resume:
-            from services.local_engine.train import checkpoint_step, latest_checkpoint
+            from services.providers.local.engine.train import checkpoint_step, latest_checkpoint
 
             ckpt = latest_checkpoint(job / "checkpoints")
             run.live.update(step=checkpoint_step(ckpt) if ckpt else 0, samples=list(samples))

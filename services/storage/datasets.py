@@ -26,10 +26,10 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
-from services import atomic
+from services.storage import atomic
 from services.config import THREAD_PREFIX, Settings
 from services.errors import DatasetError, InputError
-from services.images import Prepared, Source, prepare_image, sha256_of
+from services.storage.images import Prepared, Source, prepare_image, sha256_of
 
 ProgressFn = Callable[[int, int, str], None]
 
@@ -741,7 +741,7 @@ class DatasetStores:
     """One ``DatasetStore`` per owner, so every request for an owner shares the same lock.
 
     The local owner keeps the plain ``datasets/`` layout; hosted visitors each get
-    ``owners/<unguessable token>/datasets/`` (see services.owners), so one visitor can never
+    ``owners/<unguessable token>/datasets/`` (see services.storage.owners), so one visitor can never
     list, open or download another's.
     """
 
@@ -751,7 +751,7 @@ class DatasetStores:
         self._lock = threading.Lock()
 
     def root_for(self, owner: str) -> Path:
-        from services.owners import owner_dir
+        from services.storage.owners import owner_dir
 
         if not owner:
             raise DatasetError("This session has no identity.", hint="Reload the page.")
@@ -761,7 +761,7 @@ class DatasetStores:
         with self._lock:
             store = self._stores.pop(owner, None)
             if store is None:
-                from services.owners import LOCAL_OWNER
+                from services.storage.owners import LOCAL_OWNER
 
                 store = DatasetStore(self.root_for(owner), self.settings,
                                      quota=self.settings.hosted and owner != LOCAL_OWNER)

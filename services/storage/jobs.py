@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
-from services import atomic
+from services.storage import atomic
 from services.errors import JobError
 
 if TYPE_CHECKING:  # only for the type hint; keeps import order free
@@ -266,7 +266,7 @@ def _migrate_to_1(conn: sqlite3.Connection) -> None:
 
 # Index i migrates user_version i -> i + 1. Append only.
 def _migrate_to_2(conn: sqlite3.Connection) -> None:
-    # Every generated image's record (services.results), one row each, read newest first per owner.
+    # Every generated image's record (services.storage.results), one row each, read newest first per owner.
     conn.execute(
         """
         CREATE TABLE results (

@@ -30,7 +30,7 @@ from pathlib import Path, PurePosixPath
 
 from services.config import Secret
 from services.errors import InputError, NetworkError, ProviderError, RateLimitedError, ServerError
-from services.local_engine.hub import HUB_URL, validate_repo_id
+from services.providers.local.engine.hub import HUB_URL, validate_repo_id
 
 log = logging.getLogger("flux_studio.local_engine")
 

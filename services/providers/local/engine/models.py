@@ -63,7 +63,7 @@ class BaseModel:
 
 
 def _tiny(key: str, family: str) -> BaseModel:
-    from services.local_engine import tiny  # constants only, no torch
+    from services.providers.local.engine import tiny  # constants only, no torch
 
     name = "FLUX.1" if family == FLUX1 else "FLUX.2 [klein]"
     return BaseModel(
@@ -145,7 +145,7 @@ def _custom(spec: str, family: str, *, label: str, repo_id: str = "", path: str 
 
 def from_folder(folder: str | Path) -> BaseModel:
     """The model in a local diffusers folder (a tiny test model built by the app is recognised)."""
-    from services.local_engine import tiny
+    from services.providers.local.engine import tiny
 
     path = Path(folder).expanduser()
     if not path.is_dir():

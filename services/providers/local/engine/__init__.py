@@ -1,4 +1,4 @@
-"""The local training and inference engine (diffusers + peft), behind ``services.local_provider``.
+"""The local training and inference engine (diffusers + peft), behind ``services.providers.local.provider``.
 
 Every module here imports torch / diffusers lazily, inside functions, so that importing the
 package costs nothing where the optional extra (``requirements-local.txt``) is not installed.

@@ -17,7 +17,7 @@ import secrets
 import threading
 from pathlib import Path
 
-from services import atomic
+from services.storage import atomic
 from services.config import Settings
 from services.errors import ConfigError
 

@@ -42,7 +42,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from services import atomic
+from services.storage import atomic
 from services.config import Secret
 from services.errors import (
     AuthError,

@@ -33,10 +33,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
-from services import atomic
+from services.storage import atomic
 from services.errors import InputError
-from services.local_engine import memory, quiet_libraries
-from services.local_engine.families import FLUX1_LORA_TARGETS, TextEmbeds, adapter
+from services.providers.local.engine import memory, quiet_libraries
+from services.providers.local.engine.families import FLUX1_LORA_TARGETS, TextEmbeds, adapter
 
 log = logging.getLogger("flux_studio.local_engine")
 
@@ -47,7 +47,7 @@ LORA_TARGETS = FLUX1_LORA_TARGETS  # FLUX.1's; each family names its own (famili
 BUCKET_RATIOS = (1.0, 4 / 3, 3 / 4, 3 / 2, 2 / 3, 16 / 9, 9 / 16)
 MAX_DATASET_IMAGES = 200
 # Captions are encoded this many at a time: T5-XXL's activations for 200 captions of 512 tokens in
-# one batch would take several GB beside the model (services.local_engine.memory counts one chunk).
+# one batch would take several GB beside the model (services.providers.local.engine.memory counts one chunk).
 CAPTION_CHUNK = 4
 
 
@@ -96,7 +96,7 @@ class TrainConfig:
     family: str = "flux1"  # "flux1" | "flux2" (models.FAMILIES): which pipeline and adapter
     base_model: str = ""  # the base model's spec (a models.REGISTRY key, a Hub id or a folder)
     device: str | None = None
-    memory_preset: str = ""  # services.local_engine.memory.PRESETS name; "" = from the GPU (none on the CPU)
+    memory_preset: str = ""  # services.providers.local.engine.memory.PRESETS name; "" = from the GPU (none on the CPU)
 
 
 @dataclass
@@ -130,7 +130,7 @@ class Example:
 
 
 def with_trigger(caption: str, trigger: str) -> str:
-    from services.dataset import contains_trigger  # the app's one rule for trigger words
+    from services.storage.datasets import contains_trigger  # the app's one rule for trigger words
 
     caption = " ".join(caption.split())
     if not trigger:
@@ -631,7 +631,7 @@ def checkpoint_step(path: Path) -> int:
 
 def model_card(cfg: TrainConfig, image_count: int, samples: list[str], losses: list[float]) -> str:
     """A Hugging Face model card: front matter (base_model, tags) and how to use the LoRA."""
-    from services.local_engine import models
+    from services.providers.local.engine import models
 
     try:
         base_model = models.resolve(cfg.base_model or cfg.base_model_id or cfg.model_path)

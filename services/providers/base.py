@@ -1,7 +1,7 @@
 """The provider interface the tabs use, whoever trains and generates.
 
 A provider trains a fine-tune from a dataset zip and generates images with a base model
-or a fine-tune. CometAPI (``services.cometapi_provider``) is one; the local diffusers
+or a fine-tune. CometAPI (``services.providers.cometapi.provider``) is one; the local diffusers
 engine is another. The tabs only ever see the types in this module.
 """
 from __future__ import annotations
@@ -35,6 +35,17 @@ PRESETS: dict[str, dict] = {
 ProgressFn = Callable[[int, int], None]
 
 
+# A job's tag: sent with its fine-tune to a provider, so that after a restart or a dropped
+# connection the job is found there by it instead of being uploaded twice.
+def job_tag(job_id: str) -> str:
+    return f"fs-{job_id[:12]}"
+
+
+def remote_comment(name: str, job_id: str) -> str:
+    """The fine-tune name sent to the provider: the user's name plus our tag for recovery."""
+    return f"{name.strip()} [{job_tag(job_id)}]"
+
+
 @dataclass(frozen=True)
 class TrainRequest:
     name: str
@@ -49,10 +60,10 @@ class TrainRequest:
     # Local engine only: recompute activations in the backward pass (much less GPU memory, slower steps).
     # None = automatic: on for real models, off for the tiny test model.
     gradient_checkpointing: bool | None = None
-    # Local engine only: the base model to train on (a key of services.local_engine.models, or the
+    # Local engine only: the base model to train on (a key of services.providers.local.engine.models, or the
     # configured FLUX_LOCAL_MODEL); None = the engine's default. Checked by the provider; CometAPI ignores it.
     base_model: str | None = None
-    # Local engine only, on a CUDA GPU: a services.local_engine.memory preset name ("" = picked from the GPU).
+    # Local engine only, on a CUDA GPU: a services.providers.local.engine.memory preset name ("" = picked from the GPU).
     memory_preset: str = ""
 
     def problems(self) -> dict[str, str]:
@@ -64,7 +75,7 @@ class TrainRequest:
             p["name"] = "Keep the name under 100 characters."
         if self.mode not in MODES:
             p["mode"] = f"Pick one of {', '.join(MODES)}."
-        from services.dataset import _TRIGGER_RE  # one rule for trigger words everywhere
+        from services.storage.datasets import _TRIGGER_RE  # one rule for trigger words everywhere
 
         if not _TRIGGER_RE.match(self.trigger_word or ""):
             p["trigger_word"] = "Use 1-40 letters, digits, _ or -, no spaces (for example TOK)."

@@ -1,0 +1,1 @@
+"""CometAPI: the HTTP client (client.py) and CometAPI as a provider (provider.py)."""

@@ -1,0 +1,95 @@
+"""The code's layers, checked from the import graph: the pages, then workflows, then providers and
+storage, then configuration and errors; nothing imports upward, services/ never imports gradio, and
+no two modules import each other in a circle."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGES, WORKFLOWS, PARTS, BASE = 4, 3, 2, 1
+WORKFLOW_MODULES = {"services.studio", "services.training", "services.compare", "services.captioning",
+                    "services.access", "services.finetunes"}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def our_modules() -> dict[str, Path]:
+    files = [ROOT / "app.py", *ROOT.glob("components/**/*.py"), *ROOT.glob("services/**/*.py"),
+             *ROOT.glob("tools/**/*.py")]
+    return {module_name(p): p for p in files}
+
+
+def imports_of(path: Path, modules: dict[str, Path]) -> set[str]:
+    """Our modules that ``path`` imports, at the top or inside a function (lazy imports count too)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        for name in names:
+            while name and name not in modules:
+                name = name.rpartition(".")[0]
+            if name:
+                found.add(name)
+    return found
+
+
+def layer(module: str) -> int:
+    if module == "app" or module.startswith("components"):
+        return PAGES
+    if module in WORKFLOW_MODULES:
+        return WORKFLOWS
+    if module.startswith(("services.providers", "services.storage")):
+        return PARTS
+    if module in ("services.config", "services.errors", "services"):
+        return BASE
+    raise AssertionError(f"{module} is in no layer: add it to one in {__file__}")
+
+
+def graph() -> dict[str, set[str]]:
+    modules = our_modules()
+    return {name: imports_of(path, modules) - {name} for name, path in modules.items()
+            if not name.startswith("tools")}
+
+
+def test_every_import_points_down_or_across_never_up():
+    upward = sorted(f"{a} ({layer(a)}) imports {b} ({layer(b)})" for a, deps in graph().items() for b in deps
+                    if layer(b) > layer(a))
+    assert upward == []
+
+
+def test_storage_knows_nothing_of_providers_and_services_nothing_of_gradio():
+    g = graph()
+    assert sorted(f"{a} -> {b}" for a, deps in g.items() if a.startswith("services.storage")
+                  for b in deps if b.startswith("services.providers")) == []
+    uses_gradio = [p for p in ROOT.glob("services/**/*.py") if "gradio" in {
+        n.split(".")[0] for node in ast.walk(ast.parse(p.read_text(encoding="utf-8")))
+        for n in ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                  [node.module or ""] if isinstance(node, ast.ImportFrom) else [])}]
+    assert uses_gradio == []
+
+
+def test_there_is_no_import_cycle():
+    g = graph()
+    cycles: list[list[str]] = []
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for dep in sorted(g.get(node, ())):
+            if state.get(dep) == 1:
+                cycles.append(path[path.index(dep):] + [dep])
+            elif dep not in state:
+                visit(dep, path + [dep])
+        state[node] = 2
+
+    for start in sorted(g):
+        if start not in state:
+            visit(start, [start])
+    assert cycles == [], "\n".join(" -> ".join(c) for c in cycles)

@@ -1,0 +1,1 @@
+"""Commands run by hand (make deploy), outside the app's request path."""
