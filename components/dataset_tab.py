@@ -16,7 +16,7 @@ from components.serving import servable, servable_items
 from services.storage import datasets as ds_service
 from services.config import Settings
 from services.storage.datasets import Dataset, DatasetStore
-from services.captioning import Captioner, images_to_caption
+from services.captioning import CAPTION_MODES, Captioner, images_to_caption
 from services.errors import InputError
 
 COLUMNS = ["file", "caption", "width", "height", "notes"]
@@ -131,7 +131,7 @@ def build(stores: Callable[[str], DatasetStore], settings: Settings,
                 else "**Needs a CometAPI key:** set `COMETAPI_KEY` and restart the app."))
         )
         with gr.Row():
-            caption_mode = gr.Radio(["character", "product", "style", "general"], value="general",
+            caption_mode = gr.Radio(list(CAPTION_MODES), value="general",
                                     label="What the dataset shows", elem_id="dataset-caption-mode")
             only_empty = gr.Checkbox(value=True, label="Only fill empty captions", elem_id="dataset-caption-only-empty")
             caption_btn = gr.Button("Auto-caption", elem_id="dataset-autocaption")

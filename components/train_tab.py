@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -506,8 +505,6 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
             raise InputError(f"'{job.name}' was trained on {job.provider}; only local LoRAs can be published from here.")
         if job.status != "ready" or not job.remote_id:
             raise InputError(f"'{job.name}' is {job.status}.", hint="Publish it once it is ready.")
-        if not re.fullmatch(r"[\w.-]+/[\w.-]+", (repo or "").strip()):
-            raise InputError("The repository must look like owner/name.", hint="For example: your-name/my-flux-lora.")
         if not (token or "").strip():
             raise InputError("The token is empty.", hint="Paste a Hugging Face token with write access.")
         url = local.publish(job.remote_id, repo.strip(), Secret(token), private=bool(private_))

@@ -54,6 +54,10 @@ class CaptionReport:
         return text
 
 
+# What a dataset may show, each with its own captioning instructions (the Dataset tab's choices).
+CAPTION_MODES: tuple[str, ...] = tuple(INSTRUCTIONS)
+
+
 def images_to_caption(ds: Dataset, only_empty: bool) -> list[str]:
     """The files a captioning run sends, one paid vision call each."""
     return [item.file for item in ds.items if not (only_empty and item.caption.strip())]

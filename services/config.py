@@ -200,9 +200,6 @@ class Settings:
     def datasets_dir(self) -> Path:
         return self.data_dir / "datasets"
 
-    @property
-    def exports_dir(self) -> Path:
-        return self.data_dir / "exports"
 
     @property
     def worker_count(self) -> int:

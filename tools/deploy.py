@@ -18,11 +18,11 @@ from typing import Any
 
 import yaml
 
-from services.errors import ConfigError
+from services.errors import ConfigError, InputError
+from services.providers.local.engine.hub import validate_repo_id
 
 ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger("flux_studio.deploy")
-_FRONT = re.compile(r"\A---\n.*?\n---\n", re.S)
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,10 @@ class SpaceConfig:
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path} is not valid YAML ({exc.__class__.__name__}).") from None
         space_id = str(raw.get("space_id", "")).strip()
-        if not re.fullmatch(r"[\w.-]+/[\w.-]+", space_id):
-            raise ConfigError(f"space_id in {path.name} must look like owner/name, got {space_id!r}.")
+        try:
+            validate_repo_id(space_id)
+        except InputError:
+            raise ConfigError(f"space_id in {path.name} must look like owner/name, got {space_id!r}.") from None
         if len(str(raw.get("short_description", ""))) > 60:
             raise ConfigError("short_description must be at most 60 characters (a Hugging Face limit).")
         storage = raw.get("storage") or {}
@@ -111,13 +113,14 @@ def front_matter(config: SpaceConfig, gradio_version: str) -> dict[str, Any]:
 
 
 def sync_readme(readme: Path, config: SpaceConfig, gradio_version: str) -> bool:
-    """Write README.md's front matter from space.yaml; returns whether the file changed."""
+    """Write README.md's front matter from space.yaml (huggingface_hub's SpaceCard writes it as the Hub
+    reads it); returns whether the file changed."""
+    from huggingface_hub import SpaceCard, SpaceCardData
+
     text = readme.read_text(encoding="utf-8")
-    body = _FRONT.sub("", text, count=1)
-    block = yaml.safe_dump(front_matter(config, gradio_version), sort_keys=False, allow_unicode=True,
-                           default_style=None)
-    block = block.replace(f"python_version: {config.python_version}\n", f"python_version: '{config.python_version}'\n")
-    new = f"---\n{block}---\n\n{body.lstrip()}"
+    card = SpaceCard(text, ignore_metadata_errors=True)
+    card.data = SpaceCardData(**front_matter(config, gradio_version))
+    new = str(card)
     if new != text:
         readme.write_text(new, encoding="utf-8")
         return True

@@ -31,13 +31,12 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from services.storage import atomic
+from services.config import THREAD_PREFIX, Secret, Settings
 from services.errors import JobError
 
-if TYPE_CHECKING:  # only for the type hint; keeps import order free
-    from services.config import Settings
 
 log = logging.getLogger("flux_studio.jobs")
 
@@ -199,7 +198,7 @@ def _reject_secrets(value: Any, where: str, path: str = "") -> None:
             f"Refusing to store {where} field {path or '(value)'!r}: the value looks like an API key.",
             hint="API keys are never saved with a job.",
         )
-    elif type(value).__name__ == "Secret":  # services.config.Secret, without importing it
+    elif isinstance(value, Secret):
         raise JobError(f"Refusing to store {where} field {path!r}: it is a Secret.")
 
 
@@ -701,7 +700,6 @@ class DatabaseBackup:
         self._thread: threading.Thread | None = None
 
     def start(self) -> "DatabaseBackup":
-        from services.config import THREAD_PREFIX
 
         self._thread = threading.Thread(target=self._run, name=f"{THREAD_PREFIX}db-backup", daemon=True)
         self._thread.start()

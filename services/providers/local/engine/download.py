@@ -20,7 +20,6 @@ nor put in a message.
 from __future__ import annotations
 
 import glob
-import importlib
 import logging
 import shutil
 import threading
@@ -30,7 +29,7 @@ from pathlib import Path, PurePosixPath
 
 from services.config import Secret
 from services.errors import InputError, NetworkError, ProviderError, RateLimitedError, ServerError
-from services.providers.local.engine.hub import HUB_URL, validate_repo_id
+from services.providers.local.engine.hub import HUB_URL, scrub, status_of, transport_errors, validate_repo_id
 
 log = logging.getLogger("flux_studio.local_engine")
 
@@ -342,34 +341,6 @@ def _cached_snapshot(repo_id: str, cache_dir: Path | None) -> Path | None:
 # --------------------------------------------------------------------------- errors
 
 
-def _transport_errors() -> tuple[type[BaseException], ...]:
-    """Connection failures of the HTTP client huggingface_hub uses (httpx in 1.x, httpx2 later).
-
-    Its HfHubHTTPError derives from that client's HTTPError; TransportError (connect, timeouts,
-    protocol, proxy) sits beside it in the same module.
-    """
-    from huggingface_hub.errors import HfHubHTTPError
-
-    found: list[type[BaseException]] = []
-    for base in HfHubHTTPError.__mro__[1:]:
-        module = importlib.import_module(base.__module__)
-        transport = getattr(module, "TransportError", None)
-        if isinstance(transport, type) and issubclass(transport, BaseException):
-            found.append(transport)
-            break
-    return tuple(found)
-
-
-def _status(exc: BaseException) -> int | None:
-    code = getattr(getattr(exc, "response", None), "status_code", None)
-    return code if isinstance(code, int) else None
-
-
-def _scrub(text: str, secret: str) -> str:
-    text = text.replace(secret, "********") if secret else text
-    return text.splitlines()[0][:200] if text else ""
-
-
 def hub_error(exc: BaseException, repo_id: str, secret: str) -> ProviderError | InputError:
     """A Hub failure as the error the app shows; never with the token in it."""
     from huggingface_hub.errors import (
@@ -382,7 +353,7 @@ def hub_error(exc: BaseException, repo_id: str, secret: str) -> ProviderError | 
     )
 
     url = f"{HUB_URL}/{repo_id}"
-    code = _status(exc)
+    code = status_of(exc)
     if isinstance(exc, GatedRepoError) or (code == 403 and isinstance(exc, HfHubHTTPError)):
         who = ("the account HF_TOKEN belongs to has not been granted access yet"
                if secret else "no HF_TOKEN is set")
@@ -400,7 +371,7 @@ def hub_error(exc: BaseException, repo_id: str, secret: str) -> ProviderError | 
                                f"(see {url}), or a folder.")
     if isinstance(exc, RevisionNotFoundError):
         return InputError(f"{repo_id} has no such revision.", hint="Check the model id.")
-    network = (OfflineModeIsEnabled, LocalEntryNotFoundError, ConnectionError, TimeoutError, *_transport_errors())
+    network = (OfflineModeIsEnabled, LocalEntryNotFoundError, ConnectionError, TimeoutError, *transport_errors())
     if isinstance(exc, network):
         return NetworkError(f"The Hugging Face Hub cannot be reached to download {repo_id}, and it is not in "
                             "the cache.",
@@ -412,7 +383,7 @@ def hub_error(exc: BaseException, repo_id: str, secret: str) -> ProviderError | 
         return ServerError(f"The Hugging Face Hub failed ({code}) while downloading {repo_id}.",
                            hint="Try again in a few minutes.")
     if isinstance(exc, OSError) and not isinstance(exc, HfHubHTTPError):
-        return InputError(f"Writing {repo_id} to the cache failed: {_scrub(str(exc), secret)}.",
+        return InputError(f"Writing {repo_id} to the cache failed: {scrub(str(exc), secret)}.",
                           hint="Check the disk (space, permissions) of HF_HUB_CACHE.")
-    detail = _scrub(str(exc), secret) or type(exc).__name__
+    detail = scrub(str(exc), secret) or type(exc).__name__
     return ProviderError(f"Downloading {repo_id} failed: {detail}.", hint="Try again.")

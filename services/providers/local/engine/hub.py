@@ -5,7 +5,7 @@ disk, logged or put in an error message.
 """
 from __future__ import annotations
 
-import re
+import importlib
 from pathlib import Path
 
 from services.config import Secret
@@ -19,14 +19,21 @@ from services.errors import (
     ValidationError,
 )
 
-_REPO_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 HUB_URL = "https://huggingface.co"
 
 
 def validate_repo_id(repo_id: str) -> str:
+    """``owner/name`` by the Hub's own rule (huggingface_hub's validator), or InputError."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id as hub_rule
+
     repo_id = (repo_id or "").strip()
-    if not _REPO_ID_RE.match(repo_id) or ".." in repo_id or repo_id.endswith((".", "-")):
-        raise InputError(f"{repo_id!r} is not a Hub repository name.",
+    try:
+        hub_rule(repo_id)
+    except HFValidationError:
+        repo_id = ""
+    if repo_id.count("/") != 1:  # the Hub's rule also takes a bare name; a repo to write to needs its owner
+        raise InputError("That is not a Hub repository name.",
                          hint="Use your-username/model-name (letters, digits, '-', '_' or '.').")
     return repo_id
 
@@ -59,33 +66,48 @@ def publish_lora(folder: Path, repo_id: str, token: Secret, private: bool = True
     return str(getattr(url, "url", "") or f"{HUB_URL}/{repo_id}")
 
 
-def _status_of(exc: Exception) -> int | None:
-    response = getattr(exc, "response", None)
-    code = getattr(response, "status_code", None)
+def transport_errors() -> tuple[type[BaseException], ...]:
+    """Connection failures of the HTTP client huggingface_hub uses (httpx in 1.x, httpx2 later).
+
+    Its HfHubHTTPError derives from that client's HTTPError; TransportError (connect, timeouts,
+    protocol, proxy) sits beside it in the same module.
+    """
+    from huggingface_hub.errors import HfHubHTTPError
+
+    for base in HfHubHTTPError.__mro__[1:]:
+        transport = getattr(importlib.import_module(base.__module__), "TransportError", None)
+        if isinstance(transport, type) and issubclass(transport, BaseException):
+            return (transport,)
+    return ()
+
+
+def status_of(exc: BaseException) -> int | None:
+    code = getattr(getattr(exc, "response", None), "status_code", None)
     return code if isinstance(code, int) else None
 
 
-def _scrub(text: str, secret: str) -> str:
+def scrub(text: str, secret: str) -> str:
+    """The first line of an error's text, with the token replaced, for a message."""
     text = text.replace(secret, "********") if secret else text
     return text.splitlines()[0][:300] if text else ""
 
 
 def _map_error(exc: Exception, repo_id: str, secret: str) -> ProviderError:
-    name = type(exc).__name__
-    detail = _scrub(str(exc), secret)
-    code = _status_of(exc)
-    if code in (401, 403) or name in ("LocalTokenNotFoundError",):
+    from huggingface_hub.errors import HFValidationError, LocalTokenNotFoundError, RepositoryNotFoundError
+
+    detail = scrub(str(exc), secret)
+    code = status_of(exc)
+    if code in (401, 403) or isinstance(exc, LocalTokenNotFoundError):
         return AuthError(f"The Hugging Face Hub refused the token for {repo_id} ({code or 'no token'}).",
                          hint="Use a token with write access to that namespace (huggingface.co/settings/tokens).")
     if code == 429:
         return RateLimitedError("The Hugging Face Hub is rate limiting uploads.", hint="Try again in a few minutes.")
     if code is not None and code >= 500:
         return ServerError(f"The Hugging Face Hub failed ({code}).", hint="Try again in a few minutes.")
-    if code in (400, 404, 409, 422) or name in ("HFValidationError", "RepositoryNotFoundError", "BadRequestError"):
+    if code in (400, 404, 409, 422) or isinstance(exc, (HFValidationError, RepositoryNotFoundError)):
         return ValidationError(f"The Hugging Face Hub rejected the upload to {repo_id}: {detail or code}.",
                                hint="Check the repository name and that you may write to it.")
-    network = ("ConnectError", "ConnectTimeout", "ReadTimeout", "TimeoutException", "NetworkError",
-               "RemoteProtocolError", "ConnectionError", "ProxyError")
-    if name in network or isinstance(exc, (ConnectionError, TimeoutError)):
+    if isinstance(exc, (ConnectionError, TimeoutError, *transport_errors())):
         return NetworkError("Could not reach the Hugging Face Hub.", hint="Check the connection and try again.")
-    return ProviderError(f"Publishing to the Hugging Face Hub failed: {detail or name}.", hint="Try again.")
+    return ProviderError(f"Publishing to the Hugging Face Hub failed: {detail or type(exc).__name__}.",
+                         hint="Try again.")
