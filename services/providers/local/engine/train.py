@@ -638,21 +638,15 @@ def model_card(cfg: TrainConfig, image_count: int, samples: list[str], losses: l
     except InputError:  # a folder moved since: the family's defaults will do for the snippet
         base_model = models.FAMILY_DEFAULTS[cfg.family]
     pipeline_class = models.pipeline_of(cfg.family)
-    front = ["---"]
-    if cfg.base_model_id:
-        front.append(f"base_model: {cfg.base_model_id}")
-    front += [
-        "library_name: diffusers",
-        "pipeline_tag: text-to-image",
-        f"instance_prompt: {cfg.trigger_word}",
-        "tags:", "- lora", "- flux", "- diffusers", "- text-to-image", "- flux-finetune-studio",
-        *(["- flux2-klein"] if cfg.family == models.FLUX2 else []),
-    ]
-    if samples:
-        front.append("widget:")
-        for s in samples[-1:]:
-            front += [f"- text: {json.dumps(cfg.sample_prompt or cfg.trigger_word)}", "  output:", f"    url: {s}"]
-    front.append("---")
+    from huggingface_hub import ModelCard, ModelCardData
+
+    data = ModelCardData(
+        base_model=cfg.base_model_id or None, library_name="diffusers", pipeline_tag="text-to-image",
+        instance_prompt=cfg.trigger_word,
+        tags=["lora", "flux", "diffusers", "text-to-image", "flux-finetune-studio",
+              *(["flux2-klein"] if cfg.family == models.FLUX2 else [])],
+        widget=[{"text": cfg.sample_prompt or cfg.trigger_word, "output": {"url": s}} for s in samples[-1:]] or None,
+    )
     base = cfg.base_model_label or cfg.base_model_id or cfg.model_path
     load_id = cfg.base_model_id or "<path to the base model>"
     params = {
@@ -694,7 +688,7 @@ def model_card(cfg: TrainConfig, image_count: int, samples: list[str], losses: l
         "```",
         "",
     ]
-    return "\n".join(front + body)
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n" + "\n".join(body)))
 
 
 def config_to_json(cfg: TrainConfig) -> dict:
