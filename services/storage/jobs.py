@@ -65,26 +65,6 @@ DB_FILENAME = "jobs.sqlite3"
 _BUSY_TIMEOUT_MS = 10_000
 _MAX_LIST_LIMIT = 10_000
 
-# Columns update() may change. id, owner and created_at are fixed for life; updated_at is ours.
-_UPDATABLE: frozenset[str] = frozenset(
-    {
-        "provider",
-        "remote_id",
-        "kind",
-        "name",
-        "dataset_name",
-        "dataset_hash",
-        "params",
-        "status",
-        "progress",
-        "eta_s",
-        "message",
-        "error",
-        "result",
-        "started_at",
-        "finished_at",
-    }
-)
 _JSON_COLUMNS: frozenset[str] = frozenset({"params", "result"})
 
 # --------------------------------------------------------------------------- the record
@@ -304,6 +284,8 @@ _COLUMNS: tuple[str, ...] = (
     "started_at",
     "finished_at",
 )
+# Columns update() may change: id, owner and created_at are fixed for life; updated_at is ours.
+_UPDATABLE: frozenset[str] = frozenset(_COLUMNS) - {"id", "owner", "created_at", "updated_at"}
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM jobs"
 
 
