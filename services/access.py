@@ -28,20 +28,6 @@ class RateLimiter:
         self._calls: OrderedDict[str, deque[float]] = OrderedDict()
         self._lock = threading.RLock()
 
-    def check(self, key: str, cost: int = 1) -> None:
-        """Count ``cost`` calls for ``key``, or raise RateLimitedError (counting nothing)."""
-        with self._lock:
-            wait = self.refusal(key, cost)
-            if wait is not None:
-                used = self.used(key)
-                raise RateLimitedError(
-                    f"You have used this app's shared CometAPI key {used} times in the last "
-                    f"{self.window / 3600:g} hour(s); the limit is {self.limit}.",
-                    hint=f"Try again in {wait / 60:.0f} minutes, or enter your own CometAPI key at the top of the page.",
-                    retry_after=wait,
-                )
-            self.record(key, cost)
-
     def refusal(self, key: str, cost: int) -> float | None:
         """None if ``cost`` more calls fit now; else the seconds until they would."""
         with self._lock:

@@ -25,14 +25,13 @@ class Named:
 def test_rate_limiter_sliding_window_per_owner():
     clock = Clock()
     limiter = RateLimiter(limit=2, window=60, clock=clock)
-    limiter.check("a")
-    limiter.check("a")
-    with pytest.raises(RateLimitedError, match="limit is 2") as exc:
-        limiter.check("a")
-    assert 0 < exc.value.retry_after <= 60
-    limiter.check("b")  # another visitor has their own allowance
+    assert limiter.refusal("a", 2) is None
+    limiter.record("a", 2)
+    clock.t = 10
+    assert limiter.refusal("a", 1) == 50  # the oldest call leaves the window in 50 s
+    assert limiter.refusal("b", 2) is None and limiter.remaining("a") == 0  # another has their own allowance
     clock.t = 61
-    limiter.check("a")
+    assert limiter.refusal("a", 2) is None and limiter.remaining("a") == 2
 
 
 def test_own_key_gets_its_own_provider_and_is_not_limited(tmp_path):
