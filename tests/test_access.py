@@ -99,10 +99,10 @@ def test_the_limiters_memory_is_bounded():
     clock = Clock()
     limiter = RateLimiter(limit=5, window=60, clock=clock, max_keys=100)
     for i in range(10_000):
-        limiter.check(f"churn-{i}")
+        limiter.record(f"churn-{i}", 1)
     assert len(limiter) == 100
     clock.t = 61
-    limiter.check("fresh")
+    limiter.record("fresh", 1)
     assert limiter.used("churn-9999") == 0 and len(limiter) <= 100
 
 
