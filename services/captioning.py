@@ -144,4 +144,4 @@ class Captioner:
                 {"type": "image_url", "image_url": {"url": _data_url(path)}},
             ],
         }]
-        return clean_caption(client.chat_completion(self.model, messages, max_tokens=120, temperature=0.2), trigger)
+        return clean_caption(client.chat.complete(self.model, messages, max_tokens=120, temperature=0.2), trigger)

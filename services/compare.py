@@ -22,12 +22,11 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from services.storage import atomic
 from services.config import THREAD_PREFIX
 from services.errors import InputError, ModeratedError, StudioError
-from services.providers.base import GenerateRequest, Provider
+from services.providers.base import STRENGTH_RANGE, GenerateRequest, Provider
 from services.storage.results import ResultStore
 
 log = logging.getLogger(__name__)
 
-STRENGTH_RANGE = (0.0, 2.0)
 MAX_GRID_CELLS = 48
 
 

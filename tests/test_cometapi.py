@@ -22,8 +22,10 @@ import pytest
 import respx
 from PIL import Image
 
-from services.providers.cometapi.client import CometAPIClient, TaskResult, TaskStatus
+from services.providers.cometapi.client import CometAPIClient
+from services.providers.cometapi.tasks import TaskResult, TaskStatus
 from services.config import Secret, Settings
+from services.providers.base import TrainRequest
 from services.errors import (
     AuthError,
     ConfigError,
@@ -124,7 +126,7 @@ def assert_no_key(*things: object) -> None:
 def test_submit_finetune_streams_the_zip_with_content_length(client, fake_cometapi, tmp_path):
     zpath = dataset_zip(tmp_path / "ds.zip", images=4)
     progress: list[tuple[int, int]] = []
-    finetune_id = client.submit_finetune(
+    finetune_id = client.finetunes.submit(
         zpath, comment="my cat", mode="character", trigger_word="MYCAT", iterations=500,
         finetune_type="lora", lora_rank=16, on_upload_progress=lambda s, t: progress.append((s, t)),
     )
@@ -142,10 +144,10 @@ def test_submit_finetune_streams_the_zip_with_content_length(client, fake_cometa
 
 def test_finetune_lifecycle_wait_details_list_delete(client, fake_cometapi, clock, tmp_path):
     fake_cometapi.finetune_pending_polls = 3
-    finetune_id = client.submit_finetune(dataset_zip(tmp_path / "ds.zip"), comment="dogs", mode="general",
-                                         learning_rate=2e-5)
+    finetune_id = client.finetunes.submit(dataset_zip(tmp_path / "ds.zip"), comment="dogs", mode="general",
+                                          learning_rate=2e-5)
     seen: list[TaskResult] = []
-    result = client.wait(finetune_id, on_progress=seen.append)
+    result = client.tasks.wait(finetune_id, on_progress=seen.append)
     assert result.is_ready and result.id == finetune_id
     assert [r.status for r in seen] == ["Pending"] * 3 + ["Ready"]
     assert seen[0].progress is None  # fine-tunes may not report progress at first
@@ -153,26 +155,26 @@ def test_finetune_lifecycle_wait_details_list_delete(client, fake_cometapi, cloc
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
     assert clock.sleeps == [1.0, 1.5, 2.25]  # rand=0.5 -> no jitter; grows x1.5
 
-    details = client.finetune_details(finetune_id)
+    details = client.finetunes.details(finetune_id)
     assert (details.comment, details.mode, details.trigger_word, details.learning_rate) == ("dogs", "general", "TOK", 2e-5)
     assert details.finetune_type == "full" and details.lora_rank == 32 and details.iterations == 300
-    assert client.list_finetunes() == [finetune_id]
-    deleted = client.delete_finetune(finetune_id)
+    assert client.finetunes.list_ids() == [finetune_id]
+    deleted = client.finetunes.delete(finetune_id)
     assert deleted["deleted_finetune_id"] == finetune_id
-    assert client.list_finetunes() == []
+    assert client.finetunes.list_ids() == []
 
 
 def test_generate_base_and_finetuned_then_download(client, fake_cometapi, tmp_path):
     finetune_id = ready_finetune(fake_cometapi)
-    base_id = client.generate("flux-pro-1.1", prompt="a TOK cat on a sofa", seed=7, width=512, height=384)
-    tuned_id = client.generate_finetuned("flux-pro-finetuned", finetune_id, 1.2, prompt="a TOK cat on a sofa",
-                                         seed=7, width=512, height=384, steps=30)
-    base, tuned = client.wait(base_id), client.wait(tuned_id)
+    base_id = client.images.generate("flux-pro-1.1", prompt="a TOK cat on a sofa", seed=7, width=512, height=384)
+    tuned_id = client.images.generate_finetuned("flux-pro-finetuned", finetune_id, 1.2, prompt="a TOK cat on a sofa",
+                                                seed=7, width=512, height=384, steps=30)
+    base, tuned = client.tasks.wait(base_id), client.tasks.wait(tuned_id)
     assert base.seed == tuned.seed == 7 and base.prompt == "a TOK cat on a sofa"
     assert base.sample_url and tuned.sample_url and base.duration is not None
 
-    base_img = Image.open(io.BytesIO(client.download(base.sample_url)))
-    out = client.download_to(tuned.sample_url, tmp_path / "out" / "tuned.jpeg")
+    base_img = Image.open(client.images.download_to(base.sample_url, tmp_path / "base.jpeg"))
+    out = client.images.download_to(tuned.sample_url, tmp_path / "out" / "tuned.jpeg")
     tuned_img = Image.open(out)
     assert base_img.format == "JPEG" and base_img.size == tuned_img.size == (512, 384)
     assert base_img.getpixel((5, 5)) != tuned_img.getpixel((5, 5))  # the fine-tune changed the image
@@ -189,16 +191,16 @@ def test_fake_sample_colour_is_deterministic_and_strength_dependent():
     assert sample_colour("p", 1, "ft", 1.0) != sample_colour("p", 1, "ft", 2.0)
 
 
-def test_ultra_finetuned_uses_aspect_ratio(client, fake_cometapi):
+def test_ultra_finetuned_uses_aspect_ratio(client, fake_cometapi, tmp_path):
     finetune_id = ready_finetune(fake_cometapi)
-    task = client.generate_finetuned("flux-pro-1.1-ultra-finetuned", finetune_id, 0.9, prompt="x", aspect_ratio="9:16")
-    img = Image.open(io.BytesIO(client.download(client.wait(task).sample_url)))
+    task = client.images.generate_finetuned("flux-pro-1.1-ultra-finetuned", finetune_id, 0.9, prompt="x", aspect_ratio="9:16")
+    img = Image.open(client.images.download_to(client.tasks.wait(task).sample_url, tmp_path / "ultra.jpeg"))
     assert img.height > img.width
 
 
 def test_chat_completion_captions_an_image(client, fake_cometapi):
     data_url = "data:image/jpeg;base64," + base64.b64encode(jpeg((320, 200))).decode()
-    caption = client.chat_completion(
+    caption = client.chat.complete(
         "gpt-4o-mini",
         [{"role": "user", "content": [{"type": "text", "text": "Caption this."},
                                       {"type": "image_url", "image_url": {"url": data_url}}]}],
@@ -212,7 +214,7 @@ def test_chat_completion_captions_an_image(client, fake_cometapi):
 def test_from_settings(fake_cometapi):
     settings = Settings(cometapi_base_url=fake_cometapi.url, cometapi_key=Secret(KEY))
     with CometAPIClient.from_settings(settings, sleep=lambda s: None) as c:
-        assert c.list_finetunes() == []
+        assert c.finetunes.list_ids() == []
         assert c.has_key
 
 
@@ -236,7 +238,7 @@ def test_streamed_upload_of_20mb_zip_stays_small_in_memory(tmp_path):
         with make_client(url, read=30.0) as c:
             tracemalloc.start()
             try:
-                c.submit_finetune(zpath, comment="big", mode="style")
+                c.finetunes.submit(zpath, comment="big", mode="style")
                 _, peak = tracemalloc.get_traced_memory()
             finally:
                 tracemalloc.stop()
@@ -244,10 +246,10 @@ def test_streamed_upload_of_20mb_zip_stays_small_in_memory(tmp_path):
             # The control routes work across processes too.
             assert httpx.post(f"{url}/_fake/settings", json={"finetune_unavailable": "html"}).status_code == 200
             with pytest.raises(EndpointUnavailableError):
-                c.list_finetunes()
+                c.finetunes.list_ids()
             httpx.post(f"{url}/_fake/fault", json={"action": "fail", "path": "/flux/v1/flux-dev", "status": 402})
             with pytest.raises(InsufficientCreditsError):
-                c.generate("flux-dev", prompt="x")
+                c.images.generate("flux-dev", prompt="x")
     finally:
         proc.terminate()
         proc.wait(timeout=10)
@@ -267,7 +269,7 @@ def test_streamed_upload_of_20mb_zip_stays_small_in_memory(tmp_path):
 def test_missing_key_fails_before_sending(fake_cometapi):
     with make_client(fake_cometapi.url, key="") as c:
         with pytest.raises(AuthError, match="No CometAPI key is set. Set COMETAPI_KEY or enter a key"):
-            c.list_finetunes()
+            c.finetunes.list_ids()
         assert repr(c).endswith("api_key=missing)")
     assert fake_cometapi.requests() == []
 
@@ -275,7 +277,7 @@ def test_missing_key_fails_before_sending(fake_cometapi):
 def test_wrong_key_is_auth_error(fake_cometapi):
     with make_client(fake_cometapi.url, key="sk-wrong") as c:
         with pytest.raises(AuthError, match="did not accept the API key") as info:
-            c.generate("flux-dev", prompt="x")
+            c.images.generate("flux-dev", prompt="x")
     assert "sk-wrong" not in str(info.value)
     assert [r.auth for r in fake_cometapi.requests()] == ["wrong"]
 
@@ -283,7 +285,7 @@ def test_wrong_key_is_auth_error(fake_cometapi):
 def test_forbidden_is_auth_error(client, fake_cometapi):
     fake_cometapi.fail_next("/flux/v1/flux-dev", 403)
     with pytest.raises(AuthError, match="403"):
-        client.generate("flux-dev", prompt="x")
+        client.images.generate("flux-dev", prompt="x")
 
 
 def test_key_never_leaks(fake_cometapi, caplog, tmp_path):
@@ -295,12 +297,12 @@ def test_key_never_leaks(fake_cometapi, caplog, tmp_path):
         fake_cometapi.fail_next("/flux/v1/my_finetunes", 401, json={"error": {"message": f"bad token {KEY}"}})
         fake_cometapi.fail_next("/flux/v1/flux-dev", 422, json={"detail": [{"loc": ["body", "prompt"], "msg": KEY}]})
         fake_cometapi.fail_next("/flux/v1/flux-pro", 503, json={"error": {"message": KEY}})
-        for call in (c.list_finetunes, lambda: c.generate("flux-dev", prompt="x"),
-                     lambda: c.generate("flux-pro", prompt="x"), lambda: c.wait("nope")):
+        for call in (c.finetunes.list_ids, lambda: c.images.generate("flux-dev", prompt="x"),
+                     lambda: c.images.generate("flux-pro", prompt="x"), lambda: c.tasks.wait("nope")):
             with pytest.raises(ProviderError) as info:
                 call()
             errors.append(info.value)
-        c.submit_finetune(dataset_zip(tmp_path / "d.zip"), comment="c", mode="style")
+        c.finetunes.submit(dataset_zip(tmp_path / "d.zip"), comment="c", mode="style")
     for err in errors:
         assert_no_key(err, err.args, err.user_message(), getattr(err, "fields", ""))
     assert "[key hidden]" in str(errors[0])
@@ -321,24 +323,24 @@ def test_client_cannot_be_pickled(client):
 
 def test_422_field_messages_from_the_server(client, fake_cometapi):
     with pytest.raises(ValidationError) as info:
-        client.generate("flux-pro-1.1", prompt="x", width=1000, height=2000)
+        client.images.generate("flux-pro-1.1", prompt="x", width=1000, height=2000)
     assert "multiple of 32" in info.value.fields["width"]
     assert "between 256 and 1440" in info.value.fields["height"]
     assert "width" in str(info.value)
 
     finetune_id = ready_finetune(fake_cometapi)
     with pytest.raises(ValidationError) as info:
-        client.generate_finetuned("flux-pro-finetuned", finetune_id, 1.0, prompt="x", steps=99, guidance=9)
+        client.images.generate_finetuned("flux-pro-finetuned", finetune_id, 1.0, prompt="x", steps=99, guidance=9)
     assert set(info.value.fields) == {"steps", "guidance"}
 
 
 def test_unknown_or_unready_finetune_is_rejected(client, fake_cometapi):
     with pytest.raises(ValidationError) as info:
-        client.generate_finetuned("flux-pro-finetuned", "no-such-id", 1.0, prompt="x")
+        client.images.generate_finetuned("flux-pro-finetuned", "no-such-id", 1.0, prompt="x")
     assert "not found" in info.value.fields["finetune_id"]
     pending = fake_cometapi.add_finetune(ready=False)
     with pytest.raises(ValidationError, match="not ready"):
-        client.generate_finetuned("flux-pro-1.1-ultra-finetuned", pending, 1.0, prompt="x")
+        client.images.generate_finetuned("flux-pro-1.1-ultra-finetuned", pending, 1.0, prompt="x")
 
 
 def test_400_envelope_with_param(client, fake_cometapi):
@@ -346,7 +348,7 @@ def test_400_envelope_with_param(client, fake_cometapi):
                             json={"error": {"message": "image too large", "type": "comet_api_error",
                                             "param": "messages", "code": "invalid_request"}})
     with pytest.raises(ValidationError) as info:
-        client.chat_completion("gpt-4o-mini", [{"role": "user", "content": "hi"}])
+        client.chat.complete("gpt-4o-mini", [{"role": "user", "content": "hi"}])
     assert info.value.fields == {"messages": "image too large"}
     assert len(fake_cometapi.requests("/v1/chat/completions")) == 1
 
@@ -354,39 +356,49 @@ def test_400_envelope_with_param(client, fake_cometapi):
 def test_client_checks_finetune_settings_before_uploading(client, fake_cometapi, tmp_path):
     zpath = dataset_zip(tmp_path / "d.zip")
     with pytest.raises(ValidationError) as info:
-        client.submit_finetune(zpath, comment="", mode="portrait", iterations=5000, lora_rank=8, priority="fast",
-                               learning_rate=1.0, finetune_type="dora")
+        client.finetunes.submit(zpath, comment="", mode="portrait", iterations=5000, lora_rank=8, priority="fast",
+                                 learning_rate=1.0, finetune_type="dora")
     assert set(info.value.fields) == {"finetune_comment", "mode", "iterations", "lora_rank", "priority",
                                       "learning_rate", "finetune_type"}
     with pytest.raises(ValidationError, match="Fine-tune strength must be between 0 and 2"):
-        client.generate_finetuned("flux-pro-finetuned", "id", 2.5, prompt="x")
+        client.images.generate_finetuned("flux-pro-finetuned", "id", 2.5, prompt="x")
     with pytest.raises(ValidationError, match="cannot use a fine-tune"):
-        client.generate_finetuned("flux-dev", "id", 1.0, prompt="x")
+        client.images.generate_finetuned("flux-dev", "id", 1.0, prompt="x")
     with pytest.raises(ValidationError, match="not a FLUX model"):
-        client.generate("../v1/chat/completions", prompt="x")
+        client.images.generate("../v1/chat/completions", prompt="x")
     with pytest.raises(InputError, match="could not be read"):
-        client.submit_finetune(tmp_path / "missing.zip", comment="c", mode="style")
+        client.finetunes.submit(tmp_path / "missing.zip", comment="c", mode="style")
+    assert fake_cometapi.requests() == []
+
+
+def test_client_checks_settings_by_the_apps_rule(client, fake_cometapi, tmp_path):
+    """The client applies TrainRequest's rule for training settings: same fields, same advice."""
+    settings = dict(mode="style", trigger_word="my dog", iterations=50)
+    with pytest.raises(ValidationError) as info:
+        client.finetunes.submit(dataset_zip(tmp_path / "d.zip"), comment="c", **settings)
+    assert info.value.fields == TrainRequest(name="c", **settings).problems()
+    assert set(info.value.fields) == {"trigger_word", "iterations"}
     assert fake_cometapi.requests() == []
 
 
 def test_server_checks_the_zip(client, fake_cometapi, tmp_path):
     with pytest.raises(ValidationError) as info:
-        client.submit_finetune(dataset_zip(tmp_path / "none.zip", images=0), comment="c", mode="style")
+        client.finetunes.submit(dataset_zip(tmp_path / "none.zip", images=0), comment="c", mode="style")
     assert "0" in info.value.fields["file_data"]
     fake_cometapi.max_images = 2
     with pytest.raises(ValidationError, match="1 to 2 images"):
-        client.submit_finetune(dataset_zip(tmp_path / "three.zip", images=3), comment="c", mode="style")
+        client.finetunes.submit(dataset_zip(tmp_path / "three.zip", images=3), comment="c", mode="style")
     not_zip = tmp_path / "not.zip"
     not_zip.write_bytes(b"hello, not a zip")
     with pytest.raises(ValidationError, match="not a ZIP"):
-        client.submit_finetune(not_zip, comment="c", mode="style")
-    assert fake_cometapi.requests("/flux/v1/my_finetunes") == [] and client.list_finetunes() == []
+        client.finetunes.submit(not_zip, comment="c", mode="style")
+    assert fake_cometapi.requests("/flux/v1/my_finetunes") == [] and client.finetunes.list_ids() == []
 
 
 def test_500_invalid_request_is_not_retried(client, fake_cometapi, clock):
     fake_cometapi.fail_next("/flux/v1/finetune_details", 500, code="invalid_request")
     with pytest.raises(ValidationError, match="unchanged will fail the same way"):
-        client.finetune_details("abc")
+        client.finetunes.details("abc")
     assert len(fake_cometapi.requests("/flux/v1/finetune_details")) == 1 and clock.sleeps == []
 
 
@@ -396,27 +408,27 @@ def test_500_invalid_request_is_not_retried(client, fake_cometapi, clock):
 def test_402_insufficient_credits(client, fake_cometapi):
     fake_cometapi.fail_next("/flux/v1/flux-pro-1.1", 402)
     with pytest.raises(InsufficientCreditsError, match="Add credits"):
-        client.generate("flux-pro-1.1", prompt="x")
+        client.images.generate("flux-pro-1.1", prompt="x")
 
 
 def test_429_on_get_honours_retry_after(client, fake_cometapi, clock):
-    task = client.generate("flux-dev", prompt="x")
+    task = client.images.generate("flux-dev", prompt="x")
     fake_cometapi.fail_next(RESULT, 429, headers={"Retry-After": "7"}, times=2)
-    assert client.get_result(task).status == "Pending"
+    assert client.tasks.get(task).status == "Pending"
     assert clock.sleeps == [7.0, 7.0]
     assert len(fake_cometapi.requests(RESULT)) == 3
 
 
 def test_429_retry_after_from_the_bfl_body(client, fake_cometapi, clock):
     fake_cometapi.fail_next("/flux/v1/my_finetunes", 429)  # body says retry_after: 5
-    client.list_finetunes()
+    client.finetunes.list_ids()
     assert clock.sleeps == [5.0]
 
 
 def test_429_that_never_ends_gives_up(client, fake_cometapi, clock):
     fake_cometapi.fail_next("/flux/v1/my_finetunes", 429, headers={"Retry-After": "2"}, times=99)
     with pytest.raises(RateLimitedError) as info:
-        client.list_finetunes()
+        client.finetunes.list_ids()
     assert info.value.retry_after == 2.0 and "Wait 2 seconds" in str(info.value)
     assert len(fake_cometapi.requests()) == 5 and clock.sleeps == [2.0] * 4
 
@@ -424,14 +436,14 @@ def test_429_that_never_ends_gives_up(client, fake_cometapi, clock):
 def test_429_asking_for_too_long_is_raised_at_once(client, fake_cometapi, clock):
     fake_cometapi.fail_next("/flux/v1/my_finetunes", 429, headers={"Retry-After": "3600"})
     with pytest.raises(RateLimitedError) as info:
-        client.list_finetunes()
+        client.finetunes.list_ids()
     assert info.value.retry_after == 3600 and clock.sleeps == []
 
 
 def test_429_with_retry_after_on_a_paid_post_is_sent_again_after_the_wait(client, fake_cometapi, clock):
     """A 429 means nothing was processed: the client waits as told and sends it again itself."""
     fake_cometapi.fail_next("/flux/v1/flux-dev", 429, headers={"Retry-After": "3"})
-    assert client.generate("flux-dev", prompt="x")
+    assert client.images.generate("flux-dev", prompt="x")
     assert len(fake_cometapi.requests("/flux/v1/flux-dev")) == 2 and clock.sleeps == [3.0]
     assert len(fake_cometapi.task_ids()) == 1  # one paid generation, not two
 
@@ -439,7 +451,7 @@ def test_429_with_retry_after_on_a_paid_post_is_sent_again_after_the_wait(client
 def test_429_on_a_post_waits_within_a_bounded_total_then_says_so(client, fake_cometapi, clock):
     fake_cometapi.fail_next("/flux/v1/flux-dev", 429, headers={"Retry-After": "50"}, times=99)
     with pytest.raises(RateLimitedError) as info:
-        client.generate("flux-dev", prompt="x")
+        client.images.generate("flux-dev", prompt="x")
     assert clock.sleeps == [50.0, 50.0] and sum(clock.sleeps) <= 120  # max_retry_after in all
     assert len(fake_cometapi.requests("/flux/v1/flux-dev")) == 3 and "Wait 50 seconds" in str(info.value)
 
@@ -450,7 +462,7 @@ def test_429_on_a_post_waits_within_a_bounded_total_then_says_so(client, fake_co
 @pytest.mark.parametrize("status", [500, 502, 503, 504, 524])
 def test_5xx_on_get_is_retried(client, fake_cometapi, clock, status):
     fake_cometapi.fail_next("/flux/v1/my_finetunes", status, times=2)
-    assert client.list_finetunes() == []
+    assert client.finetunes.list_ids() == []
     assert len(fake_cometapi.requests()) == 3
     assert clock.sleeps == [0.75, 1.5]  # 1 s, 2 s with rand=0.5 'equal jitter'
 
@@ -459,13 +471,13 @@ def test_5xx_on_get_is_retried(client, fake_cometapi, clock, status):
 def test_5xx_on_post_is_not_resent(client, fake_cometapi, clock, status, tmp_path):
     fake_cometapi.fail_next("/flux/v1/flux-dev", status)
     with pytest.raises(ServerError, match="may have reached CometAPI"):
-        client.generate("flux-dev", prompt="x")
+        client.images.generate("flux-dev", prompt="x")
     fake_cometapi.fail_next(FT, status)
     with pytest.raises(ServerError, match="My fine-tunes"):
-        client.submit_finetune(dataset_zip(tmp_path / "d.zip"), comment="c", mode="style")
+        client.finetunes.submit(dataset_zip(tmp_path / "d.zip"), comment="c", mode="style")
     fake_cometapi.fail_next("/flux/v1/delete_finetune", status)
     with pytest.raises(ServerError):
-        client.delete_finetune("abc")
+        client.finetunes.delete("abc")
     assert [r.path for r in fake_cometapi.requests()] == ["/flux/v1/flux-dev", FT, "/flux/v1/delete_finetune"]
     assert clock.sleeps == []
 
@@ -473,13 +485,13 @@ def test_5xx_on_post_is_not_resent(client, fake_cometapi, clock, status, tmp_pat
 def test_5xx_that_never_ends_gives_up(client, fake_cometapi):
     fake_cometapi.fail_next(RESULT, 503, times=99)
     with pytest.raises(ServerError, match="Wait a minute"):
-        client.get_result("abc")
+        client.tasks.get("abc")
     assert len(fake_cometapi.requests()) == 5
 
 
 def test_chat_completion_is_retried_like_a_read(client, fake_cometapi, clock):
     fake_cometapi.fail_next("/v1/chat/completions", 503)
-    assert client.chat_completion("m", [{"role": "user", "content": "hi"}])
+    assert client.chat.complete("m", [{"role": "user", "content": "hi"}])
     assert len(fake_cometapi.requests()) == 2
 
 
@@ -489,7 +501,7 @@ def test_chat_completion_is_retried_like_a_read(client, fake_cometapi, clock):
 def test_read_timeout_on_get_is_retried(fake_cometapi, clock):
     with make_client(fake_cometapi.url, clock=clock, read=0.2) as c:
         fake_cometapi.delay_next("/flux/v1/my_finetunes", 0.6)
-        assert c.list_finetunes() == []
+        assert c.finetunes.list_ids() == []
     assert len(fake_cometapi.requests()) == 2 and len(clock.sleeps) == 1
 
 
@@ -497,7 +509,7 @@ def test_read_timeout_on_post_is_not_resent(fake_cometapi, clock):
     with make_client(fake_cometapi.url, clock=clock, read=0.2) as c:
         fake_cometapi.delay_next("/flux/v1/flux-dev", 0.5)
         with pytest.raises(NetworkError, match="may have reached CometAPI") as info:
-            c.generate("flux-dev", prompt="x")
+            c.images.generate("flux-dev", prompt="x")
     assert "did not answer" in str(info.value)
     assert len(fake_cometapi.requests("/flux/v1/flux-dev")) == 1 and clock.sleeps == []
     # The server did start the job after all: exactly why it must not be re-sent.
@@ -507,28 +519,28 @@ def test_read_timeout_on_post_is_not_resent(fake_cometapi, clock):
 
 def test_connection_reset_on_get_is_retried(client, fake_cometapi, clock):
     fake_cometapi.reset_next("/flux/v1/my_finetunes")
-    assert client.list_finetunes() == []
+    assert client.finetunes.list_ids() == []
     assert len(fake_cometapi.requests()) == 2 and clock.sleeps == [0.75]
 
 
 def test_connection_reset_on_upload_is_not_resent(client, fake_cometapi, clock, tmp_path):
     fake_cometapi.reset_next(FT)
     with pytest.raises(NetworkError, match="may have reached CometAPI") as info:
-        client.submit_finetune(dataset_zip(tmp_path / "d.zip"), comment="c", mode="style")
+        client.finetunes.submit(dataset_zip(tmp_path / "d.zip"), comment="c", mode="style")
     assert "closed before the answer" in str(info.value)
     assert len(fake_cometapi.requests(FT)) == 1 and clock.sleeps == []
-    assert len(client.list_finetunes()) == 1  # the job exists: re-sending would have made two
+    assert len(client.finetunes.list_ids()) == 1  # the job exists: re-sending would have made two
 
 
 def test_unreachable_server(clock):
     with make_client(f"http://127.0.0.1:{free_port()}", clock=clock) as c:
         with pytest.raises(NetworkError, match="Could not reach CometAPI") as info:
-            c.list_finetunes()
+            c.finetunes.list_ids()
         assert "COMETAPI_BASE_URL" in str(info.value) and len(clock.sleeps) == 4
         # Connecting failed, so nothing was sent: a POST may be retried too.
         clock.sleeps.clear()
         with pytest.raises(NetworkError, match="could not connect"):
-            c.generate("flux-dev", prompt="x")
+            c.images.generate("flux-dev", prompt="x")
         assert clock.sleeps == [0.75, 1.5, 3.0, 6.0]
 
 
@@ -542,7 +554,7 @@ def test_post_is_resent_only_when_the_connection_failed_first():
         return httpx.Response(200, json={"id": "t1", "polling_url": "x"})
 
     with make_client("https://api.example", transport=httpx.MockTransport(handler)) as c:
-        assert c.generate("flux-dev", prompt="x") == "t1"
+        assert c.images.generate("flux-dev", prompt="x") == "t1"
     assert calls == ["/flux/v1/flux-dev"] * 2
 
 
@@ -555,19 +567,19 @@ def test_upload_progress_callback_can_cancel(client, fake_cometapi, tmp_path):
             raise Cancelled
 
     with pytest.raises(Cancelled):
-        client.submit_finetune(dataset_zip(tmp_path / "d.zip"), comment="c", mode="style", on_upload_progress=cancel)
-    assert client.list_finetunes() == []
+        client.finetunes.submit(dataset_zip(tmp_path / "d.zip"), comment="c", mode="style", on_upload_progress=cancel)
+    assert client.finetunes.list_ids() == []
 
 
 # --------------------------------------------------------------------------- endpoint unavailable
 
 
 FINETUNE_CALLS = {
-    "submit": lambda c, z: c.submit_finetune(z, comment="c", mode="style"),
-    "details": lambda c, z: c.finetune_details("abc"),
-    "list": lambda c, z: c.list_finetunes(),
-    "delete": lambda c, z: c.delete_finetune("abc"),
-    "generate": lambda c, z: c.generate_finetuned("flux-pro-finetuned", "abc", 1.1, prompt="x"),
+    "submit": lambda c, z: c.finetunes.submit(z, comment="c", mode="style"),
+    "details": lambda c, z: c.finetunes.details("abc"),
+    "list": lambda c, z: c.finetunes.list_ids(),
+    "delete": lambda c, z: c.finetunes.delete("abc"),
+    "generate": lambda c, z: c.images.generate_finetuned("flux-pro-finetuned", "abc", 1.1, prompt="x"),
 }
 
 
@@ -586,96 +598,96 @@ def test_finetune_unavailable_is_explained(client, fake_cometapi, clock, tmp_pat
 
 def test_unknown_model_is_unavailable_not_finetune(client, fake_cometapi):
     with pytest.raises(EndpointUnavailableError) as info:
-        client.generate("flux-nonexistent", prompt="x")
+        client.images.generate("flux-nonexistent", prompt="x")
     assert "COMETAPI_BASE_URL" in str(info.value) and "Local engine" not in str(info.value)
 
 
 def test_html_on_a_2xx_generation_route(client, fake_cometapi):
     fake_cometapi.fail_next("/flux/v1/flux-dev", 200, text="<html><body>Welcome</body></html>")
     with pytest.raises(EndpointUnavailableError, match="web page instead of JSON"):
-        client.generate("flux-dev", prompt="x")
+        client.images.generate("flux-dev", prompt="x")
 
 
 def test_unknown_finetune_id_is_task_not_found(client, fake_cometapi):
     with pytest.raises(TaskNotFoundError, match="does not know fine-tune 'nope'"):
-        client.finetune_details("nope")
+        client.finetunes.details("nope")
     with pytest.raises(TaskNotFoundError, match="already deleted"):
-        client.delete_finetune("nope")
+        client.finetunes.delete("nope")
 
 
 # --------------------------------------------------------------------------- task outcomes
 
 
 def test_request_moderated(client, fake_cometapi):
-    task = client.generate("flux-pro-1.1", prompt="something FORBIDDEN here")
-    assert client.get_result(task).status == TaskStatus.REQUEST_MODERATED  # get_result reports, never raises
+    task = client.images.generate("flux-pro-1.1", prompt="something FORBIDDEN here")
+    assert client.tasks.get(task).status == TaskStatus.REQUEST_MODERATED  # get_result reports, never raises
     with pytest.raises(ModeratedError, match="Request Moderated") as info:
-        client.wait(task)
+        client.tasks.wait(task)
     assert info.value.kind == "request"
 
 
 def test_content_moderated(client, fake_cometapi):
-    task = client.generate("flux-pro-1.1", prompt="a calm lake", seed=fake_cometapi.content_moderation_seed)
+    task = client.images.generate("flux-pro-1.1", prompt="a calm lake", seed=fake_cometapi.content_moderation_seed)
     with pytest.raises(ModeratedError, match="finished image") as info:
-        client.wait(task)
+        client.tasks.wait(task)
     assert info.value.kind == "content"
 
 
 def test_task_error_carries_the_message(client, fake_cometapi):
-    task = client.generate("flux-dev", prompt="please explode")
+    task = client.images.generate("flux-dev", prompt="please explode")
     with pytest.raises(ProviderError, match="worker crashed") as info:
-        client.wait(task)
+        client.tasks.wait(task)
     assert type(info.value) is ProviderError
 
 
 def test_failed_finetune(client, fake_cometapi, tmp_path):
-    finetune_id = client.submit_finetune(dataset_zip(tmp_path / "d.zip"), comment="c", mode="style")
+    finetune_id = client.finetunes.submit(dataset_zip(tmp_path / "d.zip"), comment="c", mode="style")
     fake_cometapi.set_status(finetune_id, "Error", "Training diverged")
     with pytest.raises(ProviderError, match="Training diverged"):
-        client.wait(finetune_id)
+        client.tasks.wait(finetune_id)
 
 
 def test_task_not_found(client, fake_cometapi):
-    assert client.get_result("nope").status == TaskStatus.NOT_FOUND
+    assert client.tasks.get("nope").status == TaskStatus.NOT_FOUND
     with pytest.raises(TaskNotFoundError, match="Task not found"):
-        client.wait("nope")
+        client.tasks.wait("nope")
 
 
 def test_wait_rides_out_a_longer_outage(client, fake_cometapi, clock):
-    task = client.generate("flux-dev", prompt="x")
+    task = client.images.generate("flux-dev", prompt="x")
     fake_cometapi.fail_next(RESULT, 503, times=7)  # more than one get_result's own retries
-    assert client.wait(task).is_ready
+    assert client.tasks.wait(task).is_ready
     assert len(fake_cometapi.requests(RESULT)) == 7 + 3
 
 
 def test_wait_gives_up_on_an_outage_at_the_deadline(client, fake_cometapi, clock):
     fake_cometapi.fail_next(RESULT, 503, times=999)
     with pytest.raises(ServerError):
-        client.wait("t", timeout=60)
+        client.tasks.wait("t", timeout=60)
     assert 60 <= sum(clock.sleeps) < 120
 
 
 def test_wait_times_out(client, fake_cometapi, clock):
     fake_cometapi.pending_polls = 1000
-    task = client.generate("flux-dev", prompt="x")
+    task = client.images.generate("flux-dev", prompt="x")
     with pytest.raises(WaitTimeoutError, match="still pending after 30 seconds"):
-        client.wait(task, timeout=30)
+        client.tasks.wait(task, timeout=30)
     assert sum(clock.sleeps) == pytest.approx(30)
     assert max(clock.sleeps) <= 10.0  # polling interval capped
 
 
-def test_expired_sample_link(client, fake_cometapi):
+def test_expired_sample_link(client, fake_cometapi, tmp_path):
     now = [5_000.0]
     fake_cometapi.clock = lambda: now[0]
-    result = client.wait(client.generate("flux-dev", prompt="x"))
+    result = client.tasks.wait(client.images.generate("flux-dev", prompt="x"))
     now[0] += 599
-    assert client.download(result.sample_url)[:2] == b"\xff\xd8"  # JPEG
+    assert client.images.download_to(result.sample_url, tmp_path / "a.jpeg").read_bytes()[:2] == b"\xff\xd8"  # JPEG
     now[0] += 2
     with pytest.raises(ResultExpiredError, match="expired") as info:
-        client.download(result.sample_url)
+        client.images.download_to(result.sample_url, tmp_path / "b.jpeg")
     assert "403" in str(info.value) and "Generate the image again" in str(info.value)
     with pytest.raises(ResultExpiredError, match="404"):
-        client.download(fake_cometapi.url + "/samples/unknown.jpeg")
+        client.images.download_to(fake_cometapi.url + "/samples/unknown.jpeg", tmp_path / "c.jpeg")
 
 
 # --------------------------------------------------------------------------- MockTransport / respx edges
@@ -689,7 +701,7 @@ def mock_client(handler, **kw) -> tuple[CometAPIClient, FakeClock]:
 def test_malformed_json_on_2xx_is_unavailable():
     c, _ = mock_client(lambda r: httpx.Response(200, content=b'{"finetunes": [', headers={"content-type": "application/json"}))
     with c, pytest.raises(EndpointUnavailableError, match="not JSON"):
-        c.list_finetunes()
+        c.finetunes.list_ids()
 
 
 def test_retry_after_as_http_date():
@@ -697,7 +709,7 @@ def test_retry_after_as_http_date():
     answers = iter([httpx.Response(429, headers={"Retry-After": when}), httpx.Response(200, json={"finetunes": ["a"]})])
     c, clock = mock_client(lambda r: next(answers))
     with c:
-        assert c.list_finetunes() == ["a"]
+        assert c.finetunes.list_ids() == ["a"]
     assert len(clock.sleeps) == 1 and 27 <= clock.sleeps[0] <= 31
 
 
@@ -709,20 +721,20 @@ def test_get_result_404_json_task_not_found_and_percent_progress():
 
     c, _ = mock_client(handler)
     with c:
-        assert c.get_result("gone").status == TaskStatus.NOT_FOUND
-        assert c.get_result("t").progress_fraction == pytest.approx(0.4)
+        assert c.tasks.get("gone").status == TaskStatus.NOT_FOUND
+        assert c.tasks.get("t").progress_fraction == pytest.approx(0.4)
 
 
 def test_route_404_on_get_result_is_unavailable():
     c, _ = mock_client(lambda r: httpx.Response(404, json={"detail": "Not Found"}))
     with c, pytest.raises(EndpointUnavailableError):
-        c.get_result("t")
+        c.tasks.get("t")
 
 
 def test_302_is_not_followed():
     c, _ = mock_client(lambda r: httpx.Response(302, headers={"Location": "https://www.cometapi.com/login"}))
     with c, pytest.raises(EndpointUnavailableError, match="redirect .*www.cometapi.com"):
-        c.list_finetunes()
+        c.finetunes.list_ids()
 
 
 @respx.mock
@@ -733,8 +745,8 @@ def test_respx_submit_without_finetune_id_and_chat_parts(tmp_path):
                                                                   {"type": "text", "text": "square"}]}}]}))
     with make_client("https://api.example") as c:
         with pytest.raises(ProviderError, match="did not say which fine-tune"):
-            c.submit_finetune(dataset_zip(tmp_path / "d.zip"), comment="c", mode="style")
-        assert c.chat_completion("m", [{"role": "user", "content": "hi"}]) == "a red square"
+            c.finetunes.submit(dataset_zip(tmp_path / "d.zip"), comment="c", mode="style")
+        assert c.chat.complete("m", [{"role": "user", "content": "hi"}]) == "a red square"
     sent = respx.calls[0].request
     assert sent.headers["authorization"] == f"Bearer {KEY}"
     body = json.loads(sent.read())
@@ -744,27 +756,27 @@ def test_respx_submit_without_finetune_id_and_chat_parts(tmp_path):
 def test_empty_chat_answer_is_an_error():
     c, _ = mock_client(lambda r: httpx.Response(200, json={"choices": [{"message": {"content": "  "}}]}))
     with c, pytest.raises(ProviderError, match="empty answer"):
-        c.chat_completion("m", [{"role": "user", "content": "hi"}])
+        c.chat.complete("m", [{"role": "user", "content": "hi"}])
 
 
 def test_413_names_the_file():
     c, _ = mock_client(lambda r: httpx.Response(413, text="too big"))
     with c, pytest.raises(ValidationError) as info:
-        c.delete_finetune("x")
+        c.finetunes.delete("x")
     assert "file_data" in info.value.fields
 
 
-def test_bad_base_url_is_a_config_error():
+def test_bad_base_url_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="COMETAPI_BASE_URL"):
         CometAPIClient("api.cometapi.com", Secret(KEY))
     with pytest.raises(InputError):
-        make_client("https://api.example").download("file:///etc/passwd")
+        make_client("https://api.example").images.download_to("file:///etc/passwd", tmp_path / "passwd")
 
 
-def test_download_answering_html_is_expired():
+def test_download_answering_html_is_expired(tmp_path):
     c, _ = mock_client(lambda r: httpx.Response(200, html="<html>Sign in</html>"))
     with c, pytest.raises(ResultExpiredError, match="web page"):
-        c.download("https://cdn.example/sample.jpeg")
+        c.images.download_to("https://cdn.example/sample.jpeg", tmp_path / "sample.jpeg")
 
 
 class _StorageHost:
@@ -820,12 +832,12 @@ def test_a_download_follows_redirects_streams_to_disk_and_stops_at_the_cap(tmp_p
     try:
         with make_client("https://api.example") as c:
             with pytest.raises(ProviderError, match="larger than 1 MB"):
-                c.download_to(f"{host.url}/moved", tmp_path / "big.jpg", max_bytes=2**20)
+                c.images.download_to(f"{host.url}/moved", tmp_path / "big.jpg", max_bytes=2**20)
         assert not (tmp_path / "big.jpg").exists() and list(tmp_path.iterdir()) == []  # no partial file
         assert host.sent < 32 * 2**20  # it stopped reading at the cap, not at the end
         host.size, host.sent = 300_000, 0
         with make_client("https://api.example") as c:
-            path = c.download_to(f"{host.url}/moved", tmp_path / "ok.jpg")
+            path = c.images.download_to(f"{host.url}/moved", tmp_path / "ok.jpg")
         assert path.stat().st_size == 300_000 // 65536 * 65536 + (65536 if 300_000 % 65536 else 0)
     finally:
         host.close()
@@ -840,5 +852,5 @@ def test_api_calls_never_follow_a_redirect():
 
     with make_client("https://api.example", transport=httpx.MockTransport(handler)) as c:
         with pytest.raises(ProviderError):
-            c.list_finetunes()
+            c.finetunes.list_ids()
     assert "/steal" not in seen

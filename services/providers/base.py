@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal, Protocol, get_args, runtime_checkable
 
 from services.errors import InputError
+from services.storage.datasets import is_trigger_word
 
 Mode = Literal["character", "product", "style", "general"]  # typed API parameters (components/api.py)
 MODES: tuple[str, ...] = get_args(Mode)
@@ -20,6 +21,7 @@ PRIORITIES = ("speed", "quality", "high_res_only")
 LORA_RANKS = (16, 32)
 ITERATIONS_RANGE = (100, 1000)
 LEARNING_RATE_RANGE = (1e-6, 5e-3)
+STRENGTH_RANGE = (0.0, 2.0)  # how strongly a fine-tune is applied when generating with it
 OUTPUT_FORMATS = ("jpeg", "png")
 ASPECT_RATIOS = ("21:9", "16:9", "3:2", "4:3", "1:1", "3:4", "2:3", "9:16", "9:21")
 
@@ -73,18 +75,23 @@ class TrainRequest:
             p["name"] = "Give the fine-tune a name so you can find it later."
         elif len(self.name) > 100:
             p["name"] = "Keep the name under 100 characters."
+        return {**p, **self.settings_problems()}
+
+    def settings_problems(self) -> dict[str, str]:
+        """What is wrong with the training settings (all but the name): the one rule, which the
+        CometAPI client also applies to what it sends, keyed by the contract's field names."""
+        p: dict[str, str] = {}
         if self.mode not in MODES:
             p["mode"] = f"Pick one of {', '.join(MODES)}."
-        from services.storage.datasets import _TRIGGER_RE  # one rule for trigger words everywhere
-
-        if not _TRIGGER_RE.match(self.trigger_word or ""):
+        if not is_trigger_word(str(self.trigger_word or "")):
             p["trigger_word"] = "Use 1-40 letters, digits, _ or -, no spaces (for example TOK)."
         lo, hi = ITERATIONS_RANGE
-        if not isinstance(self.iterations, int) or not lo <= self.iterations <= hi:
+        if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or not lo <= self.iterations <= hi:
             p["iterations"] = f"Iterations must be a whole number from {lo} to {hi}."
         if self.learning_rate is not None:
             lo_lr, hi_lr = LEARNING_RATE_RANGE
-            if not lo_lr <= self.learning_rate <= hi_lr:
+            lr = self.learning_rate
+            if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lo_lr <= lr <= hi_lr:
                 p["learning_rate"] = f"Learning rate must be between {lo_lr:g} and {hi_lr:g}, or empty for the default."
         if self.lora_rank not in LORA_RANKS:
             p["lora_rank"] = "LoRA rank must be 16 or 32."

@@ -138,11 +138,16 @@ def safe_name(raw: str, *, fallback: str = "image", max_len: int = 64) -> str:
     return cleaned or fallback
 
 
+def is_trigger_word(word: str) -> bool:
+    """The one rule for trigger words: 1-40 letters, digits, _ or -, not starting with -."""
+    return bool(_TRIGGER_RE.match(word))
+
+
 def validate_trigger_word(word: str) -> str:
     word = (word or "").strip()
     if not word:
         raise InputError("The trigger word is empty.", hint="Type a short unique word such as TOK or MYDOG.")
-    if not _TRIGGER_RE.match(word):
+    if not is_trigger_word(word):
         raise InputError(
             f"The trigger word {word!r} can't be used.",
             hint="Use 1-40 letters, digits, _ or -, no spaces (for example TOK or my_dog).",

@@ -7,17 +7,14 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from services.providers.cometapi.client import CometAPIClient, TaskResult, TaskStatus
 from services.config import Secret, Settings
 from services.errors import InputError, TaskNotFoundError
 from services.providers.base import (GeneratedImage, GenerateRequest, ProgressFn, TrainRequest, TrainStatus, job_tag,
                                      remote_comment)
+from services.providers.cometapi.client import CometAPIClient
+from services.providers.cometapi.images import BASE_FOR
+from services.providers.cometapi.tasks import TaskResult, TaskStatus
 
-# Which base model a fine-tune model is compared against (contract: "Inference with a fine-tune").
-BASE_FOR = {
-    "flux-pro-1.1-ultra-finetuned": "flux-pro-1.1-ultra",
-    "flux-pro-finetuned": "flux-pro-1.1",
-}
 DEFAULT_TUNED_MODEL = "flux-pro-1.1-ultra-finetuned"
 # How many recent fine-tunes to inspect when looking a lost submission up by tag.
 RECONCILE_SCAN = 25
@@ -66,7 +63,7 @@ class CometAPIProvider:
     def submit(self, zip_path: Path, request: TrainRequest, *, tag: str, on_upload: ProgressFn | None = None,
                owner: str | None = None) -> str:
         with self._client() as client:
-            return client.submit_finetune(
+            return client.finetunes.submit(
                 zip_path,
                 comment=remote_comment(request.name, tag),
                 mode=request.mode,
@@ -82,20 +79,20 @@ class CometAPIProvider:
 
     def status(self, remote_id: str) -> TrainStatus:
         with self._client() as client:
-            result = client.get_result(remote_id)
+            result = client.tasks.get(remote_id)
         return _train_status(result)
 
     def list_remote(self) -> list[str]:
         with self._client() as client:
-            return client.list_finetunes()
+            return client.finetunes.list_ids()
 
     def find_by_tag(self, tag: str) -> str | None:
         marker = f"[{job_tag(tag)}]"
         with self._client() as client:
-            ids = client.list_finetunes()
+            ids = client.finetunes.list_ids()
             for finetune_id in reversed(ids[-RECONCILE_SCAN:]):  # newest are last in practice
                 try:
-                    details = client.finetune_details(finetune_id)
+                    details = client.finetunes.details(finetune_id)
                 except TaskNotFoundError:
                     continue
                 if details.comment and marker in details.comment:
@@ -108,7 +105,7 @@ class CometAPIProvider:
 
     def delete(self, remote_id: str) -> None:
         with self._client() as client:
-            client.delete_finetune(remote_id)
+            client.finetunes.delete(remote_id)
 
     def compare_models(self, tuned_model: str | None) -> tuple[str, str]:
         """(base, tuned) model names for a side-by-side comparison."""
@@ -124,13 +121,13 @@ class CometAPIProvider:
         started = time.monotonic()
         with self._client() as client:
             if finetune:
-                task_id = client.generate_finetuned(used, finetune, request.strength, **params)
+                task_id = client.images.generate_finetuned(used, finetune, request.strength, **params)
             else:
-                task_id = client.generate(used, **params)
-            result = client.wait(task_id)
+                task_id = client.images.generate(used, **params)
+            result = client.tasks.wait(task_id)
             ext = "png" if request.output_format == "png" else "jpg"
             out_dir.mkdir(parents=True, exist_ok=True)
-            path = client.download_to(result.sample_url, out_dir / f"{task_id}.{ext}")
+            path = client.images.download_to(result.sample_url, out_dir / f"{task_id}.{ext}")
         seed = result.seed if result.seed is not None else request.seed
         return GeneratedImage(path=Path(path), model=used, seed=seed, latency_s=time.monotonic() - started,
                               params={**params, **({"finetune_id": finetune, "finetune_strength": request.strength} if finetune else {})})
