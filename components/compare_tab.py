@@ -15,7 +15,7 @@ from components.identity import client_address, owner_for
 from components.serving import servable, servable_items
 from services import compare as cmp
 from services.access import ProviderAccess
-from services.providers.cometapi.provider import BASE_FOR
+from services.providers.cometapi.images import BASE_FOR
 from services.config import THREAD_PREFIX, Settings
 from services.errors import InputError
 from services.finetunes import Target, authorize_target, guess_provider, ready_targets
