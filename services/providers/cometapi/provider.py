@@ -10,8 +10,8 @@ from pathlib import Path
 from services.providers.cometapi.client import CometAPIClient, TaskResult, TaskStatus
 from services.config import Secret, Settings
 from services.errors import InputError, TaskNotFoundError
-from services.providers.base import (GeneratedImage, GenerateRequest, ProgressFn, TrainRequest, TrainStatus, job_tag,
-                                     remote_comment)
+from services.providers.base import (GeneratedImage, GenerateRequest, ProgressFn, ProviderBase, TrainRequest,
+                                     TrainStatus, job_tag, remote_comment)
 
 # Which base model a fine-tune model is compared against (contract: "Inference with a fine-tune").
 BASE_FOR = {
@@ -23,7 +23,10 @@ DEFAULT_TUNED_MODEL = "flux-pro-1.1-ultra-finetuned"
 RECONCILE_SCAN = 25
 
 
-class CometAPIProvider:
+class CometAPIProvider(ProviderBase):
+    """No resume (no checkpoints), no publishing from here, no base-model picker; several models to
+    compare (``compare_models``)."""
+
     key = "cometapi"
     label = "CometAPI"
     max_images = 20
