@@ -281,8 +281,7 @@ def build(access: ProviderAccess, jobs: JobStore, results: ResultStore, settings
 
 def trained_on_tiny(provider, finetune_id: str) -> bool:
     """Whether a local fine-tune's base model is a tiny test model (whose images are noise)."""
-    base_of, is_tiny = getattr(provider, "base_model_of", None), getattr(provider, "is_tiny_model", None)
-    return base_of is not None and is_tiny is not None and is_tiny(base_of(finetune_id))
+    return provider.is_tiny_model(provider.base_model_of(finetune_id))
 
 
 def _cell_summary(cell: "cmp.CellResult") -> str:

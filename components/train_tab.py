@@ -117,10 +117,9 @@ def queue_markdown(service: TrainingService, owner: str, jobs: list[Job]) -> str
     moving = sum(1 for j in jobs if j.is_active)
     parts = [f"{len(jobs)} job(s), {moving} queued or running." if jobs else "No jobs yet."]
     for key, provider in service.providers.items():
-        training_now = getattr(provider, "training_now", None)
-        if training_now is None:
+        if not provider.queues_training:
             continue
-        holder = training_now()
+        holder = provider.training_now()
         if holder is None:
             parts.append(f"{provider.label}: idle.")
             continue
@@ -190,7 +189,7 @@ def banner_markdown(service: TrainingService, provider_key: str, session_key=Non
         left = "" if calls_left is None else f" {calls_left} left for you this hour."
         return (f"✅ {provider.label}: using this app's shared key, limited to {settings.shared_key_limit} paid "
                 f"calls per hour per visitor.{left} Enter your own key at the top for more.")
-    model = getattr(provider, "model_label", "")
+    model = provider.model_label
     if model:  # the local engine says which model it runs (the tiny test model makes noise, by design)
         return f"✅ {provider.label}: {model}"
     return f"✅ {provider.label} is configured."
@@ -222,11 +221,6 @@ def memory_summary(local, base_model: str | None, preset: str, rank, priority: s
         except StudioError as exc:
             fits = f"\n\n⚠️ {plain(exc.user_message())}"
     return plain(plan.summary()) + fits
-
-
-def picks_base_model(provider) -> bool:
-    """Whether a provider trains on a base model picked per job (the local engine)."""
-    return hasattr(provider, "model_choices")
 
 
 NO_DATASET = "No dataset picked yet: save one on the Dataset tab, then pick it here."
@@ -271,7 +265,7 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
         refresh = gr.Button("↻", size="sm", scale=0, min_width=40)
     dataset_info = gr.Markdown(NO_DATASET, elem_id="train-dataset-info")
     # The registry's models (and FLUX_LOCAL_MODEL); custom values reach the server, which checks them.
-    local = next((p for p in service.providers.values() if picks_base_model(p)), None)
+    local = next((p for p in service.providers.values() if p.picks_base_model), None)
     base_model = gr.Dropdown(
         choices=local.model_choices() if local else [], value=local.default_model_choice() if local else None,
         label="Base model", elem_id="train-base-model", info=BASE_MODEL_INFO, allow_custom_value=True,
@@ -362,9 +356,10 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
 
     def on_provider(provider_key: str, key, request: gr.Request = None):
         left = calls_left(owner_for(request, settings), request)
-        return (banner_markdown(service, provider_key, key, settings, left),
-                gr.update(visible=picks_base_model(service.providers.get(provider_key))),
-                gr.update(visible=picks_base_model(service.providers.get(provider_key))))
+        chosen = service.providers.get(provider_key)
+        picks = chosen is not None and chosen.picks_base_model
+        return (banner_markdown(service, provider_key, key, settings, left), gr.update(visible=picks),
+                gr.update(visible=picks))
 
     def on_refresh(current: str | None, request: gr.Request = None):
         return dataset_choices(owner_for(request, settings), current)
@@ -394,8 +389,8 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
             learning_rate=parse_learning_rate(lr_), lora_rank=int(rank_), finetune_type=type_,
             priority=priority_, captioning=bool(captioning_),
             gradient_checkpointing=CHECKPOINTING.get(checkpointing_ or "auto"),
-            base_model=(base_model_ or None) if picks_base_model(provider) else None,
-            memory_preset=(memory_preset_ or "") if picks_base_model(provider) else "",
+            base_model=(base_model_ or None) if provider.picks_base_model else None,
+            memory_preset=(memory_preset_ or "") if provider.picks_base_model else "",
         )
         progress(0, desc="Exporting dataset")
 
@@ -475,8 +470,9 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
         require_selection(selected_)
         owner = owner_for(request, settings)
         job = service.cancel(owner, selected_)
+        trained_on = service.providers.get(job.provider)
         feedback.info(f"Cancelled '{job.name}'." + (" Its last checkpoint is kept: Resume continues from it."
-                                               if hasattr(service.providers.get(job.provider), "resume") else ""))
+                                               if trained_on is not None and trained_on.can_resume else ""))
         return jobs_frame(service.jobs.list(owner)), job_markdown(job)
 
     @shows_errors
@@ -501,7 +497,7 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
         owner = owner_for(request, settings)
         job = service.jobs.get(owner, selected_)
         local = service.providers.get(job.provider)
-        if not hasattr(local, "publish"):
+        if local is None or not local.can_publish:
             raise InputError(f"'{job.name}' was trained on {job.provider}; only local LoRAs can be published from here.")
         if job.status != "ready" or not job.remote_id:
             raise InputError(f"'{job.name}' is {job.status}.", hint="Publish it once it is ready.")

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from services.config import Secret, Settings
 from services.errors import InputError, RateLimitedError
-from services.providers.base import Provider, close_provider
+from services.providers.base import Provider
 
 
 class RateLimiter:
@@ -155,11 +155,11 @@ class ProviderAccess:
             while len(self._own) > OWN_KEY_PROVIDERS:
                 evicted.append(self._own.popitem(last=False)[1])
         for old in evicted:
-            close_provider(old)
+            old.close()
         return provider
 
     def close(self) -> None:
         with self._own_lock:
             providers, self._own = list(self._own.values()), OrderedDict()
         for provider in providers:
-            close_provider(provider)
+            provider.close()

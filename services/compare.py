@@ -82,12 +82,10 @@ def models_for(provider: Provider, tuned_model: str | None,
 
     Where each fine-tune has its own base model (the local engine), the base image is made with
     the model the fine-tune was trained on, not the provider's default."""
-    pick = getattr(provider, "compare_models", None)
-    if pick is not None:
-        return pick(tuned_model)
-    base_of = getattr(provider, "base_model_of", None)
-    base = base_of(finetune_id.strip()) if base_of is not None and (finetune_id or "").strip() else None
-    return base, base
+    base, tuned = provider.compare_models(tuned_model)
+    if base is None and tuned is None and (finetune_id or "").strip():
+        base = tuned = provider.base_model_of(finetune_id.strip())
+    return base, tuned
 
 
 def check_strength(value: float) -> float:
@@ -126,7 +124,7 @@ def _run_cell(provider: Provider, cell: _Cell, *, finetune_id: str, models: tupl
     record_id = ""
     if results is not None:
         record = results.add(
-            owner, group_id=group_id, provider=getattr(provider, "key", ""), model=used or ("tuned" if cell.tuned else "base"),
+            owner, group_id=group_id, provider=provider.key, model=used or ("tuned" if cell.tuned else "base"),
             seed=seed, prompt=req.prompt, status=status, finetune_id=finetune_id if cell.tuned else None,
             strength=strength, file=str(path) if path else "", latency_s=round(latency, 3), error=error,
             params=_params(req, cell.tuned),

@@ -97,7 +97,7 @@ class Studio:
         self.jobs = JobStore.from_settings(settings)  # one database: jobs, their events, generated images
         self.training = TrainingService(
             self.jobs, self.providers, self.datasets,
-            max_images={key: getattr(p, "max_images", 0) for key, p in self.providers.items()},
+            max_images={key: p.max_images for key, p in self.providers.items()},
             max_active={"local": settings.visitor_max_local_jobs} if settings.hosted else None,
         )
         self.access = ProviderAccess(settings, self.providers,

@@ -33,7 +33,7 @@ from services.errors import (
     WaitTimeoutError,
 )
 from services.storage.jobs import ACTIVE_STATUSES, Job, JobStore
-from services.providers.base import Provider, ProgressFn, TrainRequest, TrainStatus, close_provider, job_tag
+from services.providers.base import Provider, ProgressFn, TrainRequest, TrainStatus, job_tag
 
 log = logging.getLogger("flux_studio.training")
 
@@ -116,9 +116,7 @@ class TrainingService:
         ready, why = provider.readiness()
         if not ready:
             raise InputError(why)
-        check = getattr(provider, "check_request", None)
-        if check is not None:  # provider-specific fields (the local engine's base model), before any job row
-            check(request)
+        provider.check_request(request)  # provider-specific fields (the local engine's base model), before any job row
         if not dataset_name:
             raise InputError("No dataset is selected.", hint="Pick a saved dataset (make one on the Dataset tab).")
         cap = self._max_active.get(provider.key)
@@ -317,13 +315,12 @@ class TrainingService:
     def resume(self, owner: str, job_id: str) -> Job:
         job = self.jobs.get(owner, job_id)
         provider = self._provider_for(job)
-        resume = getattr(provider, "resume", None)
-        if resume is None or not job.remote_id:
+        if not provider.can_resume or not job.remote_id:
             raise InputError(f"{job.provider} jobs can't be resumed.", hint="Launch a new fine-tune instead.")
         if job.status not in RESUMABLE:
             raise InputError(f"'{job.name}' is {job.status}; only interrupted or cancelled jobs can be resumed.")
         try:
-            resume(job.remote_id)
+            provider.resume(job.remote_id)
         except ProviderError as exc:
             raise JobError(f"Could not resume '{job.name}': {exc.message}",
                            hint=exc.hint or "Try again, or launch it again.") from None
@@ -334,7 +331,7 @@ class TrainingService:
     def close(self) -> None:
         """Stop what the providers run in this process (local trainings stop at a checkpoint)."""
         for provider in self.providers.values():
-            close_provider(provider)
+            provider.close()
 
     def delete(self, owner: str, job_id: str) -> Job:
         job = self.jobs.get(owner, job_id)

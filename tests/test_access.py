@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from services.access import ProviderAccess, RateLimiter
+from services.providers.base import ProviderBase
 from services.config import Secret, Settings
 from services.errors import InputError, RateLimitedError
 
@@ -16,7 +17,7 @@ class Clock:
         return self.t
 
 
-class Named:
+class Named(ProviderBase):
     def __init__(self, name: str) -> None:
         self.key = "cometapi"
         self.name = name

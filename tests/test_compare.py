@@ -205,11 +205,11 @@ def test_a_cancelled_grid_starts_no_more_cells(tmp_path):
     import threading
 
     from services.compare import run_grid
-    from services.providers.base import GeneratedImage, GenerateRequest
+    from services.providers.base import GeneratedImage, GenerateRequest, ProviderBase
 
     started, cancel = [], threading.Event()
 
-    class Slow:
+    class Slow(ProviderBase):
         key, label = "cometapi", "CometAPI"
 
         def generate(self, request, out_dir, *, finetune=None, model=None):

@@ -24,7 +24,8 @@ from services.config import Secret, Settings  # noqa: E402
 from services.errors import AuthError, EngineUnavailableError, ProviderError  # noqa: E402
 from services.providers.local.engine import tiny  # noqa: E402
 from services.providers.local.engine.train import Trainer, TrainConfig  # noqa: E402
-from services.providers.local.provider import WAITING, LocalProvider, read_losses  # noqa: E402
+from services.providers.local.folders import read_losses  # noqa: E402
+from services.providers.local.provider import WAITING, LocalProvider  # noqa: E402
 from services.providers.local.queue import SLOT, TrainingSlot  # noqa: E402
 from services.providers.base import GenerateRequest, Provider, TrainRequest  # noqa: E402
 from tests.imagefactory import jpeg_bytes, photo  # noqa: E402

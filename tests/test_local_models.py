@@ -247,10 +247,10 @@ def test_a_hub_model_is_fetched_into_the_hf_cache_with_the_token_and_progress_sh
     local = LocalProvider(settings.with_(hf_token=Secret("hf_secret_token")))
     try:
         seen = []
-        path = local._model_path("flux1-dev", on_progress=lambda done, total: seen.append((done, total)))
+        path = local.base_models.folder("flux1-dev", on_progress=lambda done, total: seen.append((done, total)))
         assert path == "/cache/snapshots/abc" and seen == [(3 * 2**30, 12 * 2**30)]
         assert calls == [("black-forest-labs/FLUX.1-dev", "hf_secret_token")]
-        assert local._model_path("tiny-flux2-klein").endswith("tiny-flux2-klein") and len(calls) == 1
+        assert local.base_models.folder("tiny-flux2-klein").endswith("tiny-flux2-klein") and len(calls) == 1
     finally:
         local.close()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from components.train_tab import (LINGER_SECONDS, RAW, SMOOTHED, keep_polling, loss_frame, queue_markdown,
                                   sample_items)
 from services.storage.jobs import Job, JobStore
-from services.providers.local.queue import Holder
+from services.providers.base import Holder, ProviderBase
 from services.training import TrainingService
 
 
@@ -61,8 +61,8 @@ def test_polling_goes_on_while_a_job_moves_and_a_moment_after_the_last_change():
     assert not keep_polling([], now)
 
 
-class _Engine:
-    key, label = "local", "Local engine"
+class _Engine(ProviderBase):
+    key, label, queues_training = "local", "Local engine", True
 
     def __init__(self, holder):
         self.holder = holder

@@ -8,7 +8,7 @@ from services.config import Secret
 from services.storage.datasets import DatasetStores
 from services.errors import EndpointUnavailableError, InputError, JobError
 from services.storage.jobs import JobStore
-from services.providers.base import TrainRequest, job_tag
+from services.providers.base import ProviderBase, TrainRequest, job_tag
 from services.training import RECONCILE_GIVE_UP_S, TrainingService
 from tests import imagefactory as fx
 from tests.conftest import FAKE_COMETAPI_KEY
@@ -261,10 +261,10 @@ def test_cancel_stops_the_remote_job_and_keeps_the_record(settings, fake_cometap
         service.resume(OWNER, job.id)  # CometAPI keeps no checkpoints
 
 
-class _Resumable:
+class _Resumable(ProviderBase):
     """A provider with checkpoints: the first status after a 'restart' says it was interrupted."""
 
-    key, label, max_images = "ckpt", "Checkpointing engine", 20
+    key, label, max_images, can_resume = "ckpt", "Checkpointing engine", 20, True
 
     def __init__(self) -> None:
         self.state, self.resumed = "running", 0

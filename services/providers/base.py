@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol, get_args, runtime_checkable
 
+from services.config import Secret
 from services.errors import InputError
 from services.storage.datasets import is_trigger_word
 
@@ -158,16 +159,24 @@ class GeneratedImage:
     params: dict = field(default_factory=dict)
 
 
-def close_provider(provider: object) -> None:
-    """Release what a provider holds (a pooled client, local runs), for those that hold something."""
-    close = getattr(provider, "close", None)
-    if close is not None:
-        close()
+@dataclass(frozen=True)
+class Holder:
+    """Who has a provider's training slot now (for the Train tab: which job everyone else waits for)."""
+
+    remote_id: str
+    step: int | None
+    total: int | None
+    cancelling: bool
+    waiting: int  # jobs queued behind it
 
 
 @runtime_checkable
 class Provider(Protocol):
-    """What the Train and Compare tabs need from a provider."""
+    """What the tabs and workflows need from a provider.
+
+    Every provider implements the first part. The second, its capabilities, has a default here that
+    says "not offered" (or does nothing): a provider subclasses ``ProviderBase`` to inherit them and
+    overrides those it offers. The tabs and workflows ask these members, never ``hasattr``."""
 
     key: str  # short id stored in job rows: "cometapi", "local"
     label: str  # shown to people
@@ -189,13 +198,62 @@ class Provider(Protocol):
 
     def cancel(self, remote_id: str) -> None: ...
 
-    # Optional: ``resume(remote_id)`` for providers that keep checkpoints (the local engine),
-    # ``compare_models(tuned_model) -> (base, tuned)`` for providers with several models (CometAPI),
-    # ``base_model_of(finetune_id)`` for providers whose fine-tunes each have their own base model
-    # (the local engine), and ``check_request(request)`` to refuse a request before it is recorded.
-
     def delete(self, remote_id: str) -> None: ...
 
     def generate(self, request: GenerateRequest, out_dir: Path, *, finetune: str | None = None,
                  model: str | None = None) -> GeneratedImage:
         """Generate one image and save it under ``out_dir`` at once (provider URLs expire)."""
+
+    # ------------------------------------------------------------ capabilities (defaults: not offered)
+
+    max_images: int = 0  # the most training images a dataset may have for it (0: it says nothing)
+    can_resume: bool = False  # keeps checkpoints: ``resume`` continues a cancelled or interrupted job
+    can_publish: bool = False  # ``publish`` uploads a finished fine-tune to a Hugging Face model repo
+    picks_base_model: bool = False  # trains on a base model picked per job: ``model_choices`` lists them
+    queues_training: bool = False  # trains one job at a time here: ``training_now`` names the one training
+    model_label: str = ""  # the model it runs, for the Train tab's banner ("": nothing to add)
+
+    def check_request(self, request: TrainRequest) -> None:
+        """Refuse a request's provider-specific fields (InputError) before any job is recorded."""
+
+    def resume(self, remote_id: str) -> None:
+        """Continue a cancelled or interrupted job from its last checkpoint (``can_resume``)."""
+        raise InputError(f"{self.label} jobs can't be resumed.", hint="Launch a new fine-tune instead.")
+
+    def publish(self, remote_id: str, repo_id: str, token: Secret, private: bool = True) -> str:
+        """Upload a finished fine-tune to a Hub model repo; returns its URL (``can_publish``)."""
+        raise InputError(f"{self.label} fine-tunes can't be published from here.")
+
+    def model_choices(self) -> list[tuple[str, str]]:
+        """(label, value) pairs for the Train tab's base-model picker (``picks_base_model``)."""
+        return []
+
+    def default_model_choice(self) -> str | None:
+        """The picker's value to start with (``picks_base_model``)."""
+        return None
+
+    def training_now(self) -> Holder | None:
+        """The job that holds the training slot, None when idle (``queues_training``)."""
+        return None
+
+    def compare_models(self, tuned_model: str | None) -> tuple[str | None, str | None]:
+        """(base, tuned) model names for a side-by-side comparison, for providers with several models;
+        (None, None) where one pipeline makes both."""
+        return None, None
+
+    def base_model_of(self, finetune_id: str) -> str | None:
+        """The base model a fine-tune was trained on, where each has its own (what its Compare base
+        image must use); None where the provider can't tell."""
+        return None
+
+    def is_tiny_model(self, spec: str | None) -> bool:
+        """Whether a base model (None: the default one) is a tiny test model, whose images are noise."""
+        return False
+
+    def close(self) -> None:
+        """Release what it holds (a pooled client, runs in this process)."""
+
+
+class ProviderBase(Provider):
+    """What a provider class inherits: the protocol's capability defaults (a class that names a
+    protocol as its base gets its members), to override for each capability it offers."""

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from services.config import Secret, Settings
 from services.errors import InputError, TaskNotFoundError
-from services.providers.base import (GeneratedImage, GenerateRequest, ProgressFn, TrainRequest, TrainStatus, job_tag,
-                                     remote_comment)
+from services.providers.base import (GeneratedImage, GenerateRequest, ProgressFn, ProviderBase, TrainRequest,
+                                     TrainStatus, job_tag, remote_comment)
 from services.providers.cometapi.client import CometAPIClient
 from services.providers.cometapi.images import BASE_FOR
 from services.providers.cometapi.tasks import TaskResult, TaskStatus
@@ -20,7 +20,10 @@ DEFAULT_TUNED_MODEL = "flux-pro-1.1-ultra-finetuned"
 RECONCILE_SCAN = 25
 
 
-class CometAPIProvider:
+class CometAPIProvider(ProviderBase):
+    """No resume (no checkpoints), no publishing from here, no base-model picker; several models to
+    compare (``compare_models``)."""
+
     key = "cometapi"
     label = "CometAPI"
     max_images = 20

@@ -20,6 +20,8 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from services.providers.base import Holder
+
 # How long a cancelled run may keep the slot while it saves its checkpoint and stops.
 CANCEL_GRACE_S = 30.0
 # How often a waiting run looks at the clock again while the holder is cancelling (a notify wakes it sooner).
@@ -32,7 +34,7 @@ class Run:
 
     remote_id: str
     resume: bool = False
-    owner: object = None  # the LocalProvider that started it: closing that provider stops it
+    owner: object = None  # the worker that started it (services.providers.local.worker): closing it stops it
     cancel: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)  # the worker thread has finished
     started: bool = False  # holds the slot (or held it)
@@ -50,17 +52,6 @@ class Run:
     def silenced(self) -> bool:
         """True when this run must not write its job's state any more."""
         return self.deleted or self.evicted
-
-
-@dataclass(frozen=True)
-class Holder:
-    """Who has the training slot now (for the Train tab: which job everyone else waits for)."""
-
-    remote_id: str
-    step: int | None
-    total: int | None
-    cancelling: bool
-    waiting: int  # jobs queued behind it
 
 
 class TrainingSlot:
@@ -203,6 +194,6 @@ class GpuGate:
             yield
 
 
-# One GPU per process: every LocalProvider, whatever its data dir, waits for the same slot.
+# One GPU per process: every local provider, whatever its data dir, waits for the same slot.
 SLOT = TrainingSlot()
 GPU = GpuGate()

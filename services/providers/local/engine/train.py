@@ -30,7 +30,7 @@ import threading
 import time
 import zipfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from services.storage import atomic
@@ -689,12 +689,6 @@ def model_card(cfg: TrainConfig, image_count: int, samples: list[str], losses: l
         "",
     ]
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n" + "\n".join(body)))
-
-
-def config_to_json(cfg: TrainConfig) -> dict:
-    d = asdict(cfg)
-    d["sample_size"] = list(cfg.sample_size) if cfg.sample_size else None
-    return d
 
 
 def config_from_json(d: dict) -> TrainConfig:

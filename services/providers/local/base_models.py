@@ -1,0 +1,145 @@
+"""The base models the local engine trains on and generates with, and a job's training configuration.
+
+The registry itself (keys, labels, families, sizes) is ``engine.models``; this is the engine's
+view of it: the configured default (``FLUX_LOCAL_MODEL``), what a request may pick, whether the
+GPU can hold the training, where the model's files are, and the configuration a job is written with.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from services.config import Settings
+from services.errors import InputError, StudioError
+from services.providers.base import ProgressFn, TrainRequest
+from services.providers.local.engine import models
+
+TINY_LABEL = models.BY_KEY[models.TINY_FLUX1].label
+
+
+class BaseModels:
+    """Which base model a local job uses, whether it fits, and where its files are."""
+
+    def __init__(self, settings: Settings, model: str | None = None, *, resolution: int | None = None,
+                 device: str | None = None) -> None:
+        self.settings = settings
+        self.model = (settings.local_model if model is None else model).strip()
+        self.resolution = resolution  # None: from the model and the request's priority
+        self.device = device
+
+    @property
+    def is_tiny(self) -> bool:
+        """Whether the default model (``FLUX_LOCAL_MODEL``) is the tiny FLUX.1 test model."""
+        return self.model in ("", "tiny", models.TINY_FLUX1)
+
+    @property
+    def label(self) -> str:
+        if self.is_tiny:
+            return TINY_LABEL
+        listed = models.BY_KEY.get(models.default_choice(self.model))
+        return listed.label if listed else self.model
+
+    def choices(self) -> list[tuple[str, str]]:
+        """(label, value) pairs for the Train tab's base-model picker."""
+        return models.choices(self.model)
+
+    def default_choice(self) -> str:
+        return models.default_choice(self.model)
+
+    def check_request_model(self, request: TrainRequest) -> str:
+        """The spec of the request's base model, if this engine offers it (InputError otherwise).
+        Hosted, a visitor may not make the server download another multi-GB model: only the configured
+        one (or a tiny test model)."""
+        spec = models.check_choice(request.base_model, self.model)
+        configured = models.default_choice(self.model)
+        if self.settings.hosted and spec != configured and not models.resolve(spec).tiny:
+            raise InputError(f"This hosted app trains on {models.resolve(configured).label} only.",
+                             hint="Run the studio on your own machine to pick another base model.")
+        return spec
+
+    def memory_plan(self, request: TrainRequest, spec: str | None = None):
+        """The memory preset, its estimated peak and the GPU, for the Train tab and the launch check."""
+        from services.providers.local.engine import memory
+
+        base = models.resolve(spec or request.base_model or self.model)
+        if base.tiny or not base.transformer_params:
+            return memory.MemoryPlan(None, None, None)  # the tiny models fit anywhere; unknown ones can't be told
+        checkpointing = True if request.gradient_checkpointing is None else bool(request.gradient_checkpointing)
+        return memory.plan_memory(base.family, base.transformer_params, self._resolution(request, base),
+                                  request.lora_rank, preset_name=request.memory_preset,
+                                  gradient_checkpointing=checkpointing, device=None if self.device is None
+                                  else ("cuda" if self.device.startswith("cuda") else "cpu"))
+
+    def is_tiny_model(self, spec: str | None) -> bool:
+        try:
+            return models.resolve(self.model if spec is None else spec).tiny
+        except StudioError:
+            return False
+
+    def label_of(self, spec: str) -> str:
+        try:
+            return models.resolve(spec).label
+        except StudioError:
+            return spec
+
+    def folder(self, model: str | None = None, on_progress: ProgressFn | None = None) -> str:
+        """The folder ``from_pretrained`` gets: a tiny model is built on first use, a Hub model is
+        downloaded into the HF cache (reused; disk space checked first), a folder is used as is."""
+        base = models.resolve(self.model if model is None else model)
+        if base.tiny and not base.path:
+            from services.providers.local.engine.tiny import ensure_tiny_model
+
+            return str(ensure_tiny_model(Path(self.settings.data_dir) / models.TINY_FOLDERS[base.key], base.family))
+        from services.providers.local.engine.download import fetch_base_model
+
+        return str(fetch_base_model(base.source, token=self.settings.hf_token, on_progress=on_progress))
+
+    def _resolution(self, request: TrainRequest, base: models.BaseModel) -> int:
+        from services.providers.local.engine import tiny as tiny_consts  # no torch import: constants only
+
+        if base.tiny:
+            return self.resolution or tiny_consts.TRAIN_RESOLUTION
+        return self.resolution or (1024 if request.priority == "high_res_only" else 512)
+
+    def job_config(self, request: TrainRequest, base_model: str, *, steps_per_sample: int | None,
+                   checkpoint_every: int | None) -> dict:
+        """config.json for a new job: engine.train.TrainConfig's fields, plus ``_model`` and
+        ``_finetune_type`` for the worker. ``None`` intervals: from the number of steps."""
+        base = models.resolve(base_model)
+        tiny = base.tiny
+        steps = request.iterations
+        sample_every = steps_per_sample if steps_per_sample is not None else max(10, steps // 5)
+        ckpt_every = checkpoint_every if checkpoint_every is not None else max(10, steps // 10)
+        return {
+            "model_path": "",  # resolved by the worker (the tiny model is built there)
+            "steps": steps,
+            "learning_rate": request.effective_learning_rate() if request.finetune_type == "lora"
+            else (request.learning_rate or 1e-4),
+            "rank": request.lora_rank,
+            "trigger_word": request.trigger_word,
+            "resolution": self._resolution(request, base),
+            "bucket_step": 16 if tiny else 64,
+            "batch_size": 1,
+            "seed": 0,
+            "guidance": 1.0,
+            "max_sequence_length": base.max_sequence_length,
+            "gradient_checkpointing": (not tiny) if request.gradient_checkpointing is None
+            else bool(request.gradient_checkpointing),
+            "sample_every": sample_every,
+            "checkpoint_every": ckpt_every,
+            "sample_prompt": "",
+            "sample_seed": 42,
+            # Samples during training: a few steps fewer than a real generation's default.
+            "sample_steps": 2 if tiny else min(base.sample_steps, 20),
+            "sample_guidance": base.sample_guidance,
+            "sample_size": None,
+            "base_model_label": base.label,
+            "base_model_id": base.repo_id,
+            "family": base.family,
+            "base_model": base_model,
+            "device": self.device,
+            # The tiny models need no memory preset on any GPU (and must not need bitsandbytes);
+            # "" lets the trainer pick one from the GPU for a real model.
+            "memory_preset": "none" if tiny else request.memory_preset,
+            "_model": base_model,
+            "_finetune_type": request.finetune_type,
+        }
