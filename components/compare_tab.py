@@ -18,7 +18,7 @@ from services.access import ProviderAccess
 from services.providers.cometapi.images import BASE_FOR
 from services.config import THREAD_PREFIX, Settings
 from services.errors import InputError
-from services.finetunes import Target, authorize_target, guess_provider, ready_targets
+from services.targets import Target, authorize_target, guess_provider, ready_targets
 from services.storage.jobs import JobStore
 from services.providers.base import ASPECT_RATIOS, OUTPUT_FORMATS, GenerateRequest
 from services.storage.results import ResultStore

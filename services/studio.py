@@ -38,7 +38,7 @@ from services.config import Secret, Settings
 from services.storage.datasets import Dataset, DatasetStore, DatasetStores, ExportResult, ImportReport
 from services.storage.datasets import add_affixes, find_replace, trigger_first
 from services.errors import InputError, StudioError
-from services.finetunes import Target, authorize_target, find_target
+from services.targets import Target, authorize_target, find_target
 from services.storage.jobs import DatabaseBackup, Job, JobStore
 from services.providers.local.provider import LocalProvider
 from services.storage.owners import LOCAL_OWNER, installation_secret
