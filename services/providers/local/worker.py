@@ -199,7 +199,8 @@ class Worker:
 
     def _train(self, run: Run):
         from services.providers.local.engine import infer
-        from services.providers.local.engine.train import config_from_json, pick_device
+        from services.providers.local.engine.config import config_from_json
+        from services.providers.local.engine.train import pick_device
 
         rid = run.remote_id
         raw = self.folders.read_config(rid)

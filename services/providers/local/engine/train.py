@@ -20,7 +20,6 @@ latest one exactly where it stopped. torch, diffusers and peft are imported lazi
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -28,24 +27,21 @@ import os
 import shutil
 import threading
 import time
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from services.storage import atomic
 from services.errors import InputError
 from services.providers.local.engine import memory, quiet_libraries
+from services.providers.local.engine.card import LORA_FILE, model_card
+from services.providers.local.engine.config import TrainConfig
+from services.providers.local.engine.data import Example, bucket_sizes, fit, pick_bucket, read_dataset_zip, to_pixels
 from services.providers.local.engine.families import FLUX1_LORA_TARGETS, TextEmbeds, adapter
 
 log = logging.getLogger("flux_studio.local_engine")
 
-LORA_FILE = "pytorch_lora_weights.safetensors"
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 LORA_TARGETS = FLUX1_LORA_TARGETS  # FLUX.1's; each family names its own (families.py)
-# Aspect ratios offered as buckets (w/h).
-BUCKET_RATIOS = (1.0, 4 / 3, 3 / 4, 3 / 2, 2 / 3, 16 / 9, 9 / 16)
-MAX_DATASET_IMAGES = 200
 # Captions are encoded this many at a time: T5-XXL's activations for 200 captions of 512 tokens in
 # one batch would take several GB beside the model (services.providers.local.engine.memory counts one chunk).
 CAPTION_CHUNK = 4
@@ -71,35 +67,6 @@ def train_dtype(device: str):
 
 
 @dataclass
-class TrainConfig:
-    model_path: str
-    steps: int
-    learning_rate: float = 1e-4
-    rank: int = 16
-    trigger_word: str = "TOK"
-    resolution: int = 512
-    bucket_step: int = 64
-    batch_size: int = 1
-    seed: int = 0
-    guidance: float = 1.0  # guidance-embedding value during training (guidance-distilled models)
-    max_sequence_length: int = 512
-    gradient_checkpointing: bool = False
-    sample_every: int = 0  # 0 = only at the end
-    checkpoint_every: int = 0  # 0 = only when cancelled
-    sample_prompt: str = ""  # empty = the first caption
-    sample_seed: int = 42
-    sample_steps: int = 28
-    sample_guidance: float = 3.5
-    sample_size: tuple[int, int] | None = None  # (w, h); None = the first image's bucket
-    base_model_label: str = ""  # for the model card
-    base_model_id: str = ""  # a Hub repo id for the model card's base_model ("" = none)
-    family: str = "flux1"  # "flux1" | "flux2" (models.FAMILIES): which pipeline and adapter
-    base_model: str = ""  # the base model's spec (a models.REGISTRY key, a Hub id or a folder)
-    device: str | None = None
-    memory_preset: str = ""  # services.providers.local.engine.memory.PRESETS name; "" = from the GPU (none on the CPU)
-
-
-@dataclass
 class Callbacks:
     on_step: Callable[[int, int, float, float | None], None] | None = None  # step, total, loss, eta_s
     on_sample: Callable[[int, Path], None] | None = None
@@ -117,99 +84,6 @@ class TrainResult:
     checkpoint: Path | None = None
     samples: list[Path] = field(default_factory=list)
     seconds: float = 0.0
-
-
-# --------------------------------------------------------------------------- dataset and buckets
-
-
-@dataclass
-class Example:
-    name: str
-    image: object  # PIL.Image (RGB)
-    caption: str
-
-
-def with_trigger(caption: str, trigger: str) -> str:
-    from services.storage.datasets import contains_trigger  # the app's one rule for trigger words
-
-    caption = " ".join(caption.split())
-    if not trigger:
-        return caption
-    if not caption:
-        return trigger
-    return caption if contains_trigger(caption, trigger) else f"{trigger}, {caption}"
-
-
-def read_dataset_zip(zip_path: Path, trigger: str) -> list[Example]:
-    """Images and same-name .txt captions from the training zip the app exports."""
-    from PIL import Image, ImageOps
-
-    try:
-        zf = zipfile.ZipFile(zip_path)
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise InputError(f"The training zip can't be read ({exc}).", hint="Export the dataset again.") from None
-    with zf:
-        names = [i.filename for i in zf.infolist() if not i.is_dir()]
-        usable = [n for n in names if not any(p.startswith((".", "__MACOSX")) for p in PurePosixPath(n).parts)]
-        captions = {str(PurePosixPath(n).with_suffix("")): n for n in usable if n.lower().endswith(".txt")}
-        out: list[Example] = []
-        for n in sorted(usable):
-            p = PurePosixPath(n)
-            if p.suffix.lower() not in IMAGE_EXTS:
-                continue
-            try:
-                with Image.open(io.BytesIO(zf.read(n))) as im:
-                    img = ImageOps.exif_transpose(im).convert("RGB")
-            except Exception:
-                log.warning("Skipping %s: not a readable image", n)
-                continue
-            cap_name = captions.get(str(p.with_suffix("")))
-            caption = zf.read(cap_name).decode("utf-8", "replace") if cap_name else ""
-            out.append(Example(n, img, with_trigger(caption, trigger)))
-            if len(out) >= MAX_DATASET_IMAGES:
-                break
-    if not out:
-        raise InputError("The training zip has no usable images.",
-                         hint="Add images to the dataset and export it again.")
-    return out
-
-
-def bucket_sizes(resolution: int, step: int) -> list[tuple[int, int]]:
-    """(w, h) buckets of about ``resolution``² pixels, sides multiples of ``step``."""
-    area = resolution * resolution
-    out: list[tuple[int, int]] = []
-    for r in BUCKET_RATIOS:
-        w = max(step, round(math.sqrt(area * r) / step) * step)
-        h = max(step, round(math.sqrt(area / r) / step) * step)
-        if (w, h) not in out:
-            out.append((w, h))
-    return out
-
-
-def pick_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
-    ratio = math.log(width / height)
-    return min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - ratio))
-
-
-def fit(img, size: tuple[int, int]):
-    """Scale to cover ``size`` and centre-crop to it."""
-    from PIL import Image
-
-    w, h = size
-    scale = max(w / img.width, h / img.height)
-    nw, nh = max(w, round(img.width * scale)), max(h, round(img.height * scale))
-    img = img.resize((nw, nh), Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC)
-    left, top = (nw - w) // 2, (nh - h) // 2
-    return img.crop((left, top, left + w, top + h))
-
-
-def to_pixels(img, device, dtype):
-    """PIL RGB -> tensor (1, 3, h, w) in [-1, 1]."""
-    import numpy as np
-    import torch
-
-    arr = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1)
-    return (arr / 127.5 - 1.0).unsqueeze(0).to(device=device, dtype=dtype)
 
 
 # --------------------------------------------------------------------------- the trainer
@@ -627,73 +501,3 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
 
 def checkpoint_step(path: Path) -> int:
     return int(json.loads((path / "trainer_state.json").read_text())["step"])
-
-
-def model_card(cfg: TrainConfig, image_count: int, samples: list[str], losses: list[float]) -> str:
-    """A Hugging Face model card: front matter (base_model, tags) and how to use the LoRA."""
-    from services.providers.local.engine import models
-
-    try:
-        base_model = models.resolve(cfg.base_model or cfg.base_model_id or cfg.model_path)
-    except InputError:  # a folder moved since: the family's defaults will do for the snippet
-        base_model = models.FAMILY_DEFAULTS[cfg.family]
-    pipeline_class = models.pipeline_of(cfg.family)
-    from huggingface_hub import ModelCard, ModelCardData
-
-    data = ModelCardData(
-        base_model=cfg.base_model_id or None, library_name="diffusers", pipeline_tag="text-to-image",
-        instance_prompt=cfg.trigger_word,
-        tags=["lora", "flux", "diffusers", "text-to-image", "flux-finetune-studio",
-              *(["flux2-klein"] if cfg.family == models.FLUX2 else [])],
-        widget=[{"text": cfg.sample_prompt or cfg.trigger_word, "output": {"url": s}} for s in samples[-1:]] or None,
-    )
-    base = cfg.base_model_label or cfg.base_model_id or cfg.model_path
-    load_id = cfg.base_model_id or "<path to the base model>"
-    params = {
-        "base_model": cfg.base_model or base,
-        "steps": cfg.steps, "learning_rate": cfg.learning_rate, "lora_rank": cfg.rank, "lora_alpha": cfg.rank,
-        "resolution": cfg.resolution, "batch_size": cfg.batch_size, "seed": cfg.seed,
-        "training_images": image_count,
-        "final_loss": round(sum(losses[-10:]) / len(losses[-10:]), 5) if losses else None,
-    }
-    body = [
-        "",
-        f"# {'FLUX.2 [klein]' if cfg.family == models.FLUX2 else 'FLUX'} LoRA: {cfg.trigger_word}",
-        "",
-        f"A LoRA for **{base}**, trained with FLUX Finetune Studio's local engine "
-        "(flow matching, LoRA on the transformer's attention projections).",
-        "",
-        f"Use the trigger word **`{cfg.trigger_word}`** in your prompt.",
-        "",
-        "## Parameters",
-        "",
-        "| parameter | value |",
-        "|---|---|",
-        *[f"| {k} | {v} |" for k, v in params.items()],
-        "",
-    ]
-    if samples:
-        body += ["## Samples", "", *[f"![sample]({s})" for s in samples], ""]
-    body += [
-        "## Use it with diffusers",
-        "",
-        "```python",
-        "import torch",
-        f"from diffusers import {pipeline_class}",
-        "",
-        f"pipe = {pipeline_class}.from_pretrained({load_id!r}, torch_dtype=torch.bfloat16).to('cuda')",
-        f"pipe.load_lora_weights('<this repo or folder>', weight_name={LORA_FILE!r})",
-        f"image = pipe(prompt={(cfg.trigger_word + ', a photo')!r}, num_inference_steps={base_model.sample_steps}, "
-        f"guidance_scale={base_model.sample_guidance:g}).images[0]",
-        "```",
-        "",
-    ]
-    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n" + "\n".join(body)))
-
-
-def config_from_json(d: dict) -> TrainConfig:
-    d = dict(d)
-    if d.get("sample_size"):
-        d["sample_size"] = tuple(d["sample_size"])
-    known = TrainConfig.__dataclass_fields__
-    return TrainConfig(**{k: v for k, v in d.items() if k in known})

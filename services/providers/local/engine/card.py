@@ -1,0 +1,69 @@
+"""A trained LoRA's model card: the front matter the Hub reads (base model, tags, widget) and how to use it."""
+from __future__ import annotations
+
+from services.errors import InputError
+from services.providers.local.engine.config import TrainConfig
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def model_card(cfg: TrainConfig, image_count: int, samples: list[str], losses: list[float]) -> str:
+    """A Hugging Face model card: front matter (base_model, tags) and how to use the LoRA."""
+    from services.providers.local.engine import models
+
+    try:
+        base_model = models.resolve(cfg.base_model or cfg.base_model_id or cfg.model_path)
+    except InputError:  # a folder moved since: the family's defaults will do for the snippet
+        base_model = models.FAMILY_DEFAULTS[cfg.family]
+    pipeline_class = models.pipeline_of(cfg.family)
+    from huggingface_hub import ModelCard, ModelCardData
+
+    data = ModelCardData(
+        base_model=cfg.base_model_id or None, library_name="diffusers", pipeline_tag="text-to-image",
+        instance_prompt=cfg.trigger_word,
+        tags=["lora", "flux", "diffusers", "text-to-image", "flux-finetune-studio",
+              *(["flux2-klein"] if cfg.family == models.FLUX2 else [])],
+        widget=[{"text": cfg.sample_prompt or cfg.trigger_word, "output": {"url": s}} for s in samples[-1:]] or None,
+    )
+    base = cfg.base_model_label or cfg.base_model_id or cfg.model_path
+    load_id = cfg.base_model_id or "<path to the base model>"
+    params = {
+        "base_model": cfg.base_model or base,
+        "steps": cfg.steps, "learning_rate": cfg.learning_rate, "lora_rank": cfg.rank, "lora_alpha": cfg.rank,
+        "resolution": cfg.resolution, "batch_size": cfg.batch_size, "seed": cfg.seed,
+        "training_images": image_count,
+        "final_loss": round(sum(losses[-10:]) / len(losses[-10:]), 5) if losses else None,
+    }
+    body = [
+        "",
+        f"# {'FLUX.2 [klein]' if cfg.family == models.FLUX2 else 'FLUX'} LoRA: {cfg.trigger_word}",
+        "",
+        f"A LoRA for **{base}**, trained with FLUX Finetune Studio's local engine "
+        "(flow matching, LoRA on the transformer's attention projections).",
+        "",
+        f"Use the trigger word **`{cfg.trigger_word}`** in your prompt.",
+        "",
+        "## Parameters",
+        "",
+        "| parameter | value |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in params.items()],
+        "",
+    ]
+    if samples:
+        body += ["## Samples", "", *[f"![sample]({s})" for s in samples], ""]
+    body += [
+        "## Use it with diffusers",
+        "",
+        "```python",
+        "import torch",
+        f"from diffusers import {pipeline_class}",
+        "",
+        f"pipe = {pipeline_class}.from_pretrained({load_id!r}, torch_dtype=torch.bfloat16).to('cuda')",
+        f"pipe.load_lora_weights('<this repo or folder>', weight_name={LORA_FILE!r})",
+        f"image = pipe(prompt={(cfg.trigger_word + ', a photo')!r}, num_inference_steps={base_model.sample_steps}, "
+        f"guidance_scale={base_model.sample_guidance:g}).images[0]",
+        "```",
+        "",
+    ]
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n" + "\n".join(body)))
