@@ -36,7 +36,7 @@ from services.providers.cometapi.client import CometAPIClient
 from services.providers.cometapi.provider import CometAPIProvider
 from services.config import Secret, Settings
 from services.storage.datasets import Dataset, DatasetStore, DatasetStores, ExportResult, ImportReport
-from services.storage.datasets import add_affixes, find_replace, trigger_first
+from services.storage.captions import add_affixes, find_replace, trigger_first
 from services.errors import InputError, StudioError
 from services.targets import Target, authorize_target, find_target
 from services.storage.database import DatabaseBackup
