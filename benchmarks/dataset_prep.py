@@ -274,7 +274,7 @@ def phase_naive(workdir: Path, count: int, out_dir: Path) -> dict:
 
 
 def prepare_all_processes(jobs, out_dir, settings, progress=None):
-    """``services.storage.datasets.prepare_all`` with a ProcessPoolExecutor instead of threads.
+    """``services.storage.uploads.prepare_all`` with a ProcessPoolExecutor instead of threads.
 
     Same contract (results in input order); exists only for the --compare-pool experiment.
     """

@@ -13,9 +13,9 @@ from components import feedback
 from components.feedback import plain, progress_callback, shows_errors
 from components.identity import client_address, owner_for
 from components.serving import servable, servable_items
-from services.storage import datasets as ds_service
+from services.storage import captions
 from services.config import Settings
-from services.storage.datasets import Dataset, DatasetStore
+from services.storage.datasets import Dataset, DatasetStore, ImportReport, dataset_warnings
 from services.captioning import CAPTION_MODES, Captioner, images_to_caption
 from services.errors import InputError
 
@@ -57,14 +57,14 @@ def gallery_items(ds: Dataset | None) -> list[tuple[str, str]]:
 def warnings_markdown(ds: Dataset | None, settings: Settings) -> str:
     if ds is None:
         return "Pick a saved dataset or upload images to start a new one."
-    found = ds_service.dataset_warnings(ds, settings)
+    found = dataset_warnings(ds, settings)
     head = f"**{plain(ds.name)}**: {len(ds.items)} image(s), {sum(1 for i in ds.items if i.caption.strip())} captioned."
     if not found:
         return head + "\n\nReady to export: no problems found."
     return head + "\n\n" + "\n".join(f"- ⚠️ {plain(w)}" for w in found)
 
 
-def report_markdown(report: ds_service.ImportReport) -> str:
+def report_markdown(report: ImportReport) -> str:
     lines = [plain(line) for line in report.lines()]  # they quote the uploaded files' own names
     return "\n".join([f"**{lines[0]}**"] + [f"- {line}" for line in lines[1:]])
 
@@ -240,7 +240,7 @@ def _wire(tab: DatasetTab, stores: Callable[[str], DatasetStore], settings: Sett
     def on_trigger_first(word: str, name: str | None, request: gr.Request = None):
         store = stores(owner_for(request, settings))
         ds = store.set_trigger_word(require(name), word)
-        ds = store.map_captions(ds.name, lambda c: ds_service.trigger_first(c, ds.trigger_word))
+        ds = store.map_captions(ds.name, lambda c: captions.trigger_first(c, ds.trigger_word))
         return _view(ds, settings)
 
     @shows_errors
@@ -248,14 +248,14 @@ def _wire(tab: DatasetTab, stores: Callable[[str], DatasetStore], settings: Sett
         store = stores(owner_for(request, settings))
         if not f:
             raise InputError("Nothing to find.", hint="Type the text to replace in 'Find'.")
-        return _view(store.map_captions(require(name), lambda c: ds_service.find_replace(c, f, r)), settings)
+        return _view(store.map_captions(require(name), lambda c: captions.find_replace(c, f, r)), settings)
 
     @shows_errors
     def on_affix(p: str, s: str, name: str | None, request: gr.Request = None):
         store = stores(owner_for(request, settings))
         if not p and not s:
             raise InputError("Prefix and suffix are both empty.", hint="Type a prefix, a suffix or both.")
-        return _view(store.map_captions(require(name), lambda c: ds_service.add_affixes(c, p, s)), settings)
+        return _view(store.map_captions(require(name), lambda c: captions.add_affixes(c, p, s)), settings)
 
     @shows_errors
     def on_clear(name: str | None, request: gr.Request = None):

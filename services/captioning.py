@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 from services.providers.cometapi.client import CometAPIClient
 from services.config import THREAD_PREFIX
-from services.storage.datasets import Dataset, DatasetStore, trigger_first
+from services.storage.captions import trigger_first
+from services.storage.datasets import Dataset, DatasetStore
 from services.errors import AuthError, EndpointUnavailableError, InputError, InsufficientCreditsError, StudioError
 
 ProgressFn = Callable[[int, int, str], None]

@@ -95,7 +95,7 @@ class Settings:
     data_dir: Path = Path("data")
     # Where the SQLite database lives, when not in data_dir: SQLite (WAL) is unsafe on a bucket or
     # network mount, so on a Space it stays on local disk and is copied to data_dir every
-    # db_backup_every_s seconds and on shutdown (services.storage.jobs.DatabaseBackup).
+    # db_backup_every_s seconds and on shutdown (services.storage.database.DatabaseBackup).
     db_dir: Path | None = None
     db_backup_every_s: float = 300.0
 

@@ -36,10 +36,11 @@ from services.providers.cometapi.client import CometAPIClient
 from services.providers.cometapi.provider import CometAPIProvider
 from services.config import Secret, Settings
 from services.storage.datasets import Dataset, DatasetStore, DatasetStores, ExportResult, ImportReport
-from services.storage.datasets import add_affixes, find_replace, trigger_first
+from services.storage.captions import add_affixes, find_replace, trigger_first
 from services.errors import InputError, StudioError
 from services.targets import Target, authorize_target, find_target
-from services.storage.jobs import DatabaseBackup, Job, JobStore
+from services.storage.database import DatabaseBackup
+from services.storage.jobs import Job, JobStore
 from services.providers.local.provider import LocalProvider
 from services.storage.owners import LOCAL_OWNER, installation_secret
 from services.providers.base import PRESETS, GenerateRequest, Provider, ProgressFn, TrainRequest

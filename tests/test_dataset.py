@@ -10,15 +10,9 @@ import pytest
 from PIL import Image
 
 from services.config import Settings
-from services.storage.datasets import (
-    DatasetStore,
-    add_affixes,
-    dataset_warnings,
-    find_replace,
-    safe_name,
-    trigger_first,
-    validate_trigger_word,
-)
+from services.storage.captions import add_affixes, find_replace, trigger_first, validate_trigger_word
+from services.storage.datasets import DatasetStore, dataset_warnings
+from services.storage.uploads import safe_name
 from services.errors import DatasetError, InputError
 from services.storage.images import target_size
 from tests import imagefactory as fx

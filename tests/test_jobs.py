@@ -9,7 +9,8 @@ import pytest
 
 from services.config import Secret, Settings
 from services.errors import JobError
-from services.storage.jobs import SCHEMA_VERSION, TERMINAL_STATUSES, Job, JobStore
+from services.storage.database import SCHEMA_VERSION
+from services.storage.jobs import TERMINAL_STATUSES, Job, JobStore
 
 
 class FakeClock:
@@ -350,7 +351,7 @@ def test_a_database_kept_off_the_data_dir_is_copied_there_and_restored_from_it(t
     local disk, is copied to the data dir with SQLite's backup API, and a fresh disk starts from it."""
     import threading
 
-    from services.storage.jobs import DatabaseBackup
+    from services.storage.database import DatabaseBackup
 
     settings = Settings(data_dir=tmp_path / "bucket", db_dir=tmp_path / "local-disk")
     store = JobStore.from_settings(settings)

@@ -154,7 +154,7 @@ def deploy(config: SpaceConfig, *, token: str, root: Path = ROOT, api=None, env:
         api.set_space_volumes(config.space_id, [Volume(type="bucket", source=config.bucket, mount_path=config.mount_path)])
         variables["FLUX_STUDIO_DATA_DIR"] = config.mount_path
         # SQLite (WAL) is unsafe on a bucket mount: the database stays on the Space's local disk,
-        # copied to the bucket every few minutes and on shutdown (services.storage.jobs.DatabaseBackup).
+        # copied to the bucket every few minutes and on shutdown (services.storage.database.DatabaseBackup).
         variables.setdefault("FLUX_STUDIO_DB_DIR", LOCAL_DB_DIR)
     for name, value in variables.items():
         api.add_space_variable(config.space_id, name, value)

@@ -13,7 +13,7 @@ from typing import Literal, Protocol, get_args, runtime_checkable
 
 from services.config import Secret
 from services.errors import InputError
-from services.storage.datasets import is_trigger_word
+from services.storage.captions import is_trigger_word
 
 Mode = Literal["character", "product", "style", "general"]  # typed API parameters (components/api.py)
 MODES: tuple[str, ...] = get_args(Mode)

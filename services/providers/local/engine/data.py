@@ -27,7 +27,7 @@ class Example:
 
 
 def with_trigger(caption: str, trigger: str) -> str:
-    from services.storage.datasets import contains_trigger  # the app's one rule for trigger words
+    from services.storage.captions import contains_trigger  # the app's one rule for trigger words
 
     caption = " ".join(caption.split())
     if not trigger:
