@@ -369,21 +369,17 @@ def _mcp_calls(url: str, calls: list[tuple[str, dict]], *, keep_cookies: bool = 
     import asyncio
 
     from mcp import ClientSession
-    from mcp.client.streamable_http import streamablehttp_client
+    from mcp.client.streamable_http import streamable_http_client
     from mcp.shared._httpx_utils import create_mcp_http_client
 
-    def no_cookies(headers=None, timeout=None, auth=None) -> httpx.AsyncClient:
-        client = create_mcp_http_client(headers, timeout, auth)
-
-        async def forget(_response) -> None:  # a client that keeps no cookie
-            client.cookies.clear()
-
-        client.event_hooks["response"].append(forget)
-        return client
-
     async def run() -> list[tuple[bool, str]]:
-        factory = create_mcp_http_client if keep_cookies else no_cookies
-        async with streamablehttp_client(url + "gradio_api/mcp/", httpx_client_factory=factory) as (read, write, _):
+        client = create_mcp_http_client()
+        if not keep_cookies:
+            async def forget(_response) -> None:  # a client that keeps no cookie
+                client.cookies.clear()
+
+            client.event_hooks["response"].append(forget)
+        async with client, streamable_http_client(url + "gradio_api/mcp/", http_client=client) as (read, write, _):
             async with ClientSession(read, write) as session:
                 await session.initialize()
                 out = []
