@@ -20,16 +20,23 @@ CHROMIUM_ARGS = [
 
 
 @contextlib.contextmanager
-def running_app(settings, **create_kwargs) -> Iterator[str]:
-    """Start the real app on a free loopback port and yield its URL."""
+def launched(settings, **create_kwargs) -> Iterator[tuple["object", str]]:
+    """Start the real app on a free loopback port and yield ``(demo, url)``."""
     import app as app_module
 
     demo = app_module.create_app(settings, **create_kwargs)
     _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **app_module.launch_options(settings))
     try:
-        yield url
+        yield demo, url
     finally:
         demo.close()  # also stops its tracker and local trainings
+
+
+@contextlib.contextmanager
+def running_app(settings, **create_kwargs) -> Iterator[str]:
+    """Start the real app on a free loopback port and yield its URL."""
+    with launched(settings, **create_kwargs) as (_, url):
+        yield url
 
 
 @contextlib.contextmanager

@@ -5,7 +5,6 @@ import importlib.util
 import os
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import app as app_module
 from components import api
 from services.errors import ConfigError
 from tests import imagefactory as fx
-from tests.browser import running_app
+from tests.browser import launched, running_app
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -206,7 +205,7 @@ def test_a_script_drives_the_whole_workflow_by_name(settings, tmp_path):
     """create, add, caption, launch, wait for ready, compare, grid: gradio_client alone, every dataset
     and fine-tune named as the user named it (the pickers' choices were once empty for a script)."""
     photos = fx.good_set(tmp_path / "g", count=3, size=(640, 640))
-    with running_app(settings) as url:
+    with launched(settings) as (demo, url):
         client = Client(url, verbose=False)
         try:
             endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
@@ -228,11 +227,11 @@ def test_a_script_drives_the_whole_workflow_by_name(settings, tmp_path):
 
             job = client.predict("cup", "cup-v1", "local", "product", "", 100, api_name="/launch_finetune")
             assert job["name"] == "cup-v1" and job["provider"] == "local" and job["trigger_word"] == "CUPX"
-            deadline = time.monotonic() + 240
-            while (job := client.predict("cup-v1", api_name="/get_job"))["status"] != "ready":
-                assert job["status"] in ("submitting", "pending", "running"), job
-                assert time.monotonic() < deadline, job
-                time.sleep(0.5)  # polling a real training, as a script would; the loop ends on "ready"
+            assert client.predict("cup-v1", api_name="/get_job")["id"] == job["id"]  # found by its name
+            # The signal: the run's own thread has ended; one tracking pass then records how it went.
+            assert demo.studio.providers["local"].join(job["finetune_id"], timeout=240)
+            demo.studio.training.track_once()
+            assert client.predict("cup-v1", api_name="/get_job")["status"] == "ready"
             assert [j["name"] for j in client.predict(api_name="/list_jobs")] == ["cup-v1"]
 
             base, tuned, details = client.predict("cup-v1", "a photo of CUPX cup", 3, 1.0, 128, 128,
