@@ -281,8 +281,7 @@ def build(studio: Studio) -> None:
         values = cmp.parse_strengths(strengths)
         result = studio.grid(finetune, (prompts or "").splitlines(), values, include_base=include_base, seed=seed,
                              width=width, height=height, owner=me, address=client_address(request, settings))
-        sheet = result.sheet_path
-        cmp.contact_sheet(result.result, sheet)
+        sheet = result.save_contact_sheet()
         cells = [{"row": c.row, "column": result.result.columns[c.col], **cell_summary(c)}
                  for row in result.result.cells for c in row]
         return servable(sheet), {"columns": result.result.columns, "prompts": result.result.prompts,

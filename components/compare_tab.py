@@ -264,8 +264,7 @@ def build(access: ProviderAccess, jobs: JobStore, results: ResultStore, settings
         if grid_result is None:
             raise InputError("There is no grid yet.", hint="Run a grid first.")
         owner = owner_for(request, settings)
-        path = results.out_dir(owner) / f"contact-sheet-{grid_result.group_id}.png"
-        return servable(cmp.contact_sheet(grid_result, path))
+        return servable(cmp.contact_sheet(grid_result, results.contact_sheet_path(owner, grid_result.group_id)))
 
     fields = [prompt, seed, strength, aspect, width, height, steps, guidance, safety, fmt]
     finetune.change(on_pick, [finetune], [prompt])

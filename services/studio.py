@@ -298,7 +298,7 @@ class Studio:
         result = cmp.run_grid(provider, lines, list(strengths), template, finetune_id=target.finetune_id,
                               tuned_model=tuned_model, include_base=include_base, on_cell=on_cell,
                               out_dir=self.results.out_dir(owner), owner=owner, results=self.results)
-        return Grid(result, self.results.out_dir(owner) / f"contact-sheet-{result.group_id}.png")
+        return Grid(result, self.results.contact_sheet_path(owner, result.group_id))
 
     @staticmethod
     def generate_request(prompt: str, *, seed: int, strength: float, width: int, height: int, aspect_ratio: str,
@@ -490,9 +490,12 @@ class Grid:
     def failed(self) -> int:
         return self.result.failed
 
+    def save_contact_sheet(self) -> Path:
+        """Draw the contact sheet into ``sheet_path`` (PNG) and return that path."""
+        return cmp.contact_sheet(self.result, self.sheet_path)
+
     def contact_sheet(self) -> Image.Image:
-        cmp.contact_sheet(self.result, self.sheet_path)
-        with Image.open(self.sheet_path) as im:
+        with Image.open(self.save_contact_sheet()) as im:
             return im.copy()
 
 

@@ -65,6 +65,10 @@ class ResultStore:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
+    def contact_sheet_path(self, owner: str, group_id: str) -> Path:
+        """Where a grid's contact sheet is saved: beside the owner's images, named by the grid's group."""
+        return self.out_dir(owner) / f"contact-sheet-{group_id}.png"
+
     def new_group(self) -> str:
         return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
