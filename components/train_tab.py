@@ -211,7 +211,7 @@ def memory_summary(local, base_model: str | None, preset: str, rank, priority: s
                              base_model=base_model or None, memory_preset=preset or "",
                              gradient_checkpointing=CHECKPOINTING.get(checkpointing or "auto"))
     try:
-        plan = local.memory_plan(request, local.check_request_model(request))
+        plan = local.memory_plan(request)
     except StudioError as exc:
         return f"⚠️ {plain(exc.user_message())}"
     fits = ""

@@ -56,11 +56,12 @@ class BaseModels:
                              hint="Run the studio on your own machine to pick another base model.")
         return spec
 
-    def memory_plan(self, request: TrainRequest, spec: str | None = None):
-        """The memory preset, its estimated peak and the GPU, for the Train tab and the launch check."""
+    def memory_plan(self, request: TrainRequest):
+        """The memory preset, its estimated peak and the GPU, for the Train tab and the launch check;
+        InputError for a base model this engine does not offer."""
         from services.providers.local.engine import memory
 
-        base = models.resolve(spec or request.base_model or self.model)
+        base = models.resolve(self.check_request_model(request))
         if base.tiny or not base.transformer_params:
             return memory.MemoryPlan(None, None, None)  # the tiny models fit anywhere; unknown ones can't be told
         checkpointing = True if request.gradient_checkpointing is None else bool(request.gradient_checkpointing)

@@ -78,13 +78,11 @@ class LocalProvider(ProviderBase):
     def check_request(self, request: TrainRequest) -> None:
         """Refuse, before any job is recorded, a base model this engine does not offer, or a training
         this GPU's memory can't hold (never found out as an out-of-memory error halfway through)."""
-        self.memory_plan(request, self.check_request_model(request)).check()
+        self.memory_plan(request).check()
 
-    def check_request_model(self, request: TrainRequest) -> str:
-        return self.base_models.check_request_model(request)
-
-    def memory_plan(self, request: TrainRequest, spec: str | None = None):
-        return self.base_models.memory_plan(request, spec)
+    def memory_plan(self, request: TrainRequest):
+        """The request's memory preset, estimated peak and GPU; InputError for a base model not offered."""
+        return self.base_models.memory_plan(request)
 
     def base_model_of(self, finetune_id: str) -> str | None:
         """The base model a local fine-tune was trained on (what its Compare base image must use)."""
