@@ -130,6 +130,13 @@ class Settings:
     # Downloads a gated base model (FLUX.1-dev) from the Hub; empty = huggingface_hub's own login, if any.
     hf_token: Secret = field(default_factory=lambda: Secret(""))
 
+    # Hugging Face (HF Jobs trains, Inference Providers generate). Locally it runs on HF_TOKEN (or the
+    # saved `hf auth login`); hosted, only on a signed-in visitor's own token, never the Space owner's.
+    hf_base_model: str = "black-forest-labs/FLUX.1-dev"  # what HF jobs train on and Inference Providers serve
+    hf_inference_provider: str = "auto"  # InferenceClient(provider=...): "auto", "fal-ai", "replicate", ...
+    hf_checkpoint_every: int = 100  # a job pushes a checkpoint and a sample to its model repo every N steps
+    hf_job_timeout: str = "4h"  # the most a job may run (and bill) before HF stops it
+
     # Hosting.
     auth: str = ""  # "user:pass" for a shared password; empty = none
     mcp: bool = False  # also serve the API as MCP tools at /gradio_api/mcp/ (an assistant drives the app)
@@ -170,6 +177,10 @@ class Settings:
             caption_concurrency=_int(env, "COMETAPI_CAPTION_CONCURRENCY", d.caption_concurrency, minimum=1),
             local_model=env.get("FLUX_LOCAL_MODEL", "").strip(),
             hf_token=Secret(env.get("HF_TOKEN")),
+            hf_base_model=env.get("FLUX_HF_BASE_MODEL", "").strip() or d.hf_base_model,
+            hf_inference_provider=env.get("FLUX_HF_INFERENCE_PROVIDER", "").strip() or d.hf_inference_provider,
+            hf_checkpoint_every=_int(env, "FLUX_HF_CHECKPOINT_EVERY", d.hf_checkpoint_every, minimum=1),
+            hf_job_timeout=env.get("FLUX_HF_JOB_TIMEOUT", "").strip() or d.hf_job_timeout,
             auth=env.get("FLUX_STUDIO_AUTH", "").strip(),
             mcp=_bool(env, "FLUX_STUDIO_MCP", False),
             shared_key_limit=_int(env, "FLUX_STUDIO_SHARED_KEY_LIMIT", d.shared_key_limit, minimum=0),

@@ -68,6 +68,8 @@ class TrainRequest:
     base_model: str | None = None
     # Local engine only, on a CUDA GPU: a services.providers.local.engine.memory preset name ("" = picked from the GPU).
     memory_preset: str = ""
+    # Hugging Face Jobs only: the hardware flavour to train on ("" = the cheapest that fits the model).
+    hardware: str = ""
 
     def problems(self) -> dict[str, str]:
         """Every field that is wrong, with what to do, before anything is sent."""
@@ -160,6 +162,27 @@ class GeneratedImage:
 
 
 @dataclass(frozen=True)
+class HardwareOption:
+    """A machine a provider can train on (Hugging Face Jobs' flavours), with its price, shown before launch."""
+
+    name: str  # the provider's id for it, e.g. "a100-large"
+    label: str  # e.g. "Nvidia A100 · 80 GB"
+    usd_per_hour: float
+    fits: bool  # whether the fine-tune fits its memory
+    note: str = ""  # why it does not fit, or what it trains with (a memory preset)
+
+
+@dataclass(frozen=True)
+class CostEstimate:
+    """What a training is expected to take and cost on the picked hardware, before launch."""
+
+    hardware: str
+    seconds: float
+    usd: float
+    summary: str  # one line for people, e.g. "about 24 min on Nvidia A100, about $1.00"
+
+
+@dataclass(frozen=True)
 class Holder:
     """Who has a provider's training slot now (for the Train tab: which job everyone else waits for)."""
 
@@ -212,6 +235,7 @@ class Provider(Protocol):
     picks_base_model: bool = False  # trains on a base model picked per job: ``model_choices`` lists them
     queues_training: bool = False  # trains one job at a time here: ``training_now`` names the one training
     model_label: str = ""  # the model it runs, for the Train tab's banner ("": nothing to add)
+    picks_hardware: bool = False  # trains on hardware picked per job, at a price: ``hardware_options``, ``estimate``
 
     def check_request(self, request: TrainRequest) -> None:
         """Refuse a request's provider-specific fields (InputError) before any job is recorded."""
@@ -231,6 +255,19 @@ class Provider(Protocol):
     def default_model_choice(self) -> str | None:
         """The picker's value to start with (``picks_base_model``)."""
         return None
+
+    def hardware_options(self, request: TrainRequest) -> list[HardwareOption]:
+        """The machines it can train ``request`` on, cheapest first (``picks_hardware``)."""
+        return []
+
+    def estimate(self, request: TrainRequest) -> CostEstimate | None:
+        """Time and cost of ``request`` on ``request.hardware`` (``picks_hardware``); None where free or unknown."""
+        return None
+
+    def strength_fixed(self, finetune_id: str) -> str:
+        """Why a fine-tune can only be applied at full strength here ("" when the strength can be set):
+        a strength sweep then belongs on an engine that sets it."""
+        return ""
 
     def training_now(self) -> Holder | None:
         """The job that holds the training slot, None when idle (``queues_training``)."""
