@@ -10,7 +10,7 @@ from starlette.datastructures import Headers
 from starlette.responses import PlainTextResponse
 
 from services.storage import visitors
-from services.config import Settings
+from services.config import Secret, Settings
 from services.storage.owners import LOCAL_OWNER
 
 ANONYMOUS = "anonymous"
@@ -67,6 +67,25 @@ def hf_username(request: gr.Request) -> str:
     user = (info or {}).get("userinfo") or {}
     name = user.get("preferred_username")
     return name if isinstance(name, str) else ""
+
+
+def hf_token_of(request: gr.Request | None) -> Secret | None:
+    """The signed-in visitor's Hugging Face OAuth token (the Space's LoginButton), None when nobody is.
+
+    Read from the same session as ``hf_username`` (what Gradio would hand a ``gr.OAuthToken``
+    parameter), so every handler can reach it without one more parameter. It stays in the server's
+    signed session cookie and in memory: never written to disk, a job record or a page."""
+    if request is None:
+        return None
+    from gradio.helpers import _session_from_request
+    from gradio.oauth import _get_valid_oauth_info_from_session
+
+    try:
+        info = _get_valid_oauth_info_from_session(_session_from_request(request))
+    except Exception:  # no session middleware (no LoginButton): nobody is signed in
+        return None
+    token = (info or {}).get("access_token")
+    return Secret(token) if isinstance(token, str) and token else None
 
 
 def client_address(request: gr.Request | None, settings: Settings) -> str:

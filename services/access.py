@@ -104,7 +104,8 @@ class SharedKeyBudget:
             return min(self.visitor.remaining(owner), self.address.remaining(address), self.everyone.remaining(""))
 
 
-OWN_KEY_PROVIDERS = 256  # visitors' own-key providers kept open at once
+OWN_KEY_PROVIDERS = 256  # visitors' own-key (and own-token) providers kept open at once
+HF_KEY = "huggingface"  # the Hugging Face provider's key
 
 
 class ProviderAccess:
@@ -121,36 +122,56 @@ class ProviderAccess:
         providers: dict[str, Provider],
         with_key: Callable[[Secret], Provider] | None,
         budget: SharedKeyBudget | None = None,
+        *,
+        with_hf_token: Callable[[Secret], Provider] | None = None,
     ) -> None:
+        """``with_key``: a CometAPI provider on a visitor's own key; ``with_hf_token``: a Hugging Face
+        provider on a signed-in visitor's own token (their account pays its jobs and inference)."""
         self.settings = settings
         self.providers = providers
         self._with_key = with_key
+        self._with_hf_token = with_hf_token
         self.budget = budget or SharedKeyBudget(settings)
-        # A visitor's own key -> its provider (and so its pooled connections), kept while in use.
-        # Keyed by a hash of the key, in memory only; the least recently used is closed past the cap.
+        # A visitor's own key or token -> its provider (and so its pooled connections), kept while in use.
+        # Keyed by a hash of the secret, in memory only; the least recently used is closed past the cap.
         self._own: OrderedDict[str, Provider] = OrderedDict()
         self._own_lock = threading.Lock()
 
     def get(self, provider_key: str, owner: str, session_key: Secret | None, *, cost: int = 0,
-            address: str = "") -> Provider:
-        """The provider to use; ``cost`` paid calls are charged to the shared-key budget."""
+            address: str = "", hf_token: Secret | None = None) -> Provider:
+        """The provider to use; ``cost`` paid calls are charged to the shared-key budget.
+
+        ``hf_token``: the visitor's Hugging Face sign-in (hosted). Hugging Face work always runs on the
+        visitor's own account there; without a sign-in the app-wide provider answers, and it says
+        (``readiness``) that a sign-in is needed: it never spends the Space owner's token."""
         if provider_key not in self.providers:
             raise InputError(f"Provider '{provider_key}' is not available in this app.",
                              hint=f"Pick one of: {', '.join(self.providers)}.")
         if provider_key == "cometapi" and session_key and self._with_key is not None:
             return self.own(session_key)
+        if provider_key == HF_KEY and hf_token and self.settings.hosted and self._with_hf_token is not None:
+            return self._own_provider(HF_KEY, hf_token, self._with_hf_token)
         if provider_key == "cometapi" and self.settings.hosted and cost:
             self.budget.charge(owner, address, cost)
         return self.providers[provider_key]
 
     def own(self, key: Secret) -> Provider:
-        """The provider for a visitor's own key: one per key, reused across their requests."""
+        """The provider for a visitor's own CometAPI key: one per key, reused across their requests."""
         if self._with_key is None:
             raise InputError("This app takes no visitor keys.")
-        digest = hashlib.sha256(key.reveal().encode()).hexdigest()
+        return self._own_provider("cometapi", key, self._with_key)
+
+    def own_hf(self, token: Secret) -> Provider | None:
+        """The Hugging Face provider on a signed-in visitor's token (hosted), None where there is none."""
+        if not (token and self.settings.hosted and self._with_hf_token is not None and HF_KEY in self.providers):
+            return None
+        return self._own_provider(HF_KEY, token, self._with_hf_token)
+
+    def _own_provider(self, kind: str, secret: Secret, make: Callable[[Secret], Provider]) -> Provider:
+        digest = kind + ":" + hashlib.sha256(secret.reveal().encode()).hexdigest()
         evicted = []
         with self._own_lock:
-            provider = self._own.pop(digest, None) or self._with_key(key)
+            provider = self._own.pop(digest, None) or make(secret)
             self._own[digest] = provider
             while len(self._own) > OWN_KEY_PROVIDERS:
                 evicted.append(self._own.popitem(last=False)[1])

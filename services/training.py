@@ -46,6 +46,8 @@ RECONCILE_GIVE_UP_S = 600.0
 OWN_KEY = "launched_with_own_key"
 WAITING_FOR_KEY = ("Waiting for your CometAPI key: this job was launched with it, and the app no longer holds it "
                    "(keys are kept in memory only). Enter it again at the top of the page to go on tracking it.")
+WAITING_FOR_SIGN_IN = ("Waiting for you to sign in with Hugging Face again: this job runs on your account, and the "
+                      "app keeps no token. Sign in at the top of the page to go on tracking it.")
 # States the user may resume a job from; every other terminal state is final.
 RESUMABLE = frozenset({"interrupted", "cancelled"})
 
@@ -207,8 +209,9 @@ class TrainingService:
             return job
         provider = self._provider_for(job)
         if provider is None and job.params.get(OWN_KEY):
-            if job.message != WAITING_FOR_KEY:
-                return self._tracked(job, message=WAITING_FOR_KEY)
+            waiting = _waiting_for_credentials(job)
+            if job.message != waiting:
+                return self._tracked(job, message=waiting)
             return job
         if provider is None:
             return self._tracked(job, message=f"Provider '{job.provider}' is not configured in this app; "
@@ -299,8 +302,8 @@ class TrainingService:
             raise InputError(f"'{job.name}' is not running.", hint="Only pending or running jobs can be cancelled.")
         provider = self._provider_for(job)
         if provider is None and job.params.get(OWN_KEY):
-            raise JobError(f"'{job.name}' was launched with your own CometAPI key, which this app no longer holds.",
-                           hint="Enter your key again at the top of the page, then cancel it.")
+            raise JobError(f"'{job.name}' was launched with your own {_credentials(job)}, which this app no longer "
+                           "holds.", hint=f"{_give_again(job)}, then cancel it.")
         if job.remote_id and provider is not None:
             try:
                 provider.cancel(job.remote_id)
@@ -337,9 +340,8 @@ class TrainingService:
         job = self.jobs.get(owner, job_id)
         provider = self._provider_for(job)
         if provider is None and job.params.get(OWN_KEY) and job.remote_id:
-            raise JobError(f"'{job.name}' was launched with your own CometAPI key, which this app no longer holds, "
-                           "so it can't be deleted on CometAPI.",
-                           hint="Enter your key again at the top of the page, then delete it.")
+            raise JobError(f"'{job.name}' was launched with your own {_credentials(job)}, which this app no longer "
+                           "holds, so it can't be deleted there.", hint=f"{_give_again(job)}, then delete it.")
         if job.remote_id and provider is not None:
             try:
                 if job.is_active:
@@ -351,6 +353,19 @@ class TrainingService:
                 raise JobError(f"Could not delete '{job.name}' on {provider.label}: {exc.message}",
                                hint="Nothing was changed here; try again in a moment.") from None
         return self.jobs.mark_deleted(owner, job_id)
+
+
+def _credentials(job: Job) -> str:
+    return "CometAPI key" if job.provider == "cometapi" else "Hugging Face sign-in"
+
+
+def _give_again(job: Job) -> str:
+    return ("Enter your key again at the top of the page" if job.provider == "cometapi"
+            else "Sign in with Hugging Face again at the top of the page")
+
+
+def _waiting_for_credentials(job: Job) -> str:
+    return WAITING_FOR_KEY if job.provider == "cometapi" else WAITING_FOR_SIGN_IN
 
 
 def _default_message(status: TrainStatus) -> str:
