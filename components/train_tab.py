@@ -11,9 +11,11 @@ import pandas as pd
 
 from components import feedback
 from components.feedback import plain, shows_errors
-from components.identity import client_address, owner_for
+from components.identity import client_address, hf_token_of, owner_for
+from components.train_hardware import HARDWARE_INFO, estimate_markdown, hardware_choices
 from components.serving import servable_items
 from services.providers import base as P
+from services.providers.base import Provider
 from services.config import Secret, Settings
 from services.storage.datasets import DatasetStore
 from services.access import ProviderAccess
@@ -168,12 +170,16 @@ def sample_items(events: list[dict], limit: int = 12) -> list[tuple[str, str]]:
 
 
 def banner_markdown(service: TrainingService, provider_key: str, session_key=None, settings: Settings | None = None,
-                    calls_left: int | None = None) -> str:
+                    calls_left: int | None = None, signed_in: Provider | None = None) -> str:
     """The line over the Train tab: whether the provider can be used, and on whose key.
-    ``calls_left``: this visitor's shared-key budget for the hour, hosted."""
+    ``calls_left``: this visitor's shared-key budget for the hour, hosted; ``signed_in``: the
+    provider on the visitor's own Hugging Face sign-in, hosted."""
     provider = service.providers.get(provider_key)
     if provider is None:
         return ""
+    if signed_in is not None and signed_in.key == provider_key:
+        return (f"✅ {provider.label}: on your own Hugging Face account (you are signed in). Its jobs and "
+                "generations are billed to you; this app never uses its owner's token for them.")
     notice = service.notices.get(provider_key)
     own_key = provider_key == "cometapi" and bool(session_key)
     ready, why = (True, "") if own_key else provider.readiness()
@@ -226,6 +232,12 @@ def memory_summary(local, base_model: str | None, preset: str, rank, priority: s
 NO_DATASET = "No dataset picked yet: save one on the Dataset tab, then pick it here."
 
 
+def hardware_request(iterations, rank, priority: str | None, hardware: str | None) -> P.TrainRequest:
+    """What the hardware row prices: the settings that change a job's time and memory."""
+    return P.TrainRequest(name="-", mode="general", iterations=int(iterations or P.PRESETS["general"]["iterations"]),
+                          lora_rank=int(rank or 32), priority=priority or "quality", hardware=hardware or "")
+
+
 def suggest_name(dataset: str | None, mode: str, typed: str | None):
     """``<dataset>-<mode>`` for the name box, unless the user typed a name of their own (kept as is)."""
     typed = (typed or "").strip()
@@ -275,6 +287,11 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
         memory_preset = gr.Dropdown(MEMORY_CHOICES, value="", label="Memory preset", elem_id="train-memory-preset",
                                     scale=1, info="Auto picks one from the GPU's memory.")
         memory_info = gr.Markdown(memory_summary(local, None, "", 32, "quality", "auto"), elem_id="train-memory-info")
+    default_hw = service.providers.get(default_provider)
+    with gr.Row(visible=bool(default_hw and default_hw.picks_hardware)) as hardware_row:
+        hardware = gr.Dropdown([("Cheapest that fits", "")], value="", label="Hardware", elem_id="train-hardware",
+                               scale=1, info=HARDWARE_INFO)
+        hardware_info = gr.Markdown("💳 Pick the provider to see prices.", elem_id="train-hardware-info")
     preset = P.PRESETS["character"]
     with gr.Row():
         mode = gr.Radio(list(P.MODES), value="character", label="Mode", elem_id="train-mode",
@@ -336,11 +353,25 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
     def calls_left(owner: str, request: gr.Request | None) -> int:
         return access.budget.remaining(owner, client_address(request, settings))
 
+    def signed_in(request: gr.Request | None) -> Provider | None:
+        """The provider on this visitor's own Hugging Face sign-in (hosted), None without one."""
+        return access.own_hf(hf_token_of(request))
+
+    def visitor_provider(provider_key: str, key, request: gr.Request | None) -> Provider | None:
+        """The provider this visitor's requests go to (their own key or sign-in, else the app's)."""
+        try:
+            return access.get(provider_key, owner_for(request, settings), key, hf_token=hf_token_of(request))
+        except StudioError:
+            return service.providers.get(provider_key)
+
     def on_load(provider_key: str, current: str | None, key=None, request: gr.Request = None):
         owner = owner_for(request, settings)
+        own_hf = signed_in(request)
+        if own_hf is not None:  # jobs launched on their account before a restart: tracked again from now
+            service.adopt(owner, own_hf)
         owned = service.jobs.list(owner)
         return (
-            banner_markdown(service, provider_key, key, settings, calls_left(owner, request)),
+            banner_markdown(service, provider_key, key, settings, calls_left(owner, request), own_hf),
             dataset_choices(owner, current),
             jobs_frame(owned),
             queue_markdown(service, owner, owned),
@@ -354,12 +385,26 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
 
     # -- handlers
 
-    def on_provider(provider_key: str, key, request: gr.Request = None):
+    def on_provider(provider_key: str, key, iterations_, rank_, priority_, request: gr.Request = None):
         left = calls_left(owner_for(request, settings), request)
         chosen = service.providers.get(provider_key)
         picks = chosen is not None and chosen.picks_base_model
-        return (banner_markdown(service, provider_key, key, settings, left), gr.update(visible=picks),
-                gr.update(visible=picks))
+        hw = chosen is not None and chosen.picks_hardware
+        views = (banner_markdown(service, provider_key, key, settings, left, signed_in(request)),
+                 gr.update(visible=picks), gr.update(visible=picks), gr.update(visible=hw))
+        if not hw:
+            return (*views, gr.update(), gr.update())
+        provider_ = visitor_provider(provider_key, key, request)
+        req = hardware_request(iterations_, rank_, priority_, "")
+        choices, note = hardware_choices(provider_, req)
+        return (*views, gr.update(choices=choices, value=""), estimate_markdown(provider_, req, note))
+
+    def on_hardware(provider_key: str, key, iterations_, rank_, priority_, hardware_, request: gr.Request = None):
+        chosen = service.providers.get(provider_key)
+        if chosen is None or not chosen.picks_hardware:
+            return gr.update()
+        return estimate_markdown(visitor_provider(provider_key, key, request),
+                                 hardware_request(iterations_, rank_, priority_, hardware_))
 
     def on_refresh(current: str | None, request: gr.Request = None):
         return dataset_choices(owner_for(request, settings), current)
@@ -380,10 +425,11 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
 
     @shows_errors
     def on_launch(provider_key, dataset_, mode_, trigger_, name_, iterations_, lr_, rank_, type_, priority_,
-                  captioning_, checkpointing_, base_model_, memory_preset_, seen_, key, request: gr.Request = None,
-                  progress=gr.Progress()):
+                  captioning_, checkpointing_, base_model_, memory_preset_, hardware_, seen_, key,
+                  request: gr.Request = None, progress=gr.Progress()):
         owner = owner_for(request, settings)
-        provider = access.get(provider_key, owner, key, cost=1, address=client_address(request, settings))
+        provider = access.get(provider_key, owner, key, cost=1, address=client_address(request, settings),
+                              hf_token=hf_token_of(request))
         req = P.TrainRequest(
             name=name_ or "", mode=mode_, trigger_word=(trigger_ or "").strip(), iterations=int(iterations_),
             learning_rate=parse_learning_rate(lr_), lora_rank=int(rank_), finetune_type=type_,
@@ -391,6 +437,7 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
             gradient_checkpointing=CHECKPOINTING.get(checkpointing_ or "auto"),
             base_model=(base_model_ or None) if provider.picks_base_model else None,
             memory_preset=(memory_preset_ or "") if provider.picks_base_model else "",
+            hardware=(hardware_ or "") if provider.picks_hardware else "",
         )
         progress(0, desc="Exporting dataset")
 
@@ -406,7 +453,7 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
             failed = owned[0] if owned and owned[0].status == "failed" else None
             return (f"❌ Launch failed: {plain(exc.user_message())}", jobs_frame(owned), job_markdown(failed),
                     failed.id if failed else None, gr.Timer(), seen_,
-                    banner_markdown(service, provider_key, key, settings, calls_left(owner, request)))
+                    banner_markdown(service, provider_key, key, settings, calls_left(owner, request), signed_in(request)))
         owned = service.jobs.list(owner)
         if job.remote_id:
             msg = f"🚀 Launched **{plain(job.name)}** on {job.provider} (id `{job.remote_id}`). Tracking it below."
@@ -415,7 +462,7 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
             msg = f"⏳ {plain(job.message)}"
         return (msg, jobs_frame(owned), job_markdown(job), job.id, gr.Timer(active=True),
                 {**seen_, job.id: job.status},
-                banner_markdown(service, provider_key, key, settings, calls_left(owner, request)))
+                banner_markdown(service, provider_key, key, settings, calls_left(owner, request), signed_in(request)))
 
     def on_tick(selected_: str | None, seen_: dict, provider_key: str, key=None, request: gr.Request = None):
         owner = owner_for(request, settings)
@@ -437,7 +484,7 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
             gallery,
             gr.Timer(active=keep_polling(owned)),
             {j.id: j.status for j in owned},
-            banner_markdown(service, provider_key, key, settings, calls_left(owner, request)),
+            banner_markdown(service, provider_key, key, settings, calls_left(owner, request), signed_in(request)),
         )
 
     def progress_views(owner: str, job: Job | None):
@@ -508,7 +555,10 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
         return f"✅ Published to [{repo.strip()}]({url}) ({'private' if private_ else 'public'})."
 
     publish.click(on_publish, [selected, repo_id, hf_token, private], [publish_result, hf_token], concurrency_limit=2)
-    provider.change(on_provider, [provider, session_key], [banner, base_model, memory_row])
+    provider.change(on_provider, [provider, session_key, iterations, lora_rank, priority],
+                    [banner, base_model, memory_row, hardware_row, hardware, hardware_info])
+    gr.on([hardware.change, iterations.release, lora_rank.change, priority.change], on_hardware,
+          [provider, session_key, iterations, lora_rank, priority, hardware], [hardware_info], show_progress="hidden")
     gr.on([base_model.change, memory_preset.change, lora_rank.change, priority.change, checkpointing.change],
           lambda *values: memory_summary(local, *values), [base_model, memory_preset, lora_rank, priority, checkpointing],
           [memory_info], show_progress="hidden")
@@ -518,7 +568,7 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
     launch.click(
         on_launch,
         [provider, dataset, mode, trigger, name, iterations, learning_rate, lora_rank, finetune_type, priority,
-         captioning, checkpointing, base_model, memory_preset, seen, session_key],
+         captioning, checkpointing, base_model, memory_preset, hardware, seen, session_key],
         [launch_result, jobs, detail, selected, timer, seen, banner],
         concurrency_limit=4,
     )
