@@ -11,7 +11,7 @@ import gradio as gr
 
 from components import feedback
 from components.feedback import plain, shows_errors
-from components.identity import client_address, owner_for
+from components.identity import client_address, hf_token_of, owner_for
 from components.serving import servable, servable_items
 from services import compare as cmp
 from services.access import ProviderAccess
@@ -152,6 +152,12 @@ def build(access: ProviderAccess, jobs: JobStore, results: ResultStore, settings
             return gr.update(info=f"Use the trigger word “{target.trigger}” so the fine-tune knows what to draw.")
         return gr.update()
 
+    def own_target(target: Target, owner: str, key, request) -> Target:
+        """The target if this visitor may use it; their own credentials are their CometAPI key or, for
+        Hugging Face, their sign-in."""
+        own = bool(key) if target.provider_key == "cometapi" else hf_token_of(request) is not None
+        return authorize_target(target, jobs, owner, settings, own)
+
     def budget_note(target: Target, key, owner: str, request) -> str:
         """Hosted, on the shared key: how many paid calls this visitor has left this hour."""
         if not settings.hosted or target.provider_key != "cometapi" or key:
@@ -164,9 +170,10 @@ def build(access: ProviderAccess, jobs: JobStore, results: ResultStore, settings
     def on_compare(choice, pasted_, model_, key, prompt_, seed_, strength_, aspect_, width_, height_, steps_,
                    guidance_, safety_, fmt_, request: gr.Request = None):
         owner = owner_for(request, settings)
-        target = authorize_target(parse_target(choice, pasted_, provider_keys), jobs, owner, settings, bool(key))
+        target = own_target(parse_target(choice, pasted_, provider_keys), owner, key, request)
         req = request_from(prompt_, seed_, strength_, aspect_, width_, height_, steps_, guidance_, safety_, fmt_)
-        provider = access.get(target.provider_key, owner, key, cost=2, address=client_address(request, settings))
+        provider = access.get(target.provider_key, owner, key, cost=2, address=client_address(request, settings),
+                              hf_token=hf_token_of(request))
         result = cmp.compare_pair(
             provider, req, finetune_id=target.finetune_id, tuned_model=model_,
             out_dir=results.out_dir(owner), owner=owner, results=results,
@@ -182,6 +189,9 @@ def build(access: ProviderAccess, jobs: JobStore, results: ResultStore, settings
         if trained_on_tiny(provider, target.finetune_id):
             info += ("\n\n*Local engine on a tiny test model: its images are noise by design; train on a real base "
                      "model (the Train tab's picker, or FLUX_LOCAL_MODEL) for real ones.*")
+        fixed = provider.strength_fixed(target.finetune_id)
+        if fixed and abs(req.strength - 1.0) > 1e-9:
+            info += f"\n\n*{plain(fixed)} The tuned image is at strength 1, not {req.strength:g}.*"
         info += budget_note(target, key, owner, request)
         return servable(result.base.path), servable(result.tuned.path), info, history_items(results, owner)
 
@@ -190,7 +200,7 @@ def build(access: ProviderAccess, jobs: JobStore, results: ResultStore, settings
                 aspect_, width_, height_, steps_, guidance_, safety_, fmt_, request: gr.Request = None,
                 progress=gr.Progress()):
         owner = owner_for(request, settings)
-        target = authorize_target(parse_target(choice, pasted_, provider_keys), jobs, owner, settings, bool(key))
+        target = own_target(parse_target(choice, pasted_, provider_keys), owner, key, request)
         strengths_list = cmp.parse_strengths(strengths_)
         # Validated before the shared-key limit is charged for it.
         lines, columns = cmp.plan_grid((prompts_ or "").splitlines(), strengths_list, include_base_,
@@ -198,7 +208,9 @@ def build(access: ProviderAccess, jobs: JobStore, results: ResultStore, settings
         template = request_from(lines[0], seed_, strength_, aspect_, width_, height_, steps_, guidance_, safety_,
                                 fmt_)
         total = len(lines) * len(columns)
-        provider = access.get(target.provider_key, owner, key, cost=total, address=client_address(request, settings))
+        provider = access.get(target.provider_key, owner, key, cost=total, address=client_address(request, settings),
+                              hf_token=hf_token_of(request))
+        cmp.check_sweep(provider, target.finetune_id, strengths_list)  # before any cell is paid for
         waiting = servable(placeholder)
         cells: list = [(waiting, f"{lines[i // len(columns)][:40]} · {columns[i % len(columns)]} · waiting…")
                        for i in range(total)]

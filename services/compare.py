@@ -194,6 +194,16 @@ def plan_grid(prompts: Sequence[str], strengths: Sequence[float], include_base: 
     return prompts, columns
 
 
+def check_sweep(provider: Provider, finetune_id: str, strengths: Sequence[float]) -> None:
+    """Refuse, before anything is paid for, a strength sweep on a provider that serves the fine-tune at
+    one strength only (its cells would all be the same picture)."""
+    fixed = provider.strength_fixed(finetune_id) if strengths else ""
+    if fixed and any(abs(s - 1.0) > 1e-9 for s in strengths):
+        raise InputError(f"{fixed} A strength sweep would draw the same image in every column.",
+                         hint="Keep the strength at 1 here, or sweep strengths on the local engine, which sets them "
+                              "(the LoRA's repo has the weights; see the README, 'Hugging Face').")
+
+
 def run_grid(provider: Provider, prompts: Sequence[str], strengths: Sequence[float], template: GenerateRequest, *,
              finetune_id: str, tuned_model: str | None = None, include_base: bool = True, max_concurrency: int = 4,
              on_cell: Callable[[CellResult, GridProgress], None] | None = None, out_dir: Path, owner: str,
@@ -205,6 +215,7 @@ def run_grid(provider: Provider, prompts: Sequence[str], strengths: Sequence[flo
     for; cells already running finish. Cells never started are left out of the result.
     """
     prompts, columns = plan_grid(prompts, strengths, include_base, finetune_id)
+    check_sweep(provider, finetune_id, strengths)
     total = len(prompts) * len(columns)
     group_id = results.new_group() if results else time.strftime("%Y%m%d-%H%M%S")
     models = models_for(provider, tuned_model, finetune_id)

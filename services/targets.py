@@ -34,9 +34,10 @@ def ready_targets(jobs: JobStore, owner: str) -> list[Target]:
 
 
 def guess_provider(finetune_id: str, provider_keys: list[str]) -> str:
-    """The provider a bare fine-tune id belongs to: local runs are named "local-…", anything else is
-    a CometAPI id."""
-    wanted = "local" if finetune_id.startswith("local-") else "cometapi"
+    """The provider a bare fine-tune id belongs to: local runs are named "local-…", a Hugging Face
+    fine-tune is its model repo ("owner/name"), anything else is a CometAPI id."""
+    wanted = ("local" if finetune_id.startswith("local-") else "huggingface" if "/" in finetune_id.strip("/")
+              else "cometapi")
     return wanted if wanted in provider_keys else provider_keys[0]
 
 
@@ -65,8 +66,12 @@ def authorize_target(target: Target, jobs: JobStore, owner: str, settings: Setti
             return mine
     if not settings.hosted:
         return target  # one person's app: an id from a notebook or another install is theirs
-    if target.provider_key == "cometapi" and own_key:
-        return target  # their key, their account: the service decides what it may use
+    if target.provider_key in ("cometapi", "huggingface") and own_key:
+        return target  # their key or sign-in, their account: the service decides what it may use
+    if target.provider_key == "huggingface":
+        raise InputError(f"{target.finetune_id[:80]} is not one of your fine-tunes.",
+                         hint="Sign in with Hugging Face at the top of the page to use a LoRA repo of yours, or "
+                              "pick one of your ready fine-tunes.")
     if target.provider_key == "cometapi":
         raise InputError("No CometAPI key of your own is set, and a fine-tune id that is not one of yours "
                          "works only with your own key.",
