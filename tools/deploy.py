@@ -93,6 +93,9 @@ def pinned_gradio_version(requirements: Path) -> str:
 LOCAL_DB_DIR = "/tmp/flux-studio-db"  # a Space's local (ephemeral) disk
 
 
+HF_OAUTH_SCOPES = ("contribute-repos", "jobs", "inference-api")
+
+
 def front_matter(config: SpaceConfig, gradio_version: str) -> dict[str, Any]:
     return {
         "title": config.title,
@@ -109,6 +112,10 @@ def front_matter(config: SpaceConfig, gradio_version: str) -> dict[str, Any]:
         "pinned": False,
         # The LoginButton's "Sign in with Hugging Face": the sign-in becomes the visitor's identity.
         "hf_oauth": True,
+        # What a signed-in visitor lets the app do on their own account (the Hugging Face provider):
+        # create the private dataset and LoRA repos (and only touch repos this app created), run the
+        # training job, and call Inference Providers for Compare. Nothing else of theirs is reachable.
+        "hf_oauth_scopes": list(HF_OAUTH_SCOPES),
     }
 
 
