@@ -110,6 +110,21 @@ def test_an_unreadable_config_is_an_error_line(tmp_path, capsys):
     assert code == 1 and "is not readable JSON" in log.error and log.done == ""
 
 
+def test_download_progress_becomes_a_few_phase_lines(tmp_path, capsys, monkeypatch):
+    from services.providers.local.base_models import BaseModels
+
+    def folder(self, model=None, on_progress=None):
+        for done in (1, 2, 3, 4):  # well within DOWNLOAD_REPORT_EVERY_S of each other
+            on_progress(done * 2**29, 4 * 2**29)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(BaseModels, "folder", folder)
+    run = run_here(tmp_path, capsys)
+    phases = [events.event_of(t)["message"] for t in run.lines if events.event_of(t)[events.KEY] == "phase"]
+    assert phases == ["Downloading the base model: 0.5 of 2.0 GB…", "Downloading the base model: 2.0 of 2.0 GB…"]
+    assert run.returncode == 1 and run.log.error == "OSError: disk full"
+
+
 def test_resume_with_no_checkpoint_is_an_error(tmp_path, capsys):
     run = run_here(tmp_path, capsys, extra=("--resume",))
     assert run.returncode == 1 and "no checkpoint to resume from" in run.log.error
@@ -122,6 +137,8 @@ def test_resume_with_no_checkpoint_is_an_error(tmp_path, capsys):
 def test_each_sample_and_checkpoint_is_pushed_before_its_line_and_the_lora_at_the_end(tmp_path, capsys, hub):
     run = run_here(tmp_path, capsys, extra=("--push-to", REPO), api=hub)
     assert run.returncode == 0 and run.log.done == "ready"
+    assert f"Uploading the LoRA to {REPO}…" in [events.event_of(t).get("message") for t in run.lines]
+    assert run.log.message == ""  # done ends the last phase
     hub.create_repo.assert_called_once_with(REPO, repo_type="model", private=True, exist_ok=True)
     pushes_and_outputs = [e for e in hub.order if e[0] == "push" or e[1] in ("sample", "checkpoint", "done")]
     assert pushes_and_outputs == [
