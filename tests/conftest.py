@@ -73,3 +73,25 @@ def fake_cometapi(_fake_cometapi_server):
     _fake_cometapi_server.reset()
     yield _fake_cometapi_server
     _fake_cometapi_server.reset()
+
+
+# --------------------------------------------------------------------------- the trainer's command line
+
+
+@pytest.fixture(scope="session")
+def cli_run(tmp_path_factory):
+    """One real run of the trainer's command line (``engine.cli``, a subprocess) on the tiny FLUX.1
+    model: 6 steps, a sample and a checkpoint at step 3, a sample at 6 (tests/train_cli_run.py)."""
+    for extra in ("torch", "diffusers", "peft"):
+        pytest.importorskip(extra)
+    from tests.train_cli_run import run_cli
+
+    run = run_cli(tmp_path_factory.mktemp("cli-run"), steps=6)
+    assert run.returncode == 0, f"the trainer's command line failed:\n{run.stderr[-3000:]}"
+    return run
+
+
+@pytest.fixture(scope="session")
+def cli_run_lines(cli_run) -> list[str]:
+    """The stdout lines of that run, in order: what a Hugging Face job's log would hold."""
+    return list(cli_run.lines)

@@ -21,7 +21,8 @@ from services.config import THREAD_PREFIX
 from services.errors import ProviderError, StudioError
 from services.providers.local.base_models import BaseModels
 from services.providers.local.engine import release_gpu_memory
-from services.providers.local.engine.train import LORA_FILE, checkpoint_step
+from services.providers.local.engine.download import progress_message
+from services.providers.local.engine.train import LORA_FILE, PREPARING_MESSAGE, checkpoint_step
 from services.providers.local.folders import JobFolders
 from services.providers.local.queue import GpuGate, Holder, Run, TrainingSlot
 
@@ -178,7 +179,7 @@ class Worker:
                 if run.cancel.is_set() or self.runs.active.get(rid) is not run:
                     return
                 run.started = True
-                run.live = {"message": "Preparing: encoding the images and captions once…"}
+                run.live = {"message": PREPARING_MESSAGE}
             self._update_run_state(run, state="running", message=run.live["message"], error="")
             trainer = self._train(run)
         except Exception as exc:  # any failure ends this job only
@@ -207,7 +208,7 @@ class Worker:
         cfg = config_from_json(raw)
 
         def downloading(done: int, total: int) -> None:
-            run.live["message"] = f"Downloading the base model: {done / 2**30:.1f} of {total / 2**30:.1f} GB…"
+            run.live["message"] = progress_message(done, total)
 
         cfg.model_path = self.base_models.folder(raw.get("_model", self.base_models.model), on_progress=downloading)
         if cfg.device is None and self.base_models.device:

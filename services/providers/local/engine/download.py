@@ -54,6 +54,11 @@ class DownloadPlan:
     cache_dir: Path
 
 
+def progress_message(done: int, total: int) -> str:
+    """What a run says while its base model downloads (the worker's status, the CLI's phase line)."""
+    return f"Downloading the base model: {done / 2**30:.1f} of {total / 2**30:.1f} GB…"
+
+
 def gb(n: int) -> str:
     return f"{n / 2**30:.1f} GB"
 

@@ -118,6 +118,7 @@ def apply(log: RunLog, event: dict) -> RunLog:
             log.checkpoint_path = str(event.get("path", ""))
     elif kind == "done":
         log.done = str(event.get("state", ""))
+        log.message = ""  # the last phase (uploading the LoRA) is over
         log.lora = str(event.get("lora", "") or "")
         step = _number(event.get("step"))
         log.step = int(step) if step is not None else log.step

@@ -62,7 +62,7 @@ def publish_lora(folder: Path, repo_id: str, token: Secret, private: bool = True
     except ProviderError:
         raise
     except Exception as exc:  # map, and never let the token travel in a message
-        raise _map_error(exc, repo_id, secret) from None
+        raise upload_error(exc, repo_id, secret) from None
     return str(getattr(url, "url", "") or f"{HUB_URL}/{repo_id}")
 
 
@@ -92,7 +92,7 @@ def scrub(text: str, secret: str) -> str:
     return text.splitlines()[0][:300] if text else ""
 
 
-def _map_error(exc: Exception, repo_id: str, secret: str) -> ProviderError:
+def upload_error(exc: Exception, repo_id: str, secret: str) -> ProviderError:
     from huggingface_hub.errors import HFValidationError, LocalTokenNotFoundError, RepositoryNotFoundError
 
     detail = scrub(str(exc), secret)

@@ -45,6 +45,8 @@ LORA_TARGETS = FLUX1_LORA_TARGETS  # FLUX.1's; each family names its own (famili
 # Captions are encoded this many at a time: T5-XXL's activations for 200 captions of 512 tokens in
 # one batch would take several GB beside the model (services.providers.local.engine.memory counts one chunk).
 CAPTION_CHUNK = 4
+# What a run says while ``prepare()`` loads the model and caches the dataset (before the first step).
+PREPARING_MESSAGE = "Preparing: encoding the images and captions once…"
 
 
 def pick_device(device: str | None = None) -> str:
