@@ -364,8 +364,9 @@ def test_no_token_locally_says_how_to_get_one(hf_settings, hub):
     with patch("huggingface_hub.get_token", return_value=None):
         provider = HuggingFaceProvider(hf_settings, api=hub.api)
     assert provider.readiness() == (False, LOCAL_NO_TOKEN)
-    with pytest.raises(AuthError):
-        provider.hardware_options(_req())
+    assert provider.hardware_options(_req()) == [] and provider.estimate(_req()) is None
+    with pytest.raises(AuthError, match="No Hugging Face token"):
+        provider.submit(Path(__file__), _req(), tag=JOB_ID)
     assert not hub.api.method_calls
 
 
@@ -561,6 +562,7 @@ def test_a_machine_that_does_not_fit_or_does_not_exist_is_refused_before_launch(
     with pytest.raises(InputError, match="not a single-GPU machine"):
         provider.check_request(_req(hardware="a100x4"))
     provider.check_request(_req(hardware="l4x1"))
+    assert provider.estimate(_req(hardware="t4-small")) is None
 
 
 def test_flops_between_the_measured_resolutions_follow_the_token_count():

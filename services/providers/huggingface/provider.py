@@ -143,6 +143,9 @@ class HuggingFaceProvider(ProviderBase):
             sample_steps=int(config["sample_steps"]), memory_preset=request.memory_preset)
 
     def hardware_options(self, request: TrainRequest) -> list[HardwareOption]:
+        """Nothing without a token (the catalogue is read with it; readiness says what to do)."""
+        if not self._token:
+            return []
         return hardware.options(self.catalogue.get(), self._workload(request))
 
     def _machine(self, request: TrainRequest) -> tuple[hardware.Machine, memory.MemoryPreset | None]:
@@ -172,7 +175,14 @@ class HuggingFaceProvider(ProviderBase):
             self._machine(request)
 
     def estimate(self, request: TrainRequest) -> CostEstimate | None:
-        machine, preset = self._machine(request)
+        """None without a token, on a machine the training does not fit (``check_request`` says why at
+        launch) or one whose speed is not known."""
+        if not self._token:
+            return None
+        try:
+            machine, preset = self._machine(request)
+        except InputError:
+            return None
         return hardware.cost_estimate(machine, self._workload(request), preset)
 
     # ------------------------------------------------------------ training
