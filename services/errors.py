@@ -113,3 +113,7 @@ class WaitTimeoutError(ProviderError):
 
 class ResultExpiredError(ProviderError):
     """A result image link no longer works (signed URLs expire after about 10 minutes)."""
+
+
+class NotServedError(ProviderError):
+    """No inference provider serves this model or adapter (a private LoRA, or one no provider maps)."""

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 from services.config import Settings
 from services.errors import InputError
+from services.providers.huggingface.jobs import is_finetune_id as is_hf_finetune_id
 from services.storage.jobs import JobStore
 
 
@@ -34,10 +35,14 @@ def ready_targets(jobs: JobStore, owner: str) -> list[Target]:
 
 
 def guess_provider(finetune_id: str, provider_keys: list[str]) -> str:
-    """The provider a bare fine-tune id belongs to: local runs are named "local-…", a Hugging Face
-    fine-tune is its model repo ("owner/name"), anything else is a CometAPI id."""
-    wanted = ("local" if finetune_id.startswith("local-") else "huggingface" if "/" in finetune_id.strip("/")
-              else "cometapi")
+    """The provider a bare fine-tune id belongs to: local runs are named "local-…", Hugging Face
+    fine-tunes are model repos ("owner/name"), anything else is a CometAPI id."""
+    if finetune_id.startswith("local-"):
+        wanted = "local"
+    elif is_hf_finetune_id(finetune_id):
+        wanted = "huggingface"
+    else:
+        wanted = "cometapi"
     return wanted if wanted in provider_keys else provider_keys[0]
 
 

@@ -1,0 +1,1 @@
+"""Hugging Face: training on HF Jobs, generating through Inference Providers."""
