@@ -150,7 +150,7 @@ def hf_settings(settings) -> Settings:
 
 def _provider(settings: Settings, hub: Hub, factory=None, token: str | None = TOKEN) -> HuggingFaceProvider:
     return HuggingFaceProvider(settings, token=Secret(token) if token is not None else None, api=hub.api,
-                               inference_factory=factory)
+                               inference_factory=factory, log_every_s=0)
 
 
 def _req(**kw) -> TrainRequest:
@@ -597,14 +597,15 @@ def test_the_bootstrap_fetches_its_inputs_and_runs_the_trainer_with_push_to(tmp_
     monkeypatch.setattr(job_script, "WORK", tmp_path / "work")
     monkeypatch.setattr(sys, "path", list(sys.path))
     with patch("huggingface_hub.hf_hub_download", side_effect=download), \
-            patch("subprocess.call", return_value=0) as run:
-        assert job_script.main(["--data-repo", f"{NS}/flux-studio-data", "--prefix", f"jobs/{TAG}",
-                                "--model-repo", REPO, "--resume"]) == 0
-    cmd = run.call_args.args[0]
+            patch("os.execve") as run:
+        job_script.main(["--data-repo", f"{NS}/flux-studio-data", "--prefix", f"jobs/{TAG}",
+                         "--model-repo", REPO, "--resume"])
+    path, cmd, env = run.call_args.args
+    assert path == cmd[0] == sys.executable  # the trainer replaces the bootstrap: SIGTERM reaches it
     assert cmd[1:3] == ["-m", "services.providers.local.engine.cli"]
     assert cmd[cmd.index("--push-to") + 1] == REPO and cmd[-1] == "--resume"
     assert Path(cmd[cmd.index("--config") + 1]).read_bytes() == b"{}"
-    assert str(tmp_path / "work" / "code") in run.call_args.kwargs["env"]["PYTHONPATH"]
+    assert str(tmp_path / "work" / "code") in env["PYTHONPATH"]
     assert (tmp_path / "work" / "code" / "services" / "providers" / "local" / "engine" / "events.py").is_file()
 
 
@@ -619,3 +620,22 @@ def test_names_and_ids():
     keys = ["cometapi", "local", "huggingface"]
     assert guess_provider("local-abc", keys) == "local" and guess_provider("9f0c1e2a", keys) == "cometapi"
     assert guess_provider(REPO, ["cometapi"]) == "cometapi"  # not configured: the first one
+
+
+def test_a_running_jobs_log_is_read_at_most_every_few_seconds(hf_settings, hub, zip_path):
+    """Reading a log without following waits on HF's log service; the tracker polls every few seconds."""
+    now = [1000.0]
+    provider = HuggingFaceProvider(hf_settings, token=Secret(TOKEN), api=hub.api, clock=lambda: now[0])
+    remote = provider.submit(zip_path, _req(hardware="a100-large"), tag=JOB_ID)
+    job_id = hub.only_job
+    hub.stage[job_id] = ("RUNNING", None)
+    hub.say(job_id, events.line("step", step=1, total=300, loss=0.5, eta_s=60.0))
+    assert provider.status(remote).step == 1
+    hub.say(job_id, events.line("step", step=2, total=300, loss=0.4, eta_s=59.0))
+    now[0] += 5.0
+    assert provider.status(remote).step == 1 and hub.api.fetch_job_logs.call_count == 1  # the log read 5 s ago
+    now[0] += 5.0
+    assert provider.status(remote).step == 2 and hub.api.fetch_job_logs.call_count == 2
+    hub.stage[job_id] = ("COMPLETED", None)
+    hub.say(job_id, events.line("done", state="ready", step=300, lora="pytorch_lora_weights.safetensors"))
+    assert provider.status(remote).state == "ready"  # a finished job is read at once, however recent the last read

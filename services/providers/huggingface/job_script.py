@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -55,7 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     dataset = fetch(args.data_repo, args.prefix, DATASET, inputs)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(code), os.environ.get("PYTHONPATH")])),
            "PYTHONUNBUFFERED": "1"}
-    return subprocess.call(command(args, config, dataset, WORK / "out"), env=env)
+    # The trainer takes this process's place: HF stops a job with SIGTERM to it, which the trainer turns
+    # into a checkpoint pushed to the repo (a child process would never hear the signal).
+    cmd = command(args, config, dataset, WORK / "out")
+    os.execve(cmd[0], cmd, env)
+    return 1  # not reached: execve returns only by raising
 
 
 if __name__ == "__main__":

@@ -35,6 +35,9 @@ log = logging.getLogger("flux_studio.huggingface")
 ACTIVE_STAGES = ("SCHEDULING", "RUNNING")
 PRESET_LABEL = "flux-studio-preset"  # the memory preset a job trains with (a resume installs the same packages)
 SERVING_TTL_S = 300.0  # how long who serves an adapter is remembered (making a repo public shows within minutes)
+# A running job's log is read at most this often: a read without following waits for the log service
+# (~5 s), and the tracker polls every few seconds, every job in turn.
+LOG_EVERY_S = 10.0
 SAMPLES_DIR = "hf_jobs"  # under the data dir: <tag>/samples/..., each sample downloaded once
 
 InferenceFactory = Callable[[str, str], object]  # (provider, token) -> InferenceClient
@@ -58,7 +61,7 @@ class HuggingFaceProvider(ProviderBase):
 
     def __init__(self, settings: Settings, *, token: Secret | None = None, api=None,
                  inference_factory: InferenceFactory | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, log_every_s: float = LOG_EVERY_S) -> None:
         """``token``: a signed-in visitor's own; None = HF_TOKEN or the saved login locally, none hosted.
         ``api`` (an ``HfApi``) and ``inference_factory`` are for tests; by default both act with the token."""
         self.settings = settings
@@ -70,6 +73,8 @@ class HuggingFaceProvider(ProviderBase):
         self._namespace: str | None = None
         self._current: dict[str, str] = {}  # remote id -> the HF job id of its newest attempt
         self._finished: dict[str, tuple[events.RunLog, list[str]]] = {}  # HF job id -> its final log
+        self._log_every_s = log_every_s
+        self._recent: dict[str, tuple[float, tuple[events.RunLog, list[str]]]] = {}  # HF job id -> (when, log)
         self._served: dict[str, tuple[float, inference.Serving]] = {}
         self.base_models = BaseModels(settings, settings.hf_base_model)
         self.catalogue = hardware.Catalogue(lambda: self._hub("jobs", lambda api: api.list_jobs_hardware()),
@@ -273,7 +278,10 @@ class HuggingFaceProvider(ProviderBase):
         with self._lock:
             if job.id in self._finished:
                 return self._finished[job.id]
+            recent = self._recent.get(job.id)
         stage = jobs.stage_of(job)
+        if recent is not None and stage in ACTIVE_STAGES and self._clock() - recent[0] < self._log_every_s:
+            return recent[1]
         lines: list[str] = []
         if stage != "SCHEDULING":
             lines = self._hub("jobs", lambda api: list(api.fetch_job_logs(job_id=job.id, namespace=namespace,
@@ -281,9 +289,12 @@ class HuggingFaceProvider(ProviderBase):
         secret = self._token.reveal()
         tail = [scrub(t, secret) for t in jobs.other_lines(lines, events.event_of)[-jobs.TAIL_LINES:]]
         found = (events.parse(lines), tail)
-        if stage not in ACTIVE_STAGES:
-            with self._lock:
+        with self._lock:
+            if stage not in ACTIVE_STAGES:
                 self._finished[job.id] = found
+                self._recent.pop(job.id, None)
+            else:
+                self._recent[job.id] = (self._clock(), found)
         return found
 
     def _samples(self, names: jobs.Names, run: events.RunLog) -> tuple[str, ...]:
