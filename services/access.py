@@ -10,6 +10,7 @@ from collections.abc import Callable
 from services.config import Secret, Settings
 from services.errors import InputError, RateLimitedError
 from services.providers.base import Provider
+from services.providers.huggingface.provider import HuggingFaceProvider
 
 
 class RateLimiter:
@@ -105,7 +106,7 @@ class SharedKeyBudget:
 
 
 OWN_KEY_PROVIDERS = 256  # visitors' own-key (and own-token) providers kept open at once
-HF_KEY = "huggingface"  # the Hugging Face provider's key
+HF_KEY = HuggingFaceProvider.key
 
 
 class ProviderAccess:

@@ -41,6 +41,7 @@ from services.errors import InputError, StudioError
 from services.targets import Target, authorize_target, find_target
 from services.storage.database import DatabaseBackup
 from services.storage.jobs import Job, JobStore
+from services.providers.huggingface.provider import HuggingFaceProvider
 from services.providers.local.provider import LocalProvider
 from services.storage.owners import LOCAL_OWNER, installation_secret
 from services.providers.base import PRESETS, GenerateRequest, Provider, ProgressFn, TrainRequest
@@ -53,12 +54,14 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".
 
 
 def default_providers(settings: Settings) -> dict[str, Provider]:
-    """Both providers; the first is the default: CometAPI with a key, else the local engine."""
+    """Every provider; the first is the default: CometAPI with a key, else the local engine. Hugging Face
+    comes last: it spends money on the account whose token it runs with, so it is never picked for you."""
     cometapi = CometAPIProvider.from_settings(settings)
     local = LocalProvider(settings)  # cheap: torch and diffusers load on first use
+    hf = HuggingFaceProvider(settings)  # cheap: nothing is asked of the Hub until it is used
     if settings.cometapi_key:
-        return {"cometapi": cometapi, "local": local}
-    return {"local": local, "cometapi": cometapi}
+        return {"cometapi": cometapi, "local": local, hf.key: hf}
+    return {"local": local, "cometapi": cometapi, hf.key: hf}
 
 
 def files_in(paths: Iterable[Path | str]) -> list[Path]:
@@ -102,7 +105,8 @@ class Studio:
             max_active={"local": settings.visitor_max_local_jobs} if settings.hosted else None,
         )
         self.access = ProviderAccess(settings, self.providers,
-                                     lambda key: CometAPIProvider.from_settings(settings, key=key))
+                                     lambda key: CometAPIProvider.from_settings(settings, key=key),
+                                     with_hf_token=lambda token: HuggingFaceProvider(settings, token=token))
         self.results = ResultStore(settings, jobs=self.jobs)
         self.tracker: Tracker | None = None
         self.backup: DatabaseBackup | None = None
