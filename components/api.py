@@ -178,13 +178,15 @@ def build(studio: Studio) -> None:
     def launch_finetune(dataset: str, name: str, provider: str = "", mode: Mode = "general", trigger_word: str = "",
                         iterations: int | None = None, learning_rate: float | None = None,
                         lora_rank: int | None = None, finetune_type: str = "", priority: str = "",
-                        base_model: str = "", request: gr.Request = None) -> dict:
+                        base_model: str = "", hardware: str = "", request: gr.Request = None) -> dict:
         """Start fine-tuning FLUX on a dataset. It returns at once; poll get_job until the status is ready.
 
         Args:
             dataset: the dataset's name
             name: a name for the fine-tune, to find it later
-            provider: "local" (this machine's engine) or "cometapi"; empty for the app's default
+            provider: "local" (this machine's engine), "cometapi" or "huggingface" (HF Jobs, billed to the
+                app's HF_TOKEN account; hosted apps refuse it over the API: sign in on the page instead); empty
+                for the app's default
             mode: what the dataset is; sets the defaults of the settings left empty
             trigger_word: empty for the dataset's own
             iterations: training steps, 100-1000 (empty: the mode's default)
@@ -193,6 +195,7 @@ def build(studio: Studio) -> None:
             finetune_type: "lora" or "full" (CometAPI; empty: the mode's default)
             priority: "speed", "quality" or "high_res_only" (CometAPI; empty: the mode's default)
             base_model: the local engine's base model, e.g. "flux1-dev" or "flux2-klein-base-4b" (empty: the app's)
+            hardware: Hugging Face only: the Jobs flavour, e.g. "a100-large" (empty: the cheapest that fits)
         Returns:
             the job: id, name, provider, status, progress, message
         """
@@ -200,7 +203,7 @@ def build(studio: Studio) -> None:
                             owner=owner(request), address=client_address(request, settings),
                             iterations=iterations, learning_rate=learning_rate, lora_rank=lora_rank,
                             finetune_type=finetune_type or None, priority=priority or None,
-                            base_model=base_model or None)
+                            base_model=base_model or None, hardware=hardware)
         return job_summary(job.job)
 
     @shows_errors

@@ -196,7 +196,8 @@ class Studio:
     def train_request(self, name: str, *, mode: str = "general", trigger_word: str = "", iterations: int | None = None,
                       learning_rate: float | None = None, lora_rank: int | None = None,
                       finetune_type: str | None = None, priority: str | None = None, captioning: bool | None = None,
-                      gradient_checkpointing: bool | None = None, base_model: str | None = None) -> TrainRequest:
+                      gradient_checkpointing: bool | None = None, base_model: str | None = None,
+                      hardware: str = "") -> TrainRequest:
         """A validated request: what is not given comes from the mode's defaults (``PRESETS``)."""
         preset = PRESETS.get(mode, PRESETS["general"])
 
@@ -208,7 +209,7 @@ class Studio:
             iterations=pick(iterations, "iterations"), learning_rate=learning_rate,
             lora_rank=pick(lora_rank, "lora_rank"), finetune_type=pick(finetune_type, "finetune_type"),
             priority=pick(priority, "priority"), captioning=pick(captioning, "captioning"),
-            gradient_checkpointing=gradient_checkpointing, base_model=base_model or None,
+            gradient_checkpointing=gradient_checkpointing, base_model=base_model or None, hardware=hardware or "",
         ).validate()
 
     def launch(self, dataset: "str | DatasetHandle", name: str, *, provider: str | None = None, mode: str = "general",
@@ -216,7 +217,9 @@ class Studio:
                on_upload: ProgressFn | None = None, **settings) -> "JobHandle":
         """Start a fine-tune of ``dataset`` called ``name`` and return its job at once (``.wait()`` for it).
 
-        ``provider``: "local" or "cometapi" (default: the app's default). ``trigger_word`` defaults to
+        ``provider``: "local", "cometapi" or "huggingface" (default: the app's default; Hugging Face runs on
+        HF_TOKEN's account, which pays: ``hardware`` names a Jobs flavour, e.g. "a100-large", empty for the
+        cheapest that fits; ``studio.providers["huggingface"].estimate(request)`` prices it first). ``trigger_word`` defaults to
         the dataset's. Further settings (``iterations``, ``learning_rate``, ``lora_rank``, ``finetune_type``,
         ``priority``, ``captioning``, ``gradient_checkpointing``) default to the mode's; ``base_model`` (local
         engine: a key of ``services.providers.local.engine.models``, e.g. "flux1-dev", "flux2-klein-base-4b") defaults

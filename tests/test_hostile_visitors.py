@@ -420,3 +420,39 @@ def test_mcp_assistants_are_visitors_like_any_other(settings, fake_cometapi):
     assert bob[2][0] and "works only with your own key" in bob[2][1]
     assert fake_cometapi.requests("/flux/v1/flux-pro-1.1-ultra") == []
     assert alice_again == [(False, "[]")]  # a new session is a new assistant: cookies are per session
+
+
+def test_hugging_face_work_never_runs_on_the_owners_token_for_a_visitor(settings, tmp_path):
+    """Hosted, with HF_TOKEN set on the server: a visitor who is not signed in with Hugging Face (a
+    script, an anonymous client) is told to sign in, and nothing reaches the Hub on the owner's token."""
+    from gradio_client.exceptions import AppError
+
+    from services.config import Secret
+    from services.providers.huggingface.provider import HuggingFaceProvider
+    from services.providers.local.provider import LocalProvider
+    from tests.fake_hf import TOKEN, Hub
+
+    settings = settings.with_(hosted=True, hf_token=Secret(TOKEN))
+    hub = Hub(tmp_path)
+    providers = {"local": LocalProvider(settings), "huggingface": HuggingFaceProvider(settings, api=hub.api)}
+    photos = fx.good_set(tmp_path / "g", count=3, size=(640, 640))
+    with running_app(settings, providers=providers) as url:
+        visitor = Client(url, verbose=False)
+        try:
+            visitor.predict("cup", [handle_file(str(p)) for p in photos], api_name="/add_images")
+            try:
+                visitor.predict("cup", "cup-hf", "huggingface", api_name="/launch_finetune")
+            except AppError as exc:
+                assert "Sign in with Hugging Face" in str(exc) and TOKEN not in str(exc)
+            else:
+                raise AssertionError("a visitor launched a paid job on the owner's Hugging Face token")
+            try:
+                visitor.predict("alice/flux-lora-someone-elses", "a photo of TOK", 5, 1.0, 1024, 768,
+                                api_name="/compare")
+            except AppError as exc:
+                assert "not one of your fine-tunes" in str(exc)
+            else:
+                raise AssertionError("a visitor generated with a repo that is not theirs")
+        finally:
+            visitor.close()
+    assert hub.api.mock_calls == []  # not one call to the Hub, with any token
