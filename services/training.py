@@ -21,6 +21,7 @@ from pathlib import Path
 from services.config import THREAD_PREFIX
 from services.storage.datasets import DatasetStore
 from services.errors import (
+    AuthError,
     EndpointUnavailableError,
     InputError,
     JobError,
@@ -231,6 +232,12 @@ class TrainingService:
         except EndpointUnavailableError as exc:
             self.notices[provider.key] = exc.user_message()
             return self._tracked(job, message=exc.user_message())
+        except AuthError as exc:
+            # The credentials expired or were revoked (a visitor's sign-in lasts hours; a job may last
+            # longer): the job itself goes on remotely, so it waits for working ones instead of failing.
+            if job.params.get(OWN_KEY):
+                self._job_providers.pop(job.id, None)
+            return self._tracked(job, message=f"Tracking paused: {exc.user_message()}")
         except ProviderError as exc:
             return self._tracked(job, status="failed", error=exc.user_message())
         return self._apply(job, status)

@@ -513,3 +513,43 @@ def test_polls_reuse_one_pooled_connection(settings, fake_cometapi, dataset):
     polls = [r for r in fake_cometapi.requests() if r.method == "GET"]
     provider.close()
     assert len(polls) >= 5 and len({r.extra["client_port"] for r in polls}) == 1
+
+
+class _Expiring(_Resumable):
+    """A provider on a visitor's own sign-in that expires while the job runs on."""
+
+    key, label = "huggingface", "Hugging Face"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.expired, self.asked = False, 0
+
+    def status(self, remote_id):
+        from services.errors import AuthError
+
+        self.asked += 1
+        if self.expired:
+            raise AuthError("Hugging Face refused the token (401): it has expired.", hint="Sign in again.")
+        return super().status(remote_id)
+
+
+def test_expired_credentials_pause_tracking_instead_of_failing_a_job_that_runs_on(settings, dataset):
+    shared = _Expiring()  # the app-wide provider: hosted, no token of its own
+    service = TrainingService(JobStore(settings.data_dir / "jobs.sqlite3"), {"huggingface": shared},
+                              DatasetStores(settings))
+    visitor = _Expiring()
+    job = service.launch(OWNER, "huggingface", dataset, _req(), provider=visitor)
+    service.track_once()
+    assert service.jobs.get(OWNER, job.id).status == "running"
+    visitor.expired = True
+    service.track_once()
+    paused = service.jobs.get(OWNER, job.id)
+    assert paused.status == "running" and paused.message.startswith("Tracking paused: Hugging Face refused")
+    service.track_once()  # the expired provider was let go: the job waits for the visitor to sign in again
+    assert service.jobs.get(OWNER, job.id).message.startswith("Waiting for you to sign in with Hugging Face")
+    assert shared.asked == 0  # the app-wide provider (the Space owner's account) was never asked
+    again = _Expiring()
+    again.state = "ready"
+    service.adopt(OWNER, again)
+    service.track_once()
+    assert service.jobs.get(OWNER, job.id).status == "ready"
