@@ -210,7 +210,6 @@ def build(access: ProviderAccess, jobs: JobStore, results: ResultStore, settings
         total = len(lines) * len(columns)
         provider = access.get(target.provider_key, owner, key, cost=total, address=client_address(request, settings),
                               hf_token=hf_token_of(request))
-        cmp.check_sweep(provider, target.finetune_id, strengths_list)  # before any cell is paid for
         waiting = servable(placeholder)
         cells: list = [(waiting, f"{lines[i // len(columns)][:40]} · {columns[i % len(columns)]} · waiting…")
                        for i in range(total)]

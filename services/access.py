@@ -150,8 +150,9 @@ class ProviderAccess:
                              hint=f"Pick one of: {', '.join(self.providers)}.")
         if provider_key == "cometapi" and session_key and self._with_key is not None:
             return self.own(session_key)
-        if provider_key == HF_KEY and hf_token and self.settings.hosted and self._with_hf_token is not None:
-            return self._own_provider(HF_KEY, hf_token, self._with_hf_token)
+        own_hf = self.own_hf(hf_token) if provider_key == HF_KEY else None
+        if own_hf is not None:
+            return own_hf
         if provider_key == "cometapi" and self.settings.hosted and cost:
             self.budget.charge(owner, address, cost)
         return self.providers[provider_key]
@@ -162,7 +163,7 @@ class ProviderAccess:
             raise InputError("This app takes no visitor keys.")
         return self._own_provider("cometapi", key, self._with_key)
 
-    def own_hf(self, token: Secret) -> Provider | None:
+    def own_hf(self, token: Secret | None) -> Provider | None:
         """The Hugging Face provider on a signed-in visitor's token (hosted), None where there is none."""
         if not (token and self.settings.hosted and self._with_hf_token is not None and HF_KEY in self.providers):
             return None

@@ -210,7 +210,7 @@ class TrainingService:
             return job
         provider = self._provider_for(job)
         if provider is None and job.params.get(OWN_KEY):
-            waiting = _waiting_for_credentials(job)
+            waiting = _credentials(job).waiting
             if job.message != waiting:
                 return self._tracked(job, message=waiting)
             return job
@@ -309,8 +309,9 @@ class TrainingService:
             raise InputError(f"'{job.name}' is not running.", hint="Only pending or running jobs can be cancelled.")
         provider = self._provider_for(job)
         if provider is None and job.params.get(OWN_KEY):
-            raise JobError(f"'{job.name}' was launched with your own {_credentials(job)}, which this app no longer "
-                           "holds.", hint=f"{_give_again(job)}, then cancel it.")
+            own = _credentials(job)
+            raise JobError(f"'{job.name}' was launched with your own {own.name}, which this app no longer holds.",
+                           hint=f"{own.give_again}, then cancel it.")
         if job.remote_id and provider is not None:
             try:
                 provider.cancel(job.remote_id)
@@ -347,8 +348,9 @@ class TrainingService:
         job = self.jobs.get(owner, job_id)
         provider = self._provider_for(job)
         if provider is None and job.params.get(OWN_KEY) and job.remote_id:
-            raise JobError(f"'{job.name}' was launched with your own {_credentials(job)}, which this app no longer "
-                           "holds, so it can't be deleted there.", hint=f"{_give_again(job)}, then delete it.")
+            own = _credentials(job)
+            raise JobError(f"'{job.name}' was launched with your own {own.name}, which this app no longer holds, "
+                           "so it can't be deleted there.", hint=f"{own.give_again}, then delete it.")
         if job.remote_id and provider is not None:
             try:
                 if job.is_active:
@@ -362,17 +364,24 @@ class TrainingService:
         return self.jobs.mark_deleted(owner, job_id)
 
 
-def _credentials(job: Job) -> str:
-    return "CometAPI key" if job.provider == "cometapi" else "Hugging Face sign-in"
+@dataclass(frozen=True)
+class OwnCredentials:
+    """How a job launched with a visitor's own credentials names them, for what it says while it waits."""
+
+    name: str  # "your own <name>"
+    give_again: str  # what to do to hand them back
+    waiting: str  # the tracker's message meanwhile
 
 
-def _give_again(job: Job) -> str:
-    return ("Enter your key again at the top of the page" if job.provider == "cometapi"
-            else "Sign in with Hugging Face again at the top of the page")
+CREDENTIALS = {
+    "cometapi": OwnCredentials("CometAPI key", "Enter your key again at the top of the page", WAITING_FOR_KEY),
+}
+SIGN_IN = OwnCredentials("Hugging Face sign-in", "Sign in with Hugging Face again at the top of the page",
+                         WAITING_FOR_SIGN_IN)
 
 
-def _waiting_for_credentials(job: Job) -> str:
-    return WAITING_FOR_KEY if job.provider == "cometapi" else WAITING_FOR_SIGN_IN
+def _credentials(job: Job) -> OwnCredentials:
+    return CREDENTIALS.get(job.provider, SIGN_IN)
 
 
 def _default_message(status: TrainStatus) -> str:

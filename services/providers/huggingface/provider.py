@@ -153,11 +153,12 @@ class HuggingFaceProvider(ProviderBase):
             return []
         return hardware.options(self.catalogue.get(), self._workload(request))
 
-    def _machine(self, request: TrainRequest) -> tuple[hardware.Machine, memory.MemoryPreset | None]:
+    def _machine(self, request: TrainRequest,
+                 work: hardware.Workload | None = None) -> tuple[hardware.Machine, memory.MemoryPreset | None]:
         """The request's machine (``request.hardware``, else the cheapest that fits) and its preset;
         InputError where it is not offered or the training would not fit."""
         catalogue = {m.name: m for m in self.catalogue.get()}
-        work = self._workload(request)
+        work = work or self._workload(request)
         if request.hardware:
             machine = catalogue.get(request.hardware)
             if machine is None:
@@ -185,10 +186,11 @@ class HuggingFaceProvider(ProviderBase):
         if not self._token:
             return None
         try:
-            machine, preset = self._machine(request)
+            work = self._workload(request)
+            machine, preset = self._machine(request, work)
         except InputError:
             return None
-        return hardware.cost_estimate(machine, self._workload(request), preset)
+        return hardware.cost_estimate(machine, work, preset)
 
     # ------------------------------------------------------------ training
 

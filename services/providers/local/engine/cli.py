@@ -33,7 +33,7 @@ from services.config import Secret, Settings
 from services.errors import InputError
 from services.providers.local.engine import events
 from services.providers.local.engine.card import LORA_FILE
-from services.providers.local.engine.hub import validate_repo_id
+from services.providers.local.engine.hub import redact, validate_repo_id
 from services.providers.local.engine.push import RepoPusher
 
 DOWNLOAD_REPORT_EVERY_S = 2.0  # at most one download line this often: a job's log stays readable
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None, *, api=None, cancel: threading.Event | N
     try:
         state = train(args, token, cancel, api=api)
     except Exception as exc:
-        print(scrub_all(traceback.format_exc(), token), file=sys.stderr, flush=True)
+        print(redact(traceback.format_exc(), token.reveal()), file=sys.stderr, flush=True)
         events.emit("error", message=error_message(exc, token))
         return 1
     finally:
@@ -186,12 +186,7 @@ def _stop_on_signals(cancel: threading.Event):
 
 def error_message(exc: BaseException, token: Secret) -> str:
     """What the ``error`` line says: the error's type and text, without the token."""
-    return scrub_all(f"{type(exc).__name__}: {exc}", token)[:500]
-
-
-def scrub_all(text: str, token: Secret) -> str:
-    secret = token.reveal()
-    return text.replace(secret, "********") if secret else text
+    return redact(f"{type(exc).__name__}: {exc}", token.reveal())[:500]
 
 
 if __name__ == "__main__":

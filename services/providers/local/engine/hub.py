@@ -86,9 +86,14 @@ def status_of(exc: BaseException) -> int | None:
     return code if isinstance(code, int) else None
 
 
+def redact(text: str, secret: str) -> str:
+    """``text`` with the token replaced wherever it stands."""
+    return text.replace(secret, "********") if secret else text
+
+
 def scrub(text: str, secret: str) -> str:
     """The first line of an error's text, with the token replaced, for a message."""
-    text = text.replace(secret, "********") if secret else text
+    text = redact(text, secret)
     return text.splitlines()[0][:300] if text else ""
 
 
