@@ -97,6 +97,21 @@ def good_set(out: Path, count: int = 6, size: tuple[int, int] = (1600, 1200)) ->
     return paths
 
 
+# A tiny training set: small photos of several aspect ratios, with captions (one with the trigger word).
+TRAINING_CAPTIONS = ["a red ball on green grass", "TOK, a blue cup on a table", "a small dog in the city",
+                     "a cat on the beach"]
+TRAINING_SIZES = [(160, 120), (120, 160), (128, 128), (200, 112)]
+
+
+def training_zip(path: Path, count: int = 4) -> Path:
+    """A few small photos with same-name captions, as the Dataset tab exports them (for the tiny models)."""
+    with zipfile.ZipFile(path, "w") as zf:
+        for i in range(count):
+            zf.writestr(f"img_{i}.jpg", jpeg_bytes(photo(*TRAINING_SIZES[i % 4], seed=i)))
+            zf.writestr(f"img_{i}.txt", TRAINING_CAPTIONS[i % 4])
+    return path
+
+
 def bad_set(out: Path) -> dict[str, Path]:
     """Every bad input from the Dataset issue, by a short key. Loose files plus zips."""
     out.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,6 @@ import importlib.util
 import json
 import re
 import threading
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -28,19 +27,9 @@ from services.providers.local.folders import read_losses  # noqa: E402
 from services.providers.local.provider import WAITING, LocalProvider  # noqa: E402
 from services.providers.local.queue import SLOT, TrainingSlot  # noqa: E402
 from services.providers.base import GenerateRequest, Provider, TrainRequest  # noqa: E402
-from tests.imagefactory import jpeg_bytes, photo  # noqa: E402
+from tests.imagefactory import training_zip as make_zip  # noqa: E402
 
-CAPTIONS = ["a red ball on green grass", "TOK, a blue cup on a table", "a small dog in the city", "a cat on the beach"]
-SIZES = [(160, 120), (120, 160), (128, 128), (200, 112)]
 HF_TOKEN = "hf_FAKEtoken0123456789abcdefSECRET"
-
-
-def make_zip(path: Path, count: int = 4) -> Path:
-    with zipfile.ZipFile(path, "w") as zf:
-        for i in range(count):
-            zf.writestr(f"img_{i}.jpg", jpeg_bytes(photo(*SIZES[i % 4], seed=i)))
-            zf.writestr(f"img_{i}.txt", CAPTIONS[i % 4])
-    return path
 
 
 def request(iterations: int = 30, **kw) -> TrainRequest:

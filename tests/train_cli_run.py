@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 import time
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,12 +19,10 @@ from services.config import Settings
 from services.providers.base import TrainRequest
 from services.providers.local.base_models import BaseModels
 from services.providers.local.engine import events, models
-from tests.imagefactory import jpeg_bytes, photo
+from tests.imagefactory import training_zip
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI_MODULE = "services.providers.local.engine.cli"
-CAPTIONS = ["a red ball on green grass", "TOK, a blue cup on a table", "a small dog in the city", "a cat on the beach"]
-SIZES = [(160, 120), (120, 160), (128, 128), (200, 112)]
 CLI_TIMEOUT_S = 300.0
 
 
@@ -40,15 +37,6 @@ class CliRun:
     @property
     def log(self) -> events.RunLog:
         return events.parse(self.lines)
-
-
-def make_dataset_zip(path: Path, count: int = 4) -> Path:
-    """A few small photos with captions, as the Dataset tab exports them."""
-    with zipfile.ZipFile(path, "w") as zf:
-        for i in range(count):
-            zf.writestr(f"img_{i}.jpg", jpeg_bytes(photo(*SIZES[i % 4], seed=i)))
-            zf.writestr(f"img_{i}.txt", CAPTIONS[i % 4])
-    return path
 
 
 def tiny_config(steps: int, *, sample_every: int, checkpoint_every: int) -> dict:
@@ -72,7 +60,7 @@ def write_inputs(tmp_path: Path, steps: int, *, sample_every: int = 3, checkpoin
                                                         checkpoint_every=checkpoint_every)
     config_path = tmp_path / "config.json"
     config_path.write_text(json.dumps(cfg), encoding="utf-8")
-    return config_path, make_dataset_zip(tmp_path / "dataset.zip")
+    return config_path, training_zip(tmp_path / "dataset.zip")
 
 
 def run_cli(tmp_path: Path, steps: int = 6, *, sample_every: int = 3, checkpoint_every: int = 3,
