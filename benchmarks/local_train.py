@@ -102,13 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     args = ap.parse_args(argv)
 
-    from services.providers.local.engine import quiet_libraries
+    from services.engine import quiet_libraries
 
     quiet_libraries()
     import torch
 
-    from services.providers.local.engine.tiny import MAX_SEQUENCE_LENGTH, ensure_tiny_model
-    from services.providers.local.engine.train import Trainer, TrainConfig
+    from services.engine.tiny import MAX_SEQUENCE_LENGTH, ensure_tiny_model
+    from services.engine.train import Trainer, TrainConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)

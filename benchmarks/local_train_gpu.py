@@ -29,7 +29,7 @@ fp32 copy in CPU RAM), and fed random inputs of the real shapes:
   (``FluxPipeline._prepare_latent_image_ids``, zeros for FLUX.1's text;
   ``Flux2KleinPipeline._prepare_latent_ids`` / ``_prepare_text_ids``).
 
-Each step is the local engine's (``services/providers/local/engine/train.py``): rank-16 LoRA on the
+Each step is the local engine's (``services/engine/train.py``): rank-16 LoRA on the
 attention projections (``LORA_TARGETS``; FLUX.2's single-stream blocks fuse q, k, v with the
 MLP input into ``to_qkv_mlp_proj``, so that projection is added there), LoRA weights in fp32
 over the bf16 base, batch 1, flow-matching loss, clip-grad 1.0, AdamW. Presets:
@@ -146,7 +146,7 @@ KLEIN_9B = ModelSpec(
     config={**_KLEIN, "num_layers": 8, "num_single_layers": 24, "num_attention_heads": 32,
             "joint_attention_dim": 3 * 4096},
 )
-# Toy sizes of the same classes (services/providers/local/engine/tiny.py's FLUX.1; FLUX.2 likewise).
+# Toy sizes of the same classes (services/engine/tiny.py's FLUX.1; FLUX.2 likewise).
 TINY = {
     "flux1": ModelSpec(
         key="flux1", label="FLUX.1 (tiny)", family="flux1", text_tokens=8, pooled_dim=32,
@@ -372,7 +372,7 @@ def quantize_int8(model) -> int:
 
 def lora_targets(model, family: str) -> list[str]:
     """The engine's LoRA target names (plus FLUX.2's fused projection) that exist in ``model``."""
-    from services.providers.local.engine.train import LORA_TARGETS
+    from services.engine.train import LORA_TARGETS
 
     wanted = LORA_TARGETS + (FLUX2_EXTRA_LORA_TARGETS if family == "flux2" else ())
     names = {n for n, _ in model.named_modules()}
@@ -690,7 +690,7 @@ def run_all(specs: list[ModelSpec], presets: list[str], resolutions: list[int], 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from services.providers.local.engine import quiet_libraries
+    from services.engine import quiet_libraries
 
     quiet_libraries()
     import torch
@@ -704,7 +704,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(SKIP_LINE)
         print("Running the tiny configurations of both families on the CPU instead (same code, small shapes).")
-        from services.providers.local.engine.train import train_dtype
+        from services.engine.train import train_dtype
 
         device, dtype = "cpu", train_dtype("cpu")
         specs = list(TINY.values())  # both families, whatever --models says: this is CI's check

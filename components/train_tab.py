@@ -21,7 +21,7 @@ from services.storage.datasets import DatasetStore
 from services.access import ProviderAccess
 from services.errors import InputError, ProviderError, StudioError
 from services.storage.jobs import Job
-from services.providers.local.engine import memory
+from services.engine import memory
 from services.training import TrainingService
 
 JOB_COLUMNS = ["job", "name", "provider", "dataset", "status", "progress", "elapsed", "created"]

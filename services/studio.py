@@ -222,7 +222,7 @@ class Studio:
         cheapest that fits; ``studio.providers["huggingface"].estimate(request)`` prices it first). ``trigger_word`` defaults to
         the dataset's. Further settings (``iterations``, ``learning_rate``, ``lora_rank``, ``finetune_type``,
         ``priority``, ``captioning``, ``gradient_checkpointing``) default to the mode's; ``base_model`` (local
-        engine: a key of ``services.providers.local.engine.models``, e.g. "flux1-dev", "flux2-klein-base-4b") defaults
+        engine: a key of ``services.engine.models``, e.g. "flux1-dev", "flux2-klein-base-4b") defaults
         to ``FLUX_LOCAL_MODEL``."""
         owner = owner or self.owner
         dataset_name = dataset.name if isinstance(dataset, DatasetHandle) else str(dataset or "")

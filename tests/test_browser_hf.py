@@ -10,7 +10,7 @@ from playwright.sync_api import expect
 
 from services.config import Secret
 from services.providers.huggingface.provider import HuggingFaceProvider
-from services.providers.local.engine import events
+from services.engine import events
 from services.providers.local.provider import LocalProvider
 from services.storage.datasets import DatasetStores
 from tests import imagefactory as fx

@@ -27,8 +27,8 @@ from huggingface_hub.hf_api import ModelInfo, RepoFile  # noqa: E402
 
 from services.config import Secret, Settings  # noqa: E402
 from services.errors import InputError, NetworkError  # noqa: E402
-from services.providers.local.engine import download  # noqa: E402
-from services.providers.local.engine.download import fetch_base_model, pipeline_files, plan_download  # noqa: E402
+from services.engine import download  # noqa: E402
+from services.engine.download import fetch_base_model, pipeline_files, plan_download  # noqa: E402
 
 REPO = "black-forest-labs/FLUX.1-dev"
 SHA = "0123456789abcdef0123456789abcdef01234567"

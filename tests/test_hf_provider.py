@@ -21,7 +21,7 @@ from services.providers.base import GenerateRequest, TrainRequest, job_tag
 from services.providers.huggingface import hardware, job_script, jobs, package
 from services.providers.huggingface.hub import HOSTED_SIGN_IN, LOCAL_NO_TOKEN
 from services.providers.huggingface.provider import HuggingFaceProvider
-from services.providers.local.engine import events
+from services.engine import events
 from services.storage.datasets import DatasetStores
 from services.storage.jobs import JobStore
 from services.targets import guess_provider
@@ -81,7 +81,7 @@ def test_a_job_goes_from_scheduling_to_ready_with_progress_losses_and_samples(hf
     assert config["memory_preset"] == "bf16"  # what an 80 GB A100 trains with
     assert _content(ops[f"jobs/{TAG}/dataset.zip"]) == zip_path.read_bytes()
     with zipfile.ZipFile(io.BytesIO(_content(ops[f"jobs/{TAG}/code.zip"]))) as zf:
-        assert "services/providers/local/engine/events.py" in zf.namelist()
+        assert "services/engine/events.py" in zf.namelist()
 
     spec = hub.specs[hub.only_job]
     assert Path(spec["script"]).name == "job_script.py" and Path(spec["script"]).is_file()
@@ -494,11 +494,11 @@ def test_the_bootstrap_fetches_its_inputs_and_runs_the_trainer_with_push_to(tmp_
                          "--model-repo", REPO, "--resume"])
     path, cmd, env = run.call_args.args
     assert path == cmd[0] == sys.executable  # the trainer replaces the bootstrap: SIGTERM reaches it
-    assert cmd[1:3] == ["-m", "services.providers.local.engine.cli"]
+    assert cmd[1:3] == ["-m", "services.engine.cli"]
     assert cmd[cmd.index("--push-to") + 1] == REPO and cmd[-1] == "--resume"
     assert Path(cmd[cmd.index("--config") + 1]).read_bytes() == b"{}"
     assert str(tmp_path / "work" / "code") in env["PYTHONPATH"]
-    assert (tmp_path / "work" / "code" / "services" / "providers" / "local" / "engine" / "events.py").is_file()
+    assert (tmp_path / "work" / "code" / "services" / "engine" / "events.py").is_file()
 
 
 def test_names_and_ids():

@@ -45,7 +45,7 @@ def layer(module: str) -> int:
         return PAGES
     if module in WORKFLOW_MODULES:
         return WORKFLOWS
-    if module.startswith(("services.providers", "services.storage")):
+    if module.startswith(("services.providers", "services.storage", "services.engine")):
         return PARTS
     if module in ("services.config", "services.errors", "services"):
         return BASE
@@ -93,3 +93,9 @@ def test_there_is_no_import_cycle():
         if start not in state:
             visit(start, [start])
     assert cycles == [], "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_the_engine_imports_no_provider():
+    """The trainer is shared by the local provider and Hugging Face jobs: it knows neither."""
+    assert sorted(f"{a} -> {b}" for a, deps in graph().items() if a.startswith("services.engine")
+                  for b in deps if b.startswith("services.providers")) == []

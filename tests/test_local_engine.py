@@ -21,8 +21,8 @@ from PIL import Image  # noqa: E402
 
 from services.config import Secret, Settings  # noqa: E402
 from services.errors import AuthError, EngineUnavailableError, ProviderError  # noqa: E402
-from services.providers.local.engine import tiny  # noqa: E402
-from services.providers.local.engine.train import Trainer, TrainConfig  # noqa: E402
+from services.engine import tiny  # noqa: E402
+from services.engine.train import Trainer, TrainConfig  # noqa: E402
 from services.providers.local.folders import read_losses  # noqa: E402
 from services.providers.local.provider import WAITING, LocalProvider  # noqa: E402
 from services.providers.local.queue import SLOT, TrainingSlot  # noqa: E402
@@ -452,7 +452,7 @@ def test_delete_waits_for_the_run_to_stop_and_never_hides_a_failure(settings, tm
 
 def test_loading_one_model_does_not_block_generation_with_another(monkeypatch):
     """Loading can be a multi-GB download: it once held the lock every generation needs."""
-    from services.providers.local.engine import infer
+    from services.engine import infer
 
     loading, release = threading.Event(), threading.Event()
     loaded: list[str] = []

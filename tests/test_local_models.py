@@ -11,7 +11,7 @@ import pytest
 from services.storage.datasets import DatasetStores
 from services.errors import InputError
 from services.storage.jobs import JobStore
-from services.providers.local.engine import models
+from services.engine import models
 from services.providers.base import GenerateRequest, TrainRequest
 from services.training import TrainingService
 from tests import imagefactory as fx
@@ -94,7 +94,7 @@ def torch():
 def test_the_tiny_klein_builds_once_offline_and_loads_through_from_pretrained(torch, tmp_path):
     from diffusers import Flux2KleinPipeline
 
-    from services.providers.local.engine import tiny
+    from services.engine import tiny
 
     folder = tiny.ensure_tiny_model(tmp_path / "tiny-flux2-klein", "flux2")
     stamp = (folder / "model_index.json").stat().st_mtime_ns
@@ -195,7 +195,7 @@ def test_the_train_tab_sends_the_picked_base_model_and_the_server_checks_it(torc
 
 def _service_on_a_gpu(settings, monkeypatch, gb: float):
     """The training service with the local engine on a (pretend) CUDA GPU of ``gb`` GB."""
-    from services.providers.local.engine import memory
+    from services.engine import memory
     from services.providers.local.provider import LocalProvider
 
     monkeypatch.setattr(memory, "detect_gpu", lambda index=0: memory.GpuMemory("Test GPU", gb, None))
@@ -232,7 +232,7 @@ def test_a_hub_model_is_fetched_into_the_hf_cache_with_the_token_and_progress_sh
     """The worker resolves a Hub base model through download.fetch_base_model (mocked: no network),
     with HF_TOKEN and a progress callback that the job's message shows."""
     from services.config import Secret
-    from services.providers.local.engine import download
+    from services.engine import download
     from services.providers.local.provider import LocalProvider
 
     calls = []

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from services.errors import InputError
-from services.providers.local.engine import memory
-from services.providers.local.engine.memory import (
+from services.engine import memory
+from services.engine.memory import (
     PRESETS,
     GpuMemory,
     check_fits,
@@ -234,7 +234,7 @@ def tiny_zip(path: Path) -> Path:
 
 def test_trainer_applies_the_preset_it_is_given(tmp_path):
     pytest.importorskip("torch")
-    from services.providers.local.engine.train import Trainer, TrainConfig
+    from services.engine.train import Trainer, TrainConfig
 
     cfg = TrainConfig(model_path="unused", steps=1, resolution=1024, memory_preset="12gb")
     trainer = Trainer(cfg, tmp_path / "ds.zip", tmp_path / "job")
@@ -257,8 +257,8 @@ def test_trainer_takes_its_optimizer_from_the_preset(tmp_path, monkeypatch):
     torch = pytest.importorskip("torch")
     pytest.importorskip("diffusers")
     pytest.importorskip("peft")
-    from services.providers.local.engine import tiny
-    from services.providers.local.engine.train import Trainer, TrainConfig
+    from services.engine import tiny
+    from services.engine.train import Trainer, TrainConfig
 
     model = tiny.ensure_tiny_model(tmp_path / "tiny-flux")
 

@@ -22,10 +22,10 @@ from huggingface_hub import HfApi  # noqa: E402
 
 from services.config import Secret  # noqa: E402
 from services.errors import ProviderError  # noqa: E402
-from services.providers.local.engine import cli, events, push  # noqa: E402
-from services.providers.local.engine.card import LORA_FILE  # noqa: E402
-from services.providers.local.engine.push import RESUME_PATTERNS, RepoPusher  # noqa: E402
-from services.providers.local.engine.train import Trainer  # noqa: E402
+from services.engine import cli, events, push  # noqa: E402
+from services.engine.card import LORA_FILE  # noqa: E402
+from services.engine.push import RESUME_PATTERNS, RepoPusher  # noqa: E402
+from services.engine.train import Trainer  # noqa: E402
 from tests.train_cli_run import CliRun, cli_args, run_cli, write_inputs  # noqa: E402
 
 HF_TOKEN = "hf_FAKEcliToken0123456789abcdefSECRET"
@@ -111,14 +111,14 @@ def test_an_unreadable_config_is_an_error_line(tmp_path, capsys):
 
 
 def test_download_progress_becomes_a_few_phase_lines(tmp_path, capsys, monkeypatch):
-    from services.providers.local.base_models import BaseModels
+    from services.engine import models
 
-    def folder(self, model=None, on_progress=None):
+    def folder_of(spec, *, data_dir, token=None, on_progress=None):
         for done in (1, 2, 3, 4):  # well within DOWNLOAD_REPORT_EVERY_S of each other
             on_progress(done * 2**29, 4 * 2**29)
         raise OSError("disk full")
 
-    monkeypatch.setattr(BaseModels, "folder", folder)
+    monkeypatch.setattr(models, "folder_of", folder_of)
     run = run_here(tmp_path, capsys)
     phases = [events.event_of(t)["message"] for t in run.lines if events.event_of(t)[events.KEY] == "phase"]
     assert phases == ["Downloading the base model: 0.5 of 2.0 GB…", "Downloading the base model: 2.0 of 2.0 GB…"]

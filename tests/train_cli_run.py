@@ -1,7 +1,7 @@
 """Running the trainer's command line (``engine.cli``) for real, on the tiny FLUX.1 model.
 
 ``run_cli(tmp_path)`` writes a small dataset zip and the config the local worker would write for
-the tiny model, runs ``python -m services.providers.local.engine.cli`` as a subprocess (offline)
+the tiny model, runs ``python -m services.engine.cli`` as a subprocess (offline)
 and returns its stdout lines: the progress lines a Hugging Face job prints. The session fixture
 ``cli_run_lines`` (tests/conftest.py) runs it once, so other tests can replay the same lines.
 """
@@ -18,11 +18,11 @@ from pathlib import Path
 from services.config import Settings
 from services.providers.base import TrainRequest
 from services.providers.local.base_models import BaseModels
-from services.providers.local.engine import events, models
+from services.engine import events, models
 from tests.imagefactory import training_zip
 
 ROOT = Path(__file__).resolve().parent.parent
-CLI_MODULE = "services.providers.local.engine.cli"
+CLI_MODULE = "services.engine.cli"
 CLI_TIMEOUT_S = 300.0
 
 

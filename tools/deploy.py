@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from services.errors import ConfigError, InputError
-from services.providers.local.engine.hub import validate_repo_id
+from services.engine.hub import validate_repo_id
 
 ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger("flux_studio.deploy")

@@ -63,10 +63,10 @@ class TrainRequest:
     # Local engine only: recompute activations in the backward pass (much less GPU memory, slower steps).
     # None = automatic: on for real models, off for the tiny test model.
     gradient_checkpointing: bool | None = None
-    # Local engine only: the base model to train on (a key of services.providers.local.engine.models, or the
+    # Local engine only: the base model to train on (a key of services.engine.models, or the
     # configured FLUX_LOCAL_MODEL); None = the engine's default. Checked by the provider; CometAPI ignores it.
     base_model: str | None = None
-    # Local engine only, on a CUDA GPU: a services.providers.local.engine.memory preset name ("" = picked from the GPU).
+    # Local engine only, on a CUDA GPU: a services.engine.memory preset name ("" = picked from the GPU).
     memory_preset: str = ""
     # Hugging Face Jobs only: the hardware flavour to train on ("" = the cheapest that fits the model).
     hardware: str = ""

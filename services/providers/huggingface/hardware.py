@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from services.providers.base import CostEstimate, HardwareOption
-from services.providers.local.engine import memory
+from services.engine import memory
 
 # Peak dense bf16 tensor throughput, TFLOP/s without sparsity, by JobAccelerator.model. NVIDIA datasheets:
 # L4 242 and L40S 733 "with sparsity" (halved here), A100 312, H100 SXM / H200 989 (the figures

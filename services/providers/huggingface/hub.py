@@ -19,7 +19,7 @@ from services.errors import (
     TaskNotFoundError,
     ValidationError,
 )
-from services.providers.local.engine.hub import HUB_URL, scrub, status_of, transport_errors
+from services.engine.hub import HUB_URL, scrub, status_of, transport_errors
 
 BILLING_URL = f"{HUB_URL}/settings/billing"
 TOKENS_URL = f"{HUB_URL}/settings/tokens"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 CODE, DATASET, CONFIG = "code.zip", "dataset.zip", "config.json"
 WORK = Path(os.environ.get("FLUX_STUDIO_JOB_DIR", "/tmp/flux-studio"))
-CLI = "services.providers.local.engine.cli"
+CLI = "services.engine.cli"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     with zipfile.ZipFile(fetch(args.data_repo, args.prefix, CODE, inputs)) as zf:
         zf.extractall(code)
     sys.path.insert(0, str(code))
-    from services.providers.local.engine import events
+    from services.engine import events
 
     events.emit("phase", message="Downloading the dataset")
     config = fetch(args.data_repo, args.prefix, CONFIG, inputs)

@@ -15,8 +15,8 @@ from pathlib import PurePosixPath
 
 from services.errors import TaskNotFoundError
 from services.providers.base import TrainStatus
-from services.providers.local.engine.events import RunLog
-from services.providers.local.engine.hub import HUB_URL
+from services.engine.events import RunLog
+from services.engine.hub import HUB_URL
 
 TAG_LABEL = "flux-studio-tag"
 REPO_LABEL = "flux-studio-repo"  # the model repo's name (no namespace: label values stay [a-z0-9-])

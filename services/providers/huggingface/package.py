@@ -2,7 +2,7 @@
 
 The job runs ``job_script.py`` (stdlib + huggingface_hub) under ``uv run`` with ``job_dependencies()``;
 the script fetches the code bundle, the dataset and the config from the user's dataset repo and runs
-the trainer's command line (``services.providers.local.engine.cli``) with ``--push-to``.
+the trainer's command line (``services.engine.cli``) with ``--push-to``.
 """
 from __future__ import annotations
 

@@ -27,8 +27,8 @@ from services.providers.base import (CostEstimate, GeneratedImage, GenerateReque
 from services.providers.huggingface import hardware, inference, jobs, package
 from services.providers.huggingface.hub import HOSTED_SIGN_IN, LOCAL_NO_TOKEN, call, make_api, resolve_token
 from services.providers.local.base_models import BaseModels
-from services.providers.local.engine import events, memory, models
-from services.providers.local.engine.hub import scrub
+from services.engine import events, memory, models
+from services.engine.hub import scrub
 
 log = logging.getLogger("flux_studio.huggingface")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from services.config import Settings
 from services.errors import InputError, StudioError
 from services.providers.base import ProgressFn, TrainRequest
-from services.providers.local.engine import models
+from services.engine import models
 
 TINY_LABEL = models.BY_KEY[models.TINY_FLUX1].label
 
@@ -59,7 +59,7 @@ class BaseModels:
     def memory_plan(self, request: TrainRequest):
         """The memory preset, its estimated peak and the GPU, for the Train tab and the launch check;
         InputError for a base model this engine does not offer."""
-        from services.providers.local.engine import memory
+        from services.engine import memory
 
         base = models.resolve(self.check_request_model(request))
         if base.tiny or not base.transformer_params:
@@ -85,17 +85,11 @@ class BaseModels:
     def folder(self, model: str | None = None, on_progress: ProgressFn | None = None) -> str:
         """The folder ``from_pretrained`` gets: a tiny model is built on first use, a Hub model is
         downloaded into the HF cache (reused; disk space checked first), a folder is used as is."""
-        base = models.resolve(self.model if model is None else model)
-        if base.tiny and not base.path:
-            from services.providers.local.engine.tiny import ensure_tiny_model
-
-            return str(ensure_tiny_model(Path(self.settings.data_dir) / models.TINY_FOLDERS[base.key], base.family))
-        from services.providers.local.engine.download import fetch_base_model
-
-        return str(fetch_base_model(base.source, token=self.settings.hf_token, on_progress=on_progress))
+        return models.folder_of(self.model if model is None else model, data_dir=self.settings.data_dir,
+                                token=self.settings.hf_token, on_progress=on_progress)
 
     def _resolution(self, request: TrainRequest, base: models.BaseModel) -> int:
-        from services.providers.local.engine import tiny as tiny_consts  # no torch import: constants only
+        from services.engine import tiny as tiny_consts  # no torch import: constants only
 
         if base.tiny:
             return self.resolution or tiny_consts.TRAIN_RESOLUTION

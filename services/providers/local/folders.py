@@ -28,7 +28,7 @@ from pathlib import Path
 from services.config import Settings
 from services.errors import ProviderError, StudioError, TaskNotFoundError
 from services.providers.base import ProgressFn
-from services.providers.local.engine.train import LORA_FILE, latest_checkpoint
+from services.engine.train import LORA_FILE, latest_checkpoint
 from services.storage import atomic
 from services.storage.owners import LOCAL_OWNER, owner_dir
 

@@ -20,7 +20,7 @@ from services.errors import EngineUnavailableError, InputError, ProviderError, S
 from services.providers.base import (GeneratedImage, GenerateRequest, Holder, ProgressFn, ProviderBase, TrainRequest,
                                      TrainStatus)
 from services.providers.local.base_models import BaseModels
-from services.providers.local.engine import models
+from services.engine import models
 from services.providers.local.folders import JobFolders
 from services.providers.local.queue import GPU, SLOT, GpuBusyError, GpuGate, TrainingSlot
 from services.providers.local.worker import CLOSE_WAIT_S, DELETE_WAIT_S, Worker
@@ -226,7 +226,7 @@ class LocalProvider(ProviderBase):
         self.folders.existing(remote_id)
         self.worker.stop(remote_id, wait_s)
         try:
-            from services.providers.local.engine import infer
+            from services.engine import infer
         except ImportError:  # the engine is not installed: no adapter can be loaded
             infer = None
         if infer is not None:
@@ -248,7 +248,7 @@ class LocalProvider(ProviderBase):
             base = model if model is not None else self.folders.read_state(finetune).get("model", self.model)
         else:
             base = self.model if model is None else model
-        from services.providers.local.engine import infer
+        from services.engine import infer
 
         try:
             model_path = self.base_models.folder(base)
@@ -280,7 +280,7 @@ class LocalProvider(ProviderBase):
         st = self.status(remote_id)
         if st.state != "ready":
             raise InputError(f"The local fine-tune is {st.state}; only finished ones can be published.")
-        from services.providers.local.engine.hub import publish_lora
+        from services.engine.hub import publish_lora
 
         url = publish_lora(self.folders.existing(remote_id) / "output", repo_id, token, private=private)
         self.folders.update_state(remote_id, hub_url=url)

@@ -20,9 +20,9 @@ from pathlib import Path
 from services.config import THREAD_PREFIX
 from services.errors import ProviderError, StudioError
 from services.providers.local.base_models import BaseModels
-from services.providers.local.engine import release_gpu_memory
-from services.providers.local.engine.download import progress_message
-from services.providers.local.engine.train import LORA_FILE, PREPARING_MESSAGE, checkpoint_step
+from services.engine import release_gpu_memory
+from services.engine.download import progress_message
+from services.engine.train import LORA_FILE, PREPARING_MESSAGE, checkpoint_step
 from services.providers.local.folders import JobFolders
 from services.providers.local.queue import GpuGate, Holder, Run, TrainingSlot
 
@@ -199,9 +199,9 @@ class Worker:
             run.done.set()
 
     def _train(self, run: Run):
-        from services.providers.local.engine import infer
-        from services.providers.local.engine.config import config_from_json
-        from services.providers.local.engine.train import pick_device
+        from services.engine import infer
+        from services.engine.config import config_from_json
+        from services.engine.train import pick_device
 
         rid = run.remote_id
         raw = self.folders.read_config(rid)
@@ -221,7 +221,7 @@ class Worker:
             return self._run_trainer(run, cfg, raw)
 
     def _run_trainer(self, run: Run, cfg, raw: dict):
-        from services.providers.local.engine.train import Callbacks, Trainer
+        from services.engine.train import Callbacks, Trainer
 
         rid = run.remote_id
         job = self.folders.folder(rid)

@@ -63,7 +63,7 @@ class BaseModel:
 
 
 def _tiny(key: str, family: str) -> BaseModel:
-    from services.providers.local.engine import tiny  # constants only, no torch
+    from services.engine import tiny  # constants only, no torch
 
     name = "FLUX.1" if family == FLUX1 else "FLUX.2 [klein]"
     return BaseModel(
@@ -145,7 +145,7 @@ def _custom(spec: str, family: str, *, label: str, repo_id: str = "", path: str 
 
 def from_folder(folder: str | Path) -> BaseModel:
     """The model in a local diffusers folder (a tiny test model built by the app is recognised)."""
-    from services.providers.local.engine import tiny
+    from services.engine import tiny
 
     path = Path(folder).expanduser()
     if not path.is_dir():
@@ -227,3 +227,17 @@ def check_choice(choice: str | None, configured: str) -> str:
         return by_repo
     raise InputError(f"{choice[:120]!r} is not a base model the local engine offers.",
                      hint=f"Pick one of: {', '.join(allowed)} (a folder of your own goes in FLUX_LOCAL_MODEL).")
+
+
+def folder_of(spec: str | None, *, data_dir: str | Path, token=None, on_progress=None) -> str:
+    """The folder ``from_pretrained`` gets for a spec: a tiny model is built on first use under
+    ``data_dir``, a Hub model is downloaded into the HF cache (reused; disk space checked first), a
+    folder is used as is. ``token`` is a ``services.config.Secret`` (or None)."""
+    base = resolve(spec)
+    if base.tiny and not base.path:
+        from services.engine.tiny import ensure_tiny_model
+
+        return str(ensure_tiny_model(Path(data_dir) / TINY_FOLDERS[base.key], base.family))
+    from services.engine.download import fetch_base_model
+
+    return str(fetch_base_model(base.source, token=token, on_progress=on_progress))

@@ -1,6 +1,6 @@
 """The local engine's trainer as a command: what a Hugging Face job runs, reporting in JSON lines.
 
-    python -m services.providers.local.engine.cli --config config.json --dataset dataset.zip \\
+    python -m services.engine.cli --config config.json --dataset dataset.zip \\
         --out job/ [--resume] [--push-to owner/repo]
 
 ``--config`` is the local worker's config.json (``TrainConfig``'s fields; ``_model`` names the base
@@ -31,16 +31,16 @@ from pathlib import Path
 
 from services.config import Secret, Settings
 from services.errors import InputError
-from services.providers.local.engine import events
-from services.providers.local.engine.card import LORA_FILE
-from services.providers.local.engine.hub import redact, validate_repo_id
-from services.providers.local.engine.push import RepoPusher
+from services.engine import events
+from services.engine.card import LORA_FILE
+from services.engine.hub import redact, validate_repo_id
+from services.engine.push import RepoPusher
 
 DOWNLOAD_REPORT_EVERY_S = 2.0  # at most one download line this often: a job's log stays readable
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m services.providers.local.engine.cli",
+    parser = argparse.ArgumentParser(prog="python -m services.engine.cli",
                                      description="Train a FLUX LoRA, reporting progress as JSON lines.")
     parser.add_argument("--config", type=Path, required=True, help="the run's config.json (TrainConfig's fields)")
     parser.add_argument("--dataset", type=Path, required=True, help="the dataset zip (images and .txt captions)")
@@ -70,10 +70,10 @@ def main(argv: list[str] | None = None, *, api=None, cancel: threading.Event | N
 
 def train(args: argparse.Namespace, token: Secret, cancel: threading.Event, *, api=None) -> str:
     """One training run, reported as progress lines; returns the state it ended in."""
-    from services.providers.local.base_models import BaseModels
-    from services.providers.local.engine.config import config_from_json
-    from services.providers.local.engine.download import progress_message
-    from services.providers.local.engine.train import (
+    from services.engine.config import config_from_json
+    from services.engine.models import folder_of
+    from services.engine.download import progress_message
+    from services.engine.train import (
         PREPARING_MESSAGE, Callbacks, Trainer, checkpoint_step, latest_checkpoint,
     )
 
@@ -106,7 +106,8 @@ def train(args: argparse.Namespace, token: Secret, cancel: threading.Event, *, a
             events.emit("phase", message=progress_message(done, total))
 
     spec = raw.get("_model") or cfg.base_model or cfg.model_path or None
-    cfg.model_path = BaseModels(Settings.from_env(), spec).folder(on_progress=downloading)
+    settings = Settings.from_env()
+    cfg.model_path = folder_of(spec, data_dir=settings.data_dir, token=settings.hf_token, on_progress=downloading)
     events.emit("phase", message=PREPARING_MESSAGE)
     trainer = Trainer(cfg, args.dataset, out)
     trainer.prepare()

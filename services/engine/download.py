@@ -29,7 +29,7 @@ from pathlib import Path, PurePosixPath
 
 from services.config import Secret
 from services.errors import InputError, NetworkError, ProviderError, RateLimitedError, ServerError
-from services.providers.local.engine.hub import HUB_URL, scrub, status_of, transport_errors, validate_repo_id
+from services.engine.hub import HUB_URL, scrub, status_of, transport_errors, validate_repo_id
 
 log = logging.getLogger("flux_studio.local_engine")
 

@@ -30,7 +30,7 @@ class TrainConfig:
     family: str = "flux1"  # "flux1" | "flux2" (models.FAMILIES): which pipeline and adapter
     base_model: str = ""  # the base model's spec (a models.REGISTRY key, a Hub id or a folder)
     device: str | None = None
-    memory_preset: str = ""  # services.providers.local.engine.memory.PRESETS name; "" = from the GPU (none on the CPU)
+    memory_preset: str = ""  # services.engine.memory.PRESETS name; "" = from the GPU (none on the CPU)
 
 
 def config_from_json(d: dict) -> TrainConfig:

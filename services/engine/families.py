@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from services.providers.local.engine.models import FLUX1, FLUX2
+from services.engine.models import FLUX1, FLUX2
 
 # Attention projections LoRA is put on (double-stream blocks also have the add_* context ones).
 FLUX1_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.storage import atomic
-from services.providers.local.engine import models, release_gpu_memory, tiny
-from services.providers.local.engine.families import adapter
-from services.providers.local.engine.train import pick_device, quiet_libraries, train_dtype
+from services.engine import models, release_gpu_memory, tiny
+from services.engine.families import adapter
+from services.engine.train import pick_device, quiet_libraries, train_dtype
 
 MAX_ADAPTERS = 4  # LoRAs kept loaded per pipeline; the least recently used is dropped
 REAL_MAX_SIDE = 2048

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from services.config import Secret
 from services.errors import InputError
-from services.providers.local.engine.hub import scrub, upload_error, validate_repo_id
+from services.engine.hub import scrub, upload_error, validate_repo_id
 
 PUSH_TRIES = 3
 PUSH_BACKOFF_S = 5.0  # before the 2nd try; doubled before each further one

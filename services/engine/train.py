@@ -33,17 +33,17 @@ from pathlib import Path
 
 from services.storage import atomic
 from services.errors import InputError
-from services.providers.local.engine import memory, quiet_libraries
-from services.providers.local.engine.card import LORA_FILE, model_card
-from services.providers.local.engine.config import TrainConfig
-from services.providers.local.engine.data import Example, bucket_sizes, fit, pick_bucket, read_dataset_zip, to_pixels
-from services.providers.local.engine.families import FLUX1_LORA_TARGETS, TextEmbeds, adapter
+from services.engine import memory, quiet_libraries
+from services.engine.card import LORA_FILE, model_card
+from services.engine.config import TrainConfig
+from services.engine.data import Example, bucket_sizes, fit, pick_bucket, read_dataset_zip, to_pixels
+from services.engine.families import FLUX1_LORA_TARGETS, TextEmbeds, adapter
 
 log = logging.getLogger("flux_studio.local_engine")
 
 LORA_TARGETS = FLUX1_LORA_TARGETS  # FLUX.1's; each family names its own (families.py)
 # Captions are encoded this many at a time: T5-XXL's activations for 200 captions of 512 tokens in
-# one batch would take several GB beside the model (services.providers.local.engine.memory counts one chunk).
+# one batch would take several GB beside the model (services.engine.memory counts one chunk).
 CAPTION_CHUNK = 4
 # What a run says while ``prepare()`` loads the model and caches the dataset (before the first step).
 PREPARING_MESSAGE = "Preparing: encoding the images and captions once…"

@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 from services.errors import InputError
-from services.providers.local.engine.config import TrainConfig
+from services.engine.config import TrainConfig
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
 def model_card(cfg: TrainConfig, image_count: int, samples: list[str], losses: list[float]) -> str:
     """A Hugging Face model card: front matter (base_model, tags) and how to use the LoRA."""
-    from services.providers.local.engine import models
+    from services.engine import models
 
     try:
         base_model = models.resolve(cfg.base_model or cfg.base_model_id or cfg.model_path)

@@ -124,7 +124,7 @@ def qwen_tokenizer():
 
 def build_tiny_flux2_pipeline():
     """The tiny FLUX.2 [klein] pipeline in memory, identical on every call (fixed seeds)."""
-    from services.providers.local.engine import quiet_libraries
+    from services.engine import quiet_libraries
 
     quiet_libraries()
     import torch
@@ -180,7 +180,7 @@ def build_tiny_flux2_pipeline():
 
 def build_tiny_pipeline():
     """The tiny FLUX.1 pipeline in memory, identical on every call (fixed seeds)."""
-    from services.providers.local.engine import quiet_libraries
+    from services.engine import quiet_libraries
 
     quiet_libraries()
     import torch
