@@ -50,6 +50,7 @@ def model_card(cfg: TrainConfig, image_count: int, samples: list[str], losses: l
         *[f"| {k} | {v} |" for k, v in params.items()],
         "",
     ]
+    body += files_section(cfg.family, cfg.trigger_word)
     if samples:
         body += ["## Samples", "", *[f"![sample]({s})" for s in samples], ""]
     body += [
@@ -67,3 +68,30 @@ def model_card(cfg: TrainConfig, image_count: int, samples: list[str], losses: l
         "",
     ]
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n" + "\n".join(body)))
+
+
+def files_section(family: str, trigger_word: str) -> list[str]:
+    """The card's "which file is for which tool" table (the exports are made by ``lora_formats``)."""
+    from services.engine import lora_formats as lf
+    from services.engine import models
+
+    comfy = lf.export_filename(lf.COMFYUI, family, trigger_word)
+    if family == models.FLUX2:
+        comfy_keys = "the original BFL keys (`diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight`)"
+        comfy_tools = "ComfyUI (*LoraLoaderModelOnly*, from `models/loras`) and BFL's FLUX.2 LoRA inference"
+    else:
+        comfy_keys = "kohya keys (`lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight` + `.alpha`)"
+        comfy_tools = "ComfyUI (*LoraLoaderModelOnly*, from `models/loras`), Forge and kohya's tools"
+    return [
+        "## Files",
+        "",
+        "| file | keys | load it in |",
+        "|---|---|---|",
+        f"| `{LORA_FILE}` | diffusers / PEFT (`transformer.…lora_A.weight`) | diffusers `load_lora_weights`, "
+        "FLUX Finetune Studio's Compare |",
+        f"| `{comfy}` | {comfy_keys}, q/k/v fused | {comfy_tools} |",
+        "",
+        f"The `{comfy}` file is made on demand (Train tab, or the Python API's `export_lora`). Both hold the "
+        "same weights exactly, at scale 1 (alpha = rank), so a strength means the same in every tool.",
+        "",
+    ]

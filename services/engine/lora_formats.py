@@ -198,21 +198,22 @@ def read_header(path: Path, *, max_bytes: int = MAX_LORA_BYTES) -> tuple[dict[st
             raise _refuse(path, f"is {size / 2**20:.0f} MB; LoRA files are accepted up to "
                                 f"{max_bytes / 2**20:.0f} MB.", "Use a smaller LoRA (a lower rank).")
         with path.open("rb") as f:
-            head = f.read(8)
-            if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # torch's zip archive, a raw pickle
+            head = f.read(9)
+            # A safetensors header is its length (8 bytes) then JSON; torch.save writes a zip, or a raw pickle.
+            if head[8:9] != b"{" and (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
                 raise _refuse(path, "is a pickle (a PyTorch .pt/.ckpt file renamed), which can run code when "
                                     "opened: it is never loaded.", convert)
-            if len(head) < 8:
+            if len(head) < 9:
                 raise _refuse(path, f"is cut short ({size} bytes): there is no safetensors header.",
                               "Download or upload it again.")
-            (n,) = struct.unpack("<Q", head)
+            (n,) = struct.unpack("<Q", head[:8])
             if n > MAX_HEADER_BYTES:
                 raise _refuse(path, "is not a safetensors file (its first bytes are no header).",
                               "Pick the LoRA's .safetensors file.")
             if n > size - 8:
                 raise _refuse(path, f"is cut short: its header alone should be {n} bytes, the file has {size - 8}.",
                               "Download or upload it again.")
-            raw = f.read(n)
+            raw = head[8:] + f.read(max(n - 1, 0))
     except OSError as exc:
         raise _refuse(path, f"cannot be read ({exc.strerror or exc}).", "Check the file.") from None
     try:
@@ -394,7 +395,8 @@ def plan(path: Path, *, family: str | None = None, max_bytes: int = MAX_LORA_BYT
             if _te_fits(path, name):
                 if fam == FLUX1:
                     mapping[name] = (None, name)
-            elif key in by_key and (len(by_key[key].parts) > 1 or _fits(by_key[key], down, up)):
+            elif key in by_key and ((layout == "diffusers" and len(by_key[key].parts) > 1)
+                                    or _fits(by_key[key], down, up)):
                 mapping[name] = (None, key) if layout == "diffusers" else (by_key[key], name)
         fits[fam] = mapping
     families = tuple(f for f in (FLUX1, FLUX2) if len(fits[f]) == len(mods))
@@ -488,7 +490,7 @@ def read_lora(path: Path, *, family: str | None = None, max_bytes: int = MAX_LOR
         if target.swap:
             up = _swap_halves(up)
         h = down.shape[1]
-        widths = [target.width(i, h) for i in range(len(target.parts))]
+        widths = [target.width(i, h) for i in range(len(target.parts))] if len(target.parts) > 1 else [up.shape[0]]
         if sum(widths) != up.shape[0]:
             raise _refuse(Path(path), f"has {name} with {up.shape[0]} outputs; {FAMILY_LABELS[info.family or FLUX1]}'s "
                                       f"has {sum(widths)} for this width.", "The LoRA is for another model.")
