@@ -38,8 +38,8 @@ BUILD = {FLUX1: tiny.build_tiny_pipeline, FLUX2: tiny.build_tiny_flux2_pipeline}
 MAX_SEQ = {FLUX1: tiny.MAX_SEQUENCE_LENGTH, FLUX2: tiny.FLUX2_MAX_SEQUENCE_LENGTH}
 RANK = 4
 STRENGTHS = (0.7, 1.0)
-ATOL = 2e-5
-DIFF, KOHYA, BFL = "diffusers", "kohya", "bfl"  # float32 on the CPU: the fused matrices add the same products in another order
+ATOL = 2e-5  # float32 on the CPU: the fused matrices add the same products in another order
+DIFF, KOHYA, BFL = "diffusers", "kohya", "bfl"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -67,8 +67,9 @@ def make_lora(family: str, folder: Path, *, rank: int = RANK, alpha: int | None 
 
 
 def render(pipe, family: str, seed: int = 3):
-    return pipe(prompt="TOK, a red ball", width=32, height=32, num_inference_steps=2, max_sequence_length=MAX_SEQ[family],
-                output_type="np", generator=torch.Generator().manual_seed(seed)).images[0]
+    return pipe(prompt="TOK, a red ball", width=32, height=32, num_inference_steps=2,
+                max_sequence_length=MAX_SEQ[family], output_type="np",
+                generator=torch.Generator().manual_seed(seed)).images[0]
 
 
 def render_with(pipe, family: str, name: str, strength: float):
@@ -258,9 +259,9 @@ def test_kohya_export_at_flux1_dev_widths_reads_back_exactly_with_diffusers_unto
 # --------------------------------------------------------------------------- other trainers' files
 
 
-def kohya_flux1_file(path: Path) -> dict:
+def kohya_flux1_file(path: Path, *, text_encoder: bool = False) -> dict:
     """A FLUX.1 LoRA in kohya sd-scripts' layout (networks/lora_flux.py): dense fused qkv and linear1,
-    alphas that are not the rank."""
+    alphas that are not the rank; ``text_encoder``: CLIP-L layers too."""
     g = torch.Generator().manual_seed(5)
     shapes = {  # module: (in, out), FLUX.1 at width 32 (MLP 128, modulation 6 x 32)
         "double_blocks_0_img_attn_qkv": (32, 96), "double_blocks_0_txt_attn_qkv": (32, 96),
@@ -268,11 +269,15 @@ def kohya_flux1_file(path: Path) -> dict:
         "double_blocks_0_txt_mlp_2": (128, 32), "double_blocks_0_img_mod_lin": (32, 192),
         "single_blocks_0_linear1": (32, 224), "single_blocks_0_linear2": (160, 32),
     }
+    if text_encoder:  # CLIP-L, FLUX.1's first text encoder (width 32, MLP 37 in the tiny model)
+        shapes.update({"te1_text_model_encoder_layers_0_self_attn_q_proj": (32, 32),
+                       "te1_text_model_encoder_layers_1_mlp_fc1": (32, 37)})
     sd = {}
     for module, (n_in, n_out) in shapes.items():
-        sd[f"lora_unet_{module}.lora_down.weight"] = torch.randn(8, n_in, generator=g) * 0.3
-        sd[f"lora_unet_{module}.lora_up.weight"] = torch.randn(n_out, 8, generator=g) * 0.3
-        sd[f"lora_unet_{module}.alpha"] = torch.tensor(4.0)
+        stem = f"lora_{module}" if module.startswith("te1_") else f"lora_unet_{module}"
+        sd[f"{stem}.lora_down.weight"] = torch.randn(8, n_in, generator=g) * 0.3
+        sd[f"{stem}.lora_up.weight"] = torch.randn(n_out, 8, generator=g) * 0.3
+        sd[f"{stem}.alpha"] = torch.tensor(4.0)
     save_file(sd, str(path), metadata={"ss_network_dim": "8", "ss_network_alpha": "4"})
     return sd
 
@@ -467,6 +472,28 @@ def test_the_size_cap_is_checked_before_reading(loras, tmp_path):
     with pytest.raises(InputError, match="accepted up to"):
         lf.inspect_lora(loras[FLUX1], max_bytes=1000)
     assert lf.MAX_LORA_BYTES >= 1024 * 2**20
+
+
+def test_a_kohya_file_with_clip_layers_puts_them_on_the_text_encoder_exactly(tmp_path):
+    """(diffusers' own kohya reader, with transformers 5's CLIPTextModel, loads the MLP layers but
+    leaves self_attn out, so this is checked against the file's weights, not against diffusers.)"""
+    path = tmp_path / "with_te.safetensors"
+    sd = kohya_flux1_file(path, text_encoder=True)
+    pipe = BUILD[FLUX1]()
+    lf.load_into(pipe, path, "te", family=FLUX1)
+    for stem, layer in (("lora_te1_text_model_encoder_layers_0_self_attn_q_proj", "encoder.layers.0.self_attn.q_proj"),
+                        ("lora_te1_text_model_encoder_layers_1_mlp_fc1", "encoder.layers.1.mlp.fc1")):
+        module = pipe.text_encoder.get_submodule(layer)
+        got = module.lora_B["te"].weight @ module.lora_A["te"].weight * module.scaling["te"]
+        want = sd[f"{stem}.lora_up.weight"] @ sd[f"{stem}.lora_down.weight"] * (4.0 / 8)
+        torch.testing.assert_close(got, want)
+
+
+def test_a_t5_text_encoder_lora_is_refused(tmp_path, flux1_pipe):
+    path = tmp_path / "t5.safetensors"
+    stem = "lora_te2_encoder_block_0_layer_0_SelfAttention_q"
+    save_file({f"{stem}.lora_down.weight": torch.ones(4, 32), f"{stem}.lora_up.weight": torch.ones(32, 4)}, str(path))
+    refused(flux1_pipe, path, "text encoder the local engine does not apply LoRAs to", stem)
 
 
 def test_lycoris_and_half_modules_are_refused(tmp_path, flux1_pipe):

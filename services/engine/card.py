@@ -1,10 +1,23 @@
-"""A trained LoRA's model card: the front matter the Hub reads (base model, tags, widget) and how to use it."""
+"""A trained LoRA's model card: the front matter the Hub reads (base model, tags, widget) and how to use it,
+and the names of the LoRA's files (the trainer's, and the exports ``lora_formats`` writes)."""
 from __future__ import annotations
+
+import re
 
 from services.errors import InputError
 from services.engine.config import TrainConfig
+from services.engine.models import FLUX2
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
+# The export formats (services.engine.lora_formats): diffusers keys, and what ComfyUI loads.
+DIFFUSERS, COMFYUI = "diffusers", "comfyui"
+
+
+def export_filename(fmt: str, family: str, trigger_word: str = "") -> str:
+    """An exported file's name: the trigger word, the family and the format (what a ComfyUI user sees
+    in the LoRA picker, so not a generic name two LoRAs would share)."""
+    slug = re.sub(r"[^A-Za-z0-9_-]+", "-", trigger_word).strip("-")[:40] or "lora"
+    return f"{slug}-{'flux2-klein' if family == FLUX2 else 'flux1'}-{fmt}.safetensors"
 
 
 def model_card(cfg: TrainConfig, image_count: int, samples: list[str], losses: list[float]) -> str:
@@ -72,10 +85,9 @@ def model_card(cfg: TrainConfig, image_count: int, samples: list[str], losses: l
 
 def files_section(family: str, trigger_word: str) -> list[str]:
     """The card's "which file is for which tool" table (the exports are made by ``lora_formats``)."""
-    from services.engine import lora_formats as lf
     from services.engine import models
 
-    comfy = lf.export_filename(lf.COMFYUI, family, trigger_word)
+    comfy = export_filename(COMFYUI, family, trigger_word)
     if family == models.FLUX2:
         comfy_keys = "the original BFL keys (`diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight`)"
         comfy_tools = "ComfyUI (*LoraLoaderModelOnly*, from `models/loras`) and BFL's FLUX.2 LoRA inference"

@@ -29,7 +29,6 @@ FLUX.1 or FLUX.2 [klein] one and which. torch and safetensors' torch part are im
 from __future__ import annotations
 
 import json
-import logging
 import re
 import struct
 from collections.abc import Callable
@@ -38,17 +37,14 @@ from pathlib import Path
 
 from services.config import APP_NAME, APP_VERSION, Secret
 from services.errors import InputError
-from services.engine.card import LORA_FILE
+from services.engine.card import COMFYUI, DIFFUSERS, LORA_FILE, export_filename
 from services.engine.models import FLUX1, FLUX2
 from services.storage import atomic
 
-log = logging.getLogger("flux_studio.local_engine")
-
-DIFFUSERS, COMFYUI = "diffusers", "comfyui"
 EXPORT_FORMATS = (DIFFUSERS, COMFYUI)
 # The key layout each export format is written in, per family.
 LAYOUTS = {DIFFUSERS: {FLUX1: "diffusers", FLUX2: "diffusers"}, COMFYUI: {FLUX1: "kohya", FLUX2: "bfl"}}
-SUFFIX = ".safetensors"
+SUFFIX = ".safetensors"  # the only kind of file read
 # Formats that unpickle (and so may run code) when opened: refused by name, never read.
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 # The largest LoRA file accepted (upload, Hub download, local file): a FLUX.1 LoRA on every layer at
@@ -235,7 +231,8 @@ def read_header(path: Path, *, max_bytes: int = MAX_LORA_BYTES) -> tuple[dict[st
 
 _LORA_SUFFIXES = {".lora_A.weight": "down", ".lora_B.weight": "up", ".lora_down.weight": "down",
                   ".lora_up.weight": "up", ".alpha": "alpha"}
-_NOT_LORA = {"lokr_": "a LyCORIS LoKr", "hada_": "a LyCORIS LoHa", "dora_scale": "a DoRA", ".diff": "a weight-difference"}
+_NOT_LORA = {"lokr_": "a LyCORIS LoKr", "hada_": "a LyCORIS LoHa", "dora_scale": "a DoRA",
+             ".diff": "a weight-difference"}
 _SD_MARKERS = ("down_blocks", "up_blocks", "mid_block", "input_blocks", "output_blocks", "middle_block")
 _TE_CLIP = re.compile(r"^lora_te1?_text_model_encoder_layers_(\d+)_(self_attn_(?:q|k|v|out)_proj|mlp_fc[12])$")
 
@@ -344,9 +341,10 @@ def _diffusers_name(name: str) -> str:
     return name
 
 
-def _te_name(path: Path, name: str, family: str | None) -> str:
+def _te_name(path: Path, name: str) -> str:
+    """A kohya CLIP-L module's diffusers name (FLUX.1's first text encoder; T5 and Qwen are refused)."""
     match = _TE_CLIP.match(name)
-    if match is None or family == FLUX2:
+    if match is None:
         raise _refuse(path, f"changes a text encoder the local engine does not apply LoRAs to ({name}).",
                       "Use a LoRA that changes the transformer (and, for FLUX.1, CLIP-L) only.")
     part = match.group(2).replace("self_attn_", "self_attn.").replace("mlp_", "mlp.")
@@ -358,7 +356,7 @@ def _te_fits(path: Path, name: str) -> bool:
     if name.startswith("text_encoder."):
         return True
     if name.startswith("lora_te"):
-        _te_name(path, name, FLUX1)
+        _te_name(path, name)
         return True
     return False
 
@@ -482,7 +480,7 @@ def read_lora(path: Path, *, family: str | None = None, max_bytes: int = MAX_LOR
         target, dname = p.by_target[name]
         if target is None:
             if dname.startswith("lora_te"):
-                dname = _te_name(Path(path), dname, FLUX1)
+                dname = _te_name(Path(path), dname)
             elif not m.alpha:
                 up = up * scale(dname, rank)
             _add(out, dname, down, up, path)
@@ -606,13 +604,6 @@ class ExportInfo:
                    trigger_word=cfg.trigger_word, rank=cfg.rank, steps=cfg.steps)
 
 
-def export_filename(fmt: str, family: str, trigger_word: str = "") -> str:
-    """The exported file's name: the trigger word, the family and the format (what a ComfyUI user sees
-    in the LoRA picker, so not a generic name two LoRAs would share)."""
-    slug = re.sub(r"[^A-Za-z0-9_-]+", "-", trigger_word).strip("-")[:40] or "lora"
-    return f"{slug}-{'flux1' if family == FLUX1 else 'flux2-klein'}-{fmt}{SUFFIX}"
-
-
 def export_metadata(info: ExportInfo, layout: str, alpha: str) -> dict[str, str]:
     return {
         "format": "pt", "software": f"{APP_NAME} {APP_VERSION}", "app_name": APP_NAME, "app_version": APP_VERSION,
@@ -639,7 +630,8 @@ def export_lora(src: Path, dest_dir: Path, fmt: str, info: ExportInfo) -> Path:
     else:
         _, modules = read_lora(src, family=info.family)
         dtype = next(iter(load_file(str(src)).values())).dtype
-        tensors = {k: v if k.endswith(".alpha") else v.to(dtype) for k, v in to_layout(modules, info.family, layout).items()}
+        tensors = {k: v if k.endswith(".alpha") else v.to(dtype)
+                   for k, v in to_layout(modules, info.family, layout).items()}
         metadata = export_metadata(info, layout, alpha="each module's rank (scale 1)")
     with atomic.replacing(dest) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
@@ -652,12 +644,8 @@ def export_lora(src: Path, dest_dir: Path, fmt: str, info: ExportInfo) -> Path:
 def check_against(modules: dict, pipe) -> None:
     """InputError unless every module of the LoRA is a layer of ``pipe`` with the LoRA's shapes."""
     for name, (down, up) in modules.items():
-        component, _, rest = name.partition(".")
-        model = getattr(pipe, component, None)
-        try:
-            layer = model.get_submodule(rest) if model is not None else None
-        except AttributeError:
-            layer = None
+        rest = name.partition(".")[2]
+        layer = _layer(pipe, name)
         layer = getattr(layer, "base_layer", layer)  # already wrapped by another adapter
         if layer is None or not hasattr(layer, "in_features"):
             raise InputError(f"The LoRA has weights for {rest}, a layer this model does not have.",
@@ -700,7 +688,7 @@ def load_into(pipe, path: Path, adapter_name: str, *, family: str | None = None)
     check_against(modules, pipe)
     try:
         pipe.load_lora_weights(_peft(modules), adapter_name=adapter_name)
-        missing = [n for n in modules if adapter_name not in getattr(_layer(pipe, n), "lora_A", {})]
+        missing = [n for n in modules if adapter_name not in getattr(_layer(pipe, n), "lora_A", None) or {}]
         if missing:
             raise InputError(f"{len(missing)} of the LoRA's layers were not loaded ({missing[0]}).",
                              hint="The LoRA does not fit this model.")
@@ -715,8 +703,16 @@ def load_into(pipe, path: Path, adapter_name: str, *, family: str | None = None)
 
 
 def _layer(pipe, name: str):
+    """The pipeline's layer a LoRA module name means, or None."""
     component, _, rest = name.partition(".")
-    return getattr(pipe, component).get_submodule(rest)
+    model = getattr(pipe, component, None)
+    # transformers 5 dropped CLIPTextModel's inner ``text_model``; LoRA files (and diffusers) still name it.
+    for candidate in (rest, rest.removeprefix("text_model.")):
+        try:
+            return model.get_submodule(candidate) if model is not None else None
+        except AttributeError:
+            continue
+    return None
 
 
 # --------------------------------------------------------------------------- files in a folder / a Hub repo
@@ -729,7 +725,8 @@ def pick_lora_file(names: list[str], where: str, filename: str | None = None) ->
     top = sorted(n for n in names if "/" not in n and n.lower().endswith(SUFFIX))
     if filename:
         if filename not in names:
-            raise InputError(f"{where} has no file {filename}.", hint=f"Its .safetensors files: {', '.join(top) or 'none'}.")
+            raise InputError(f"{where} has no file {filename}.",
+                             hint=f"Its .safetensors files: {', '.join(top) or 'none'}.")
         return filename
     if LORA_FILE in top:
         return LORA_FILE
