@@ -12,6 +12,10 @@ from typing import Mapping
 
 from services.errors import ConfigError
 
+# The app's name and version, as files it writes say who made them (a LoRA's safetensors metadata).
+APP_NAME = "FLUX Finetune Studio"
+APP_VERSION = "1.0"
+
 # Every thread the app starts is named with this prefix, so that tests can tell that none outlived its work.
 THREAD_PREFIX = "studio-"
 

@@ -1,10 +1,23 @@
-"""A trained LoRA's model card: the front matter the Hub reads (base model, tags, widget) and how to use it."""
+"""A trained LoRA's model card: the front matter the Hub reads (base model, tags, widget) and how to use it,
+and the names of the LoRA's files (the trainer's, and the exports ``lora_formats`` writes)."""
 from __future__ import annotations
+
+import re
 
 from services.errors import InputError
 from services.engine.config import TrainConfig
+from services.engine.models import FLUX2
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
+# The export formats (services.engine.lora_formats): diffusers keys, and what ComfyUI loads.
+DIFFUSERS, COMFYUI = "diffusers", "comfyui"
+
+
+def export_filename(fmt: str, family: str, trigger_word: str = "") -> str:
+    """An exported file's name: the trigger word, the family and the format (what a ComfyUI user sees
+    in the LoRA picker, so not a generic name two LoRAs would share)."""
+    slug = re.sub(r"[^A-Za-z0-9_-]+", "-", trigger_word).strip("-")[:40] or "lora"
+    return f"{slug}-{'flux2-klein' if family == FLUX2 else 'flux1'}-{fmt}.safetensors"
 
 
 def model_card(cfg: TrainConfig, image_count: int, samples: list[str], losses: list[float]) -> str:
@@ -50,6 +63,7 @@ def model_card(cfg: TrainConfig, image_count: int, samples: list[str], losses: l
         *[f"| {k} | {v} |" for k, v in params.items()],
         "",
     ]
+    body += files_section(cfg.family, cfg.trigger_word)
     if samples:
         body += ["## Samples", "", *[f"![sample]({s})" for s in samples], ""]
     body += [
@@ -67,3 +81,29 @@ def model_card(cfg: TrainConfig, image_count: int, samples: list[str], losses: l
         "",
     ]
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n" + "\n".join(body)))
+
+
+def files_section(family: str, trigger_word: str) -> list[str]:
+    """The card's "which file is for which tool" table (the exports are made by ``lora_formats``)."""
+    from services.engine import models
+
+    comfy = export_filename(COMFYUI, family, trigger_word)
+    if family == models.FLUX2:
+        comfy_keys = "the original BFL keys (`diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight`)"
+        comfy_tools = "ComfyUI (*LoraLoaderModelOnly*, from `models/loras`) and BFL's FLUX.2 LoRA inference"
+    else:
+        comfy_keys = "kohya keys (`lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight` + `.alpha`)"
+        comfy_tools = "ComfyUI (*LoraLoaderModelOnly*, from `models/loras`), Forge and kohya's tools"
+    return [
+        "## Files",
+        "",
+        "| file | keys | load it in |",
+        "|---|---|---|",
+        f"| `{LORA_FILE}` | diffusers / PEFT (`transformer.…lora_A.weight`) | diffusers `load_lora_weights`, "
+        "FLUX Finetune Studio's Compare |",
+        f"| `{comfy}` | {comfy_keys}, q/k/v fused | {comfy_tools} |",
+        "",
+        f"The `{comfy}` file is made on demand (Train tab, or the Python API's `export_lora`). Both hold the "
+        "same weights exactly, at scale 1 (alpha = rank), so a strength means the same in every tool.",
+        "",
+    ]

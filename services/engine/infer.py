@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.storage import atomic
-from services.engine import models, release_gpu_memory, tiny
+from services.engine import lora_formats, models, release_gpu_memory, tiny
 from services.engine.families import adapter
 from services.engine.train import pick_device, quiet_libraries, train_dtype
 
@@ -125,7 +125,8 @@ def _activate(entry: _Entry, lora_path: Path | None, name: str | None, strength:
         while len(entry.adapters) >= MAX_ADAPTERS:
             old, _ = entry.adapters.popitem(last=False)
             pipe.delete_adapters([old])
-        pipe.load_lora_weights(str(lora_path.parent), weight_name=lora_path.name, adapter_name=name)
+        # Any layout (diffusers, kohya, BFL), checked against this model first; nothing is left on failure.
+        lora_formats.load_into(pipe, lora_path, name, family=entry.model.family)
         entry.adapters[name] = (str(lora_path), mtime)
     entry.adapters.move_to_end(name)
     pipe.enable_lora()
