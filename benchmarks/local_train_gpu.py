@@ -319,8 +319,7 @@ def step_flops(trainer) -> int:
     meta = Trainer(replace(trainer.cfg, gradient_checkpointing=False), trainer.zip_path, trainer.job_dir)
     meta.device, meta.dtype, meta.preset = "meta", trainer.dtype, None
     config = {k: v for k, v in trainer.transformer.config.items() if not k.startswith("_") and k != "quantization_config"}
-    with torch.device("meta"):
-        meta.transformer = type(trainer.transformer).from_config(config).to(trainer.dtype)
+    meta.transformer = build_on(lambda: type(trainer.transformer).from_config(config), "meta", trainer.dtype)
     meta.transformer.requires_grad_(False)
     meta.add_lora()
 
