@@ -694,3 +694,13 @@ def test_every_quantised_preset_trains_and_makes_its_samples(tmp_path, monkeypat
         assert trainer.transformer.dtype == torch.bfloat16
         assert all(p.dtype == torch.float32 for p in trainer.params)
         assert result.lora_path.is_file()
+
+
+def test_a_misspelt_attention_or_precision_is_refused_before_anything_loads(tmp_path):
+    from services.errors import InputError
+
+    with pytest.raises(InputError, match="no attention setting called 'cudnn'") as err:
+        Trainer(TrainConfig(steps=1, family="flux1", attention="cudnn"), tmp_path / "d.zip", tmp_path / "job")
+    assert "auto, math" in err.value.hint
+    with pytest.raises(InputError, match="no precision called 'fp16'"):
+        Trainer(TrainConfig(steps=1, family="flux1", precision="fp16"), tmp_path / "d.zip", tmp_path / "job")

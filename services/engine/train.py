@@ -34,7 +34,7 @@ from pathlib import Path
 from services.storage import atomic
 from services.errors import InputError, ProviderError
 from services.engine import memory, quiet_libraries
-from services.engine.attention import training_attention
+from services.engine.attention import backends as attention_backends, training_attention
 from services.engine.card import LORA_FILE, model_card
 from services.engine.config import TrainConfig, resolve_family
 from services.engine.data import Example, bucket_sizes, fit, pick_bucket, read_dataset_zip, to_pixels
@@ -63,14 +63,20 @@ def pick_device(device: str | None = None) -> str:
 PRECISIONS = ("bf16", "fp32")
 
 
+def check_precision(precision: str) -> str:
+    """``precision`` normalised ("" = from the device), or InputError."""
+    precision = (precision or "").strip().lower()
+    if precision and precision not in PRECISIONS:
+        raise InputError(f"There is no precision called {precision!r}.", hint=f"Use one of {', '.join(PRECISIONS)}.")
+    return precision
+
+
 def train_dtype(device: str, precision: str = ""):
     """The dtype the model is held and computes in: ``precision`` ("bf16" / "fp32"), else bf16 on a CUDA
     GPU that has it and fp32 everywhere else."""
     import torch
 
-    precision = (precision or "").strip().lower()
-    if precision and precision not in PRECISIONS:
-        raise InputError(f"There is no precision called {precision!r}.", hint=f"Use one of {', '.join(PRECISIONS)}.")
+    precision = check_precision(precision)
     if precision:
         return torch.bfloat16 if precision == "bf16" else torch.float32
     if device.startswith("cuda") and torch.cuda.is_bf16_supported():
@@ -112,10 +118,8 @@ PipelineFactory = Callable[[TrainConfig, object, object], object]
 
 def load_pipeline(cfg: TrainConfig, dtype, quantization_config):
     """The product's pipeline: ``from_pretrained`` on the config's folder, the transformer quantised if asked."""
-    from services.engine.families import adapter as family_adapter
-
     kwargs = {"quantization_config": quantization_config} if quantization_config is not None else {}
-    return family_adapter(cfg.family).pipeline_class().from_pretrained(cfg.model_path, dtype=dtype, **kwargs)
+    return adapter(cfg.family).pipeline_class().from_pretrained(cfg.model_path, dtype=dtype, **kwargs)
 
 
 # --------------------------------------------------------------------------- config / callbacks
@@ -167,6 +171,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, zip_path: Path, job_dir: Path, *,
                  pipeline_factory: PipelineFactory | None = None) -> None:
         cfg.family = resolve_family(cfg)
+        check_precision(cfg.precision)  # refused now, not after the model is loaded
+        attention_backends(cfg.attention)
         self.cfg = cfg
         self.pipeline_factory = pipeline_factory or load_pipeline
         self.zip_path = Path(zip_path)
