@@ -256,7 +256,8 @@ def quantize_nf4(model, device: str, bnb_config) -> int:
                                   compute_dtype=bnb_config.bnb_4bit_compute_dtype,
                                   compress_statistics=bnb_config.bnb_4bit_use_double_quant,
                                   quant_type=bnb_config.bnb_4bit_quant_type, quant_storage=storage, device="meta")
-            q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, quant_type=bnb_config.bnb_4bit_quant_type,
+            q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False,
+                                         quant_type=bnb_config.bnb_4bit_quant_type,
                                          compress_statistics=bnb_config.bnb_4bit_use_double_quant,
                                          quant_storage=storage).to(device)
             if lin.bias is not None:
@@ -318,7 +319,8 @@ def step_flops(trainer) -> int:
 
     meta = Trainer(replace(trainer.cfg, gradient_checkpointing=False), trainer.zip_path, trainer.job_dir)
     meta.device, meta.dtype, meta.preset = "meta", trainer.dtype, None
-    config = {k: v for k, v in trainer.transformer.config.items() if not k.startswith("_") and k != "quantization_config"}
+    config = {k: v for k, v in trainer.transformer.config.items()
+              if not k.startswith("_") and k != "quantization_config"}
     meta.transformer = build_on(lambda: type(trainer.transformer).from_config(config), "meta", trainer.dtype)
     meta.transformer.requires_grad_(False)
     meta.add_lora()
