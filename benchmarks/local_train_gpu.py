@@ -1,60 +1,60 @@
-"""What does a LoRA step cost at real size: FLUX.1-dev and FLUX.2 [klein], per memory preset?
+"""What does LoRA training cost at real size, as the product runs it: FLUX.1-dev and FLUX.2 [klein] 4B / 9B,
+per memory preset and resolution?
 
 Run::
 
-    python -m benchmarks.local_train_gpu [--models flux1,klein] [--presets bf16,bf16+ckpt,nf4,int8]
-        [--resolutions 512,1024] [--steps 20] [--warmup 5] [--peak-tflops 989] [--json results.json]
+    python -m benchmarks.local_train_gpu [--models flux1,klein,klein9b] [--presets bf16,24gb,16gb,12gb]
+        [--resolutions 512,1024] [--steps 10] [--warmup 3] [--images 6] [--sample-steps 20]
+        [--peak-tflops 989] [--json results.json] [--in-process]
 
-No weights are downloaded: a model's cost does not depend on its weights, so each transformer
-is built at its published configuration with random init, directly on the GPU in bf16 (no
-fp32 copy in CPU RAM), and fed random inputs of the real shapes:
+What is timed is the product's own training: ``services.engine.train.Trainer`` (``prepare()`` then
+``run()``), with the config the local worker writes for a real model (rank 16, batch 1, gradient
+checkpointing as the Train tab's "auto" sets it, the memory preset named ``memory_preset``, one sample
+at the end). Only where the pipeline comes from differs: no weights are downloaded, since a model's
+cost does not depend on its weights. The Trainer's ``pipeline_factory`` seam gets a pipeline built in
+memory, every module created directly on the GPU in bf16 (no fp32 copy in CPU RAM), at the published
+configurations with random init; for a quantising preset the factory quantises the transformer to
+NF4 as the preset's ``quantization_config`` says (bitsandbytes' ``Linear4bit``, what
+``from_pretrained`` would load), and the rest of the preset (8-bit AdamW, checkpointing, text
+encoders on the CPU, the resolution cap) is the Trainer's own doing.
 
-* FLUX.1-dev (``FluxTransformer2DModel``): 19 double-stream + 38 single-stream blocks, 24 heads
-  x 128 (hidden 3072), in_channels 64, joint_attention_dim 4096, pooled_projection_dim 768,
-  guidance_embeds True, axes_dims_rope (16, 56, 56): black-forest-labs/FLUX.1-dev
-  ``transformer/config.json``. Cached text: T5-XXL, 512 tokens x 4096, plus CLIP pooled 768.
-* FLUX.2 [klein] 4B (``Flux2Transformer2DModel``, key ``klein``): 5 double + 20 single blocks,
-  24 heads x 128 (hidden 3072), in_channels 128, joint_attention_dim 7680, mlp_ratio 3,
-  axes_dims_rope (32, 32, 32, 32), rope_theta 2000, guidance_embeds False; and klein 9B (key
-  ``klein9b``): 8 double + 24 single blocks, 32 heads x 128, joint_attention_dim 12288.
-  Source: black-forest-labs/FLUX.2-klein-4B and -9B ``transformer/config.json`` (the Hub is not
-  reachable from here; the numbers are those files' as reproduced, identically, in
-  DiffSynth-Studio's ``model_configs.py`` and other public loaders). Cached text: Qwen3-4B
-  (hidden 2560) / Qwen3-8B (hidden 4096), the hidden states of layers (9, 18, 27) stacked, so
-  512 tokens x 3 * hidden = 7680 / 12288 (``Flux2KleinPipeline._get_qwen3_prompt_embeds``,
-  ``max_sequence_length=512``); no pooled vector.
-* Latents, both families: the VAE downsamples 8x and 2x2 latent patches are packed into one
-  token, so a res x res image is (res/16)^2 tokens; FLUX.1 tokens have 16 x 4 = 64 channels,
-  FLUX.2 tokens 32 x 4 = 128. Position ids come from the pipelines' own helpers
-  (``FluxPipeline._prepare_latent_image_ids``, zeros for FLUX.1's text;
-  ``Flux2KleinPipeline._prepare_latent_ids`` / ``_prepare_text_ids``).
+* FLUX.1-dev (``FluxPipeline``): ``FluxTransformer2DModel`` with 19 double + 38 single blocks, 24 heads
+  x 128, in_channels 64, joint_attention_dim 4096, pooled 768, guidance_embeds, rope (16, 56, 56)
+  (black-forest-labs/FLUX.1-dev ``transformer/config.json``); CLIP ViT-L/14's text tower (12 layers,
+  768 wide, vocab 49408) and the T5-XXL v1.1 encoder (24 layers, d_model 4096, d_ff 10240, 64 heads,
+  gated GELU, vocab 32128); the 16-channel KL VAE (128/256/512/512, 2 layers a block, scaling 0.3611,
+  shift 0.1159); the flow-matching scheduler with dynamic shifting.
+* FLUX.2 [klein] 4B / 9B (``Flux2KleinPipeline``): ``Flux2Transformer2DModel`` with 5 double + 20 single
+  blocks, 24 heads (4B) / 8 + 24, 32 heads (9B), x 128, in_channels 128, mlp_ratio 3, rope
+  (32, 32, 32, 32) theta 2000, no guidance embedding, joint_attention_dim 3 x the text encoder's width;
+  Qwen3-4B (36 layers, 2560 wide, 32 heads / 8 KV, head_dim 128, tied embeddings) / Qwen3-8B (36 layers,
+  4096 wide, untied); the FLUX.2 VAE (``AutoencoderKLFlux2``'s defaults: 32 latent channels, 128/256/512/512).
+  Sources: black-forest-labs/FLUX.2-klein-4B and -9B ``transformer/config.json`` and Qwen's
+  ``config.json`` (the Hub is not reachable from here; the numbers are those files' as reproduced in
+  public loaders; ``test_published_configs_have_the_published_sizes`` checks the parameter counts).
+* Tokenizers: the ones ``services/engine/tiny.py`` builds in code (their ids fit the real vocabularies;
+  every caption is padded to 512 tokens, as with the real ones).
 
-Each step is the local engine's (``services/engine/train.py``): rank-16 LoRA on the
-attention projections (``LORA_TARGETS``; FLUX.2's single-stream blocks fuse q, k, v with the
-MLP input into ``to_qkv_mlp_proj``, so that projection is added there), LoRA weights in fp32
-over the bf16 base, batch 1, flow-matching loss, clip-grad 1.0, AdamW. Presets:
+Reported per (model, preset, resolution), each row in its own process on CUDA (``--in-process`` to
+turn that off), so a CUDA error that poisons the process loses only its own row:
 
-* ``bf16``: the plain bf16 base;        ``bf16+ckpt``: the same with gradient checkpointing;
-* ``nf4``: bitsandbytes 4-bit NF4 base (the ``Linear4bit`` layers diffusers' ``BitsAndBytesConfig``
-  loads, built in memory), with gradient checkpointing, as the QLoRA anchors use it;
-* ``int8``: torchao int8 weight-only base, with gradient checkpointing.
+* ``s/step``: median of the step times after ``--warmup`` (the time between ``Trainer.run``'s
+  ``on_step`` calls: each ends with the loss read back, so the GPU is synchronised).
+* ``peak GiB``: ``torch.cuda.max_memory_allocated`` over the training steps (reset after ``prepare``);
+  ``prep GiB`` over ``prepare`` after the model was built (caching).
+* ``build s``: making the pipeline in memory (what a download + load stands in for); ``prepare s``:
+  the rest of ``prepare`` (caching latents and embeddings, adding the LoRA); ``sample s``: the sample
+  image ``run`` makes at the end (``--sample-steps`` steps).
+* ``MFU``: model FLOPs of one step's forward + backward, counted exactly with
+  ``torch.utils.flop_counter.FlopCounterMode`` by running the Trainer's own ``flow_loss`` on a copy of
+  the transformer (with the same LoRA) on the meta device, at the run's shapes (recomputation under
+  gradient checkpointing not counted, the usual MFU definition), / s/step / the GPU's dense bf16 peak
+  (H100 SXM and H200: 989 TFLOP/s; ``--peak-tflops`` overrides).
+* A row that fails records its own first error: type, message and innermost frame; the cleanup after
+  it is guarded, so an error there (a CUDA error surfacing late) is recorded beside it, never instead.
 
-Reported per (model, preset, resolution): s/step = median of ``--steps`` steps after ``--warmup``
-(``torch.cuda.synchronize`` around each); peak memory = ``torch.cuda.max_memory_allocated``
-from right after the model is set up (reset per resolution, the model freed between presets),
-so it holds the weights, LoRA, optimiser state and the step's activations; FLOP/step = the
-model FLOPs of one step's forward + backward, counted exactly with
-``torch.utils.flop_counter.FlopCounterMode`` on the full model built on the meta device (shapes
-only: no memory, the same count whether or not the step fits on the GPU). Recomputation under
-checkpointing is not counted (the usual MFU definition), so a ``+ckpt`` row shows a lower MFU
-for the same useful work. With LoRA the frozen weights get no gradient, so a step is ~2x the
-forward's matmul FLOPs, not the 3x of full training; and FLUX.1's per-block modulation (3.2B of
-its 11.9B parameters) sees one vector, not every token: FLUX.1-dev counts 44.7 TFLOP/step at
-512 px and 163.9 at 1024 px, not 6 * N * tokens. MFU = FLOP/step / s/step / the GPU's peak dense
-bf16 throughput (H100 SXM and H200: 989 TFLOP/s; ``--peak-tflops`` overrides).
-
-Without a CUDA GPU it says so and runs tiny configurations of both families on the CPU, a few
-steps each, through the same code, so CI exercises it.
+Without a CUDA GPU it says so and runs the tiny models of both families on the CPU, through the same
+code (no memory preset: the trainer refuses them on the CPU), so CI exercises it.
 """
 from __future__ import annotations
 
@@ -62,22 +62,26 @@ import argparse
 import gc
 import json
 import math
+import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+import traceback
+import zipfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 SKIP_LINE = "No CUDA GPU: skipping the real-size benchmark"
-# VAE /8, then 2x2 latent patches packed into one token (FLUX.1 and FLUX.2 alike).
-PIXELS_PER_TOKEN = 16
 LORA_RANK = 16
-# FLUX.2 single-stream blocks have no separate q/k/v: they sit in this fused projection.
-FLUX2_EXTRA_LORA_TARGETS = ("to_qkv_mlp_proj",)
-GUIDANCE = 1.0  # guidance-embedding value for guidance-distilled FLUX.1 (as TrainConfig.guidance)
 LEARNING_RATE = 1e-4
-TINY_STEPS, TINY_WARMUP = 3, 1
+CPU_PRESET = "none"  # the only one the trainer runs on the CPU
+TINY_STEPS, TINY_WARMUP, TINY_SAMPLE_STEPS = 3, 1, 2
+ROW_TIMEOUT_S = 1800  # one isolated row; a hung one is recorded as such
+ROOT = Path(__file__).resolve().parent.parent
 
 # Peak dense bf16 tensor throughput (TFLOP/s, no sparsity), matched in order against
 # torch.cuda.get_device_name(): more specific names first.
@@ -103,118 +107,179 @@ ANCHORS = (
 )
 
 
-# --------------------------------------------------------------------------- models, presets, records
+# --------------------------------------------------------------------------- the models, built in memory
+
+
+FLUX1_TRANSFORMER = {"patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38,
+                     "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 4096,
+                     "pooled_projection_dim": 768, "guidance_embeds": True, "axes_dims_rope": (16, 56, 56)}
+_KLEIN = {"patch_size": 1, "in_channels": 128, "attention_head_dim": 128, "timestep_guidance_channels": 256,
+          "mlp_ratio": 3.0, "axes_dims_rope": (32, 32, 32, 32), "rope_theta": 2000, "eps": 1e-6,
+          "guidance_embeds": False}
+KLEIN_4B_TRANSFORMER = {**_KLEIN, "num_layers": 5, "num_single_layers": 20, "num_attention_heads": 24,
+                        "joint_attention_dim": 3 * 2560}
+KLEIN_9B_TRANSFORMER = {**_KLEIN, "num_layers": 8, "num_single_layers": 24, "num_attention_heads": 32,
+                        "joint_attention_dim": 3 * 4096}
+QWEN3_4B = {"hidden_size": 2560, "intermediate_size": 9728, "num_hidden_layers": 36, "num_attention_heads": 32,
+            "num_key_value_heads": 8, "head_dim": 128, "tie_word_embeddings": True}
+QWEN3_8B = {"hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36, "num_attention_heads": 32,
+            "num_key_value_heads": 8, "head_dim": 128, "tie_word_embeddings": False}
+# FLUX.1-dev's scheduler_config.json (FLUX.2 [klein] uses the same shifting).
+SCHEDULER = {"base_image_seq_len": 256, "base_shift": 0.5, "max_image_seq_len": 4096, "max_shift": 1.15,
+             "num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True}
+
+
+def _flux1_dev():
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from services.engine.tiny import clip_tokenizer, t5_tokenizer
+
+    tokenizer, tokenizer_2 = clip_tokenizer(), t5_tokenizer()
+    clip = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    t5 = T5EncoderModel(T5Config(
+        vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+        relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+        dropout_rate=0.0, layer_norm_epsilon=1e-6, pad_token_id=tokenizer_2.pad_token_id,
+        eos_token_id=tokenizer_2.eos_token_id, decoder_start_token_id=tokenizer_2.pad_token_id))
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+        latent_channels=16, norm_num_groups=32, sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159,
+        use_quant_conv=False, use_post_quant_conv=False)
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER), vae=vae, text_encoder=clip,
+                        tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=tokenizer_2,
+                        transformer=FluxTransformer2DModel(**FLUX1_TRANSFORMER))
+
+
+def _klein(transformer_config: dict, qwen: dict):
+    def build():
+        from diffusers import (
+            AutoencoderKLFlux2,
+            FlowMatchEulerDiscreteScheduler,
+            Flux2KleinPipeline,
+            Flux2Transformer2DModel,
+        )
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+
+        from services.engine.tiny import qwen_tokenizer
+
+        tokenizer = qwen_tokenizer()
+        text_encoder = Qwen3ForCausalLM(Qwen3Config(
+            vocab_size=151936, max_position_embeddings=40960, rope_theta=1_000_000, rms_norm_eps=1e-6,
+            bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **qwen))
+        return Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER), vae=AutoencoderKLFlux2(),
+                                  text_encoder=text_encoder, tokenizer=tokenizer,
+                                  transformer=Flux2Transformer2DModel(**transformer_config))
+    return build
+
+
+def _tiny(family: str):
+    def build():
+        from services.engine import tiny
+
+        return tiny.build_tiny_pipeline() if family == "flux1" else tiny.build_tiny_flux2_pipeline()
+    return build
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     key: str
     label: str
-    family: str  # "flux1" (FluxTransformer2DModel) or "flux2" (Flux2Transformer2DModel)
-    config: dict
-    text_tokens: int
-    pooled_dim: int | None  # FLUX.1's CLIP pooled vector; FLUX.2 has none
-
-    @property
-    def token_channels(self) -> int:
-        return self.config["in_channels"]
-
-    @property
-    def text_dim(self) -> int:
-        return self.config["joint_attention_dim"]
-
-    def with_blocks(self, double: int, single: int) -> ModelSpec:
-        return replace(self, config={**self.config, "num_layers": double, "num_single_layers": single})
+    family: str  # "flux1" | "flux2"
+    build: Callable[[], object]  # the pipeline; called under build_on(device, dtype)
+    transformer_config: dict
+    text_tokens: int = 512  # max_sequence_length
+    bucket_step: int = 64
+    sample_guidance: float = 3.5
 
 
-FLUX1_DEV = ModelSpec(
-    key="flux1", label="FLUX.1-dev", family="flux1", text_tokens=512, pooled_dim=768,
-    config={"patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38,
-            "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 4096,
-            "pooled_projection_dim": 768, "guidance_embeds": True, "axes_dims_rope": (16, 56, 56)},
-)
-_KLEIN = {"patch_size": 1, "in_channels": 128, "attention_head_dim": 128, "timestep_guidance_channels": 256,
-          "mlp_ratio": 3.0, "axes_dims_rope": (32, 32, 32, 32), "rope_theta": 2000, "eps": 1e-6,
-          "guidance_embeds": False}
-KLEIN_4B = ModelSpec(
-    key="klein", label="FLUX.2-klein-4B", family="flux2", text_tokens=512, pooled_dim=None,
-    config={**_KLEIN, "num_layers": 5, "num_single_layers": 20, "num_attention_heads": 24,
-            "joint_attention_dim": 3 * 2560},
-)
-KLEIN_9B = ModelSpec(
-    key="klein9b", label="FLUX.2-klein-9B", family="flux2", text_tokens=512, pooled_dim=None,
-    config={**_KLEIN, "num_layers": 8, "num_single_layers": 24, "num_attention_heads": 32,
-            "joint_attention_dim": 3 * 4096},
-)
-# Toy sizes of the same classes (services/engine/tiny.py's FLUX.1; FLUX.2 likewise).
-TINY = {
-    "flux1": ModelSpec(
-        key="flux1", label="FLUX.1 (tiny)", family="flux1", text_tokens=8, pooled_dim=32,
-        config={"patch_size": 1, "in_channels": 4, "num_layers": 1, "num_single_layers": 1,
-                "attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": 32,
-                "pooled_projection_dim": 32, "guidance_embeds": True, "axes_dims_rope": (4, 4, 8)},
-    ),
-    "flux2": ModelSpec(
-        key="klein", label="FLUX.2-klein (tiny)", family="flux2", text_tokens=8, pooled_dim=None,
-        config={"patch_size": 1, "in_channels": 4, "num_layers": 1, "num_single_layers": 1,
-                "attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": 16,
-                "timestep_guidance_channels": 32, "axes_dims_rope": (4, 4, 4, 4), "guidance_embeds": False},
-    ),
-}
-MODELS = {s.key: s for s in (FLUX1_DEV, KLEIN_4B, KLEIN_9B)}
-
-
-@dataclass(frozen=True)
-class Preset:
-    name: str
-    quant: str | None  # None, "nf4" (bitsandbytes) or "int8" (torchao)
-    checkpointing: bool
-
-
-PRESETS = {p.name: p for p in (
-    Preset("bf16", None, False),
-    Preset("bf16+ckpt", None, True),
-    Preset("nf4", "nf4", True),
-    Preset("int8", "int8", True),
+MODELS = {s.key: s for s in (
+    ModelSpec("flux1", "FLUX.1-dev", "flux1", _flux1_dev, FLUX1_TRANSFORMER),
+    ModelSpec("klein", "FLUX.2-klein-4B", "flux2", _klein(KLEIN_4B_TRANSFORMER, QWEN3_4B), KLEIN_4B_TRANSFORMER,
+              sample_guidance=4.0),
+    ModelSpec("klein9b", "FLUX.2-klein-9B", "flux2", _klein(KLEIN_9B_TRANSFORMER, QWEN3_8B), KLEIN_9B_TRANSFORMER,
+              sample_guidance=4.0),
 )}
 
 
-@dataclass
-class Row:
-    model: str
-    model_label: str
-    preset: str
-    resolution: int
-    status: str  # "ok", "skipped", "oom" or "error"
-    note: str = ""
-    device: str = ""
-    dtype: str = ""
-    checkpointing: bool = False
-    image_tokens: int = 0
-    text_tokens: int = 0
-    s_per_step: float | None = None
-    step_times: list[float] = field(default_factory=list)
-    peak_bytes: int | None = None
-    setup_bytes: int | None = None
-    flops: int | None = None
-    mfu: float | None = None
-    loss: float | None = None
+def _tiny_specs() -> dict[str, ModelSpec]:
+    from services.engine import tiny
+
+    return {
+        "tiny-flux1": ModelSpec("tiny-flux1", "FLUX.1 (tiny)", "flux1", _tiny("flux1"), {},
+                                text_tokens=tiny.MAX_SEQUENCE_LENGTH, bucket_step=16),
+        "tiny-klein": ModelSpec("tiny-klein", "FLUX.2-klein (tiny)", "flux2", _tiny("flux2"), {},
+                                text_tokens=tiny.FLUX2_MAX_SEQUENCE_LENGTH, bucket_step=16, sample_guidance=4.0),
+    }
 
 
-@dataclass
-class Target:
-    name: str
-    verdict: str  # "PASS", "FAIL" or "not run"
-    detail: str
+def spec_named(key: str) -> ModelSpec:
+    return MODELS.get(key) or _tiny_specs()[key]
 
 
-@dataclass
-class Batch:
-    latents: object
-    prompt_embeds: object
-    pooled: object
-    img_ids: object
-    txt_ids: object
+def build_on(build: Callable[[], object], device: str, dtype):
+    """``build()`` with every parameter created on ``device`` in ``dtype`` (never an fp32 copy first:
+    FLUX.1's 12B transformer in fp32 would be 48 GB)."""
+    import torch
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            torch.manual_seed(0)
+            return build()
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def quantize_nf4(model, device: str, bnb_config) -> int:
+    """Every Linear of ``model`` becomes the bitsandbytes ``Linear4bit`` that ``from_pretrained`` loads for
+    ``bnb_config`` (a diffusers ``BitsAndBytesConfig``), quantised from the in-memory weights one layer at a
+    time (one bf16 layer extra at most). Returns how many layers were swapped."""
+    import bitsandbytes as bnb
+    import torch
+
+    storage = bnb_config.bnb_4bit_quant_storage
+    storage = getattr(torch, storage) if isinstance(storage, str) else storage
+    swapped = 0
+    # Not the Linears themselves: a list holding them would keep every bf16 weight alive to the end.
+    parents = [m for m in model.modules() if not isinstance(m, torch.nn.Linear)]
+    for parent in parents:
+        for name, lin in list(parent.named_children()):
+            if type(lin) is not torch.nn.Linear:
+                continue
+            q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                  compute_dtype=bnb_config.bnb_4bit_compute_dtype,
+                                  compress_statistics=bnb_config.bnb_4bit_use_double_quant,
+                                  quant_type=bnb_config.bnb_4bit_quant_type, quant_storage=storage, device="meta")
+            q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False,
+                                         quant_type=bnb_config.bnb_4bit_quant_type,
+                                         compress_statistics=bnb_config.bnb_4bit_use_double_quant,
+                                         quant_storage=storage).to(device)
+            if lin.bias is not None:
+                q.bias = torch.nn.Parameter(lin.bias.data, requires_grad=False)
+            setattr(parent, name, q.requires_grad_(False))
+            swapped += 1
+    return swapped
+
+
+def in_memory_factory(build: Callable[[], object], device: str, on_built: Callable[[], None] | None = None):
+    """A ``Trainer`` pipeline factory: ``build()`` on ``device`` in the trainer's dtype, the transformer
+    quantised as the preset's ``quantization_config`` asks (what ``from_pretrained`` would do)."""
+    def factory(cfg, dtype, quantization_config):
+        pipe = build_on(build, device, dtype)
+        if quantization_config is not None:
+            bnb_config = quantization_config.quant_mapping["transformer"]
+            quantize_nf4(pipe.transformer, device, bnb_config)
+            free_memory(device)  # the bf16 weights the NF4 ones replaced
+        if on_built is not None:
+            on_built()
+        return pipe
+    return factory
 
 
 # --------------------------------------------------------------------------- measuring
@@ -242,7 +307,37 @@ def count_flops(fn) -> int:
     return int(counter.get_total_flops())
 
 
-def reset_peak_memory(device: str) -> None:
+def step_flops(trainer) -> int:
+    """Forward + backward FLOPs of one of ``trainer``'s steps: its own ``flow_loss`` on a copy of its
+    transformer (same class, config and LoRA) on the meta device, with the cached batch's shapes. Shapes
+    only: no memory, no recomputation, whatever the GPU or the quantisation. (On meta, attention
+    decomposes into matmuls the counter counts, as it counts CUDA's fused kernels; on the CPU it misses them.)"""
+    import torch
+
+    from services.engine.families import TextEmbeds
+    from services.engine.train import Trainer
+
+    meta = Trainer(replace(trainer.cfg, gradient_checkpointing=False), trainer.zip_path, trainer.job_dir)
+    meta.device, meta.dtype, meta.preset = "meta", trainer.dtype, None
+    config = {k: v for k, v in trainer.transformer.config.items()
+              if not k.startswith("_") and k != "quantization_config"}
+    meta.transformer = build_on(lambda: type(trainer.transformer).from_config(config), "meta", trainer.dtype)
+    meta.transformer.requires_grad_(False)
+    meta.add_lora()
+
+    def on_meta(t):
+        return None if t is None else torch.empty(t.shape, dtype=t.dtype, device="meta")
+
+    c = trainer.cache[0]
+    meta.text_ids = on_meta(trainer.text_ids)
+    embeds = [TextEmbeds(on_meta(c.prompt_embeds), on_meta(c.pooled))]
+    latents = torch.empty(c.mean.shape, dtype=torch.float32, device="meta")
+    img_ids = on_meta(trainer.latent_ids(c.bucket))
+    gen = torch.Generator().manual_seed(0)
+    return count_flops(lambda: meta.flow_loss(latents, embeds, img_ids, gen).backward())
+
+
+def reset_peak(device: str) -> None:
     import torch
 
     if device.startswith("cuda"):
@@ -250,17 +345,11 @@ def reset_peak_memory(device: str) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def peak_memory_bytes(device: str) -> int | None:
+def peak_bytes(device: str) -> int | None:
     """Most bytes the CUDA caching allocator handed out since the last reset; None off CUDA."""
     import torch
 
     return torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
-
-
-def allocated_bytes(device: str) -> int | None:
-    import torch
-
-    return torch.cuda.memory_allocated() if device.startswith("cuda") else None
 
 
 def free_memory(device: str) -> None:
@@ -282,278 +371,211 @@ def fmt_flops(n: int | None) -> str:
     return f"{n / 1e12:.1f} T" if n >= 1e11 else f"{n / 1e6:.2f} M"
 
 
-def synchronize(device: str) -> None:
+def dataset_zip(path: Path, count: int, resolution: int) -> Path:
+    """``count`` square photos of ``resolution`` px (one bucket) with distinct captions."""
+    from tests.imagefactory import TRAINING_CAPTIONS, jpeg_bytes, photo
+
+    with zipfile.ZipFile(path, "w") as zf:
+        for i in range(count):
+            zf.writestr(f"img_{i:03d}.jpg", jpeg_bytes(photo(resolution, resolution, seed=i)))
+            zf.writestr(f"img_{i:03d}.txt", f"TOK, {TRAINING_CAPTIONS[i % len(TRAINING_CAPTIONS)]} number {i}")
+    return path
+
+
+# --------------------------------------------------------------------------- one row
+
+
+@dataclass
+class Row:
+    model: str
+    model_label: str
+    preset: str
+    resolution: int  # asked for
+    status: str = "ok"  # "ok", "oom" or "error"
+    error: str = ""  # the row's first error: its type
+    message: str = ""  # ... its message (first lines)
+    where: str = ""  # ... its innermost frame, "file:line in function"
+    cleanup_error: str = ""  # an error while freeing memory after the row (never replaces ``error``)
+    trained_resolution: int | None = None  # after the preset's cap
+    device: str = ""
+    dtype: str = ""
+    checkpointing: bool | None = None
+    image_tokens: int | None = None
+    text_tokens: int | None = None
+    s_per_step: float | None = None
+    step_times: list[float] = field(default_factory=list)
+    peak_bytes: int | None = None  # over the training steps
+    prepare_peak_bytes: int | None = None  # over prepare(), after the model was built
+    build_s: float | None = None
+    prepare_s: float | None = None
+    sample_s: float | None = None
+    flops: int | None = None
+    mfu: float | None = None
+    losses: list[float] = field(default_factory=list)
+    lora_mb: float | None = None
+
+    def fail(self, exc: BaseException) -> None:
+        """Record ``exc`` as the row's error, unless it already has one (the first is the cause)."""
+        if self.error:
+            return
+        self.status, self.error, self.message, self.where = describe(exc)
+
+
+def describe(exc: BaseException) -> tuple[str, str, str, str]:
+    """(status, type, message, innermost frame) of an exception."""
     import torch
 
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-# --------------------------------------------------------------------------- building
-
-
-def transformer_class(spec: ModelSpec):
-    from diffusers import Flux2Transformer2DModel, FluxTransformer2DModel
-
-    return FluxTransformer2DModel if spec.family == "flux1" else Flux2Transformer2DModel
-
-
-def build_transformer(spec: ModelSpec, device: str, dtype):
-    """The transformer with random init, its parameters created on ``device`` in ``dtype``
-    (never an fp32 copy first: 12B parameters in fp32 would be 48 GB)."""
-    import torch
-
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            torch.manual_seed(0)
-            model = transformer_class(spec)(**spec.config)
-    finally:
-        torch.set_default_dtype(previous)
-    model.requires_grad_(False)
-    model.eval()
-    return model
-
-
-def _swap_linears(model, make) -> int:
-    import torch
-
-    swapped = 0
-    # Not the Linears themselves: a list holding them would keep every bf16 weight alive to the end.
-    parents = [m for m in model.modules() if not isinstance(m, torch.nn.Linear)]
-    for parent in parents:
-        for name, child in list(parent.named_children()):
-            if type(child) is torch.nn.Linear:
-                setattr(parent, name, make(child))
-                swapped += 1
-    return swapped
-
-
-def quantize_nf4(model, device: str, dtype) -> int:
-    """Every Linear becomes the bitsandbytes ``Linear4bit`` (NF4) diffusers' ``BitsAndBytesConfig``
-    loads, quantized here from the in-memory weights, layer by layer (one bf16 layer at a time
-    extra). Returns how many layers were swapped."""
-    import bitsandbytes as bnb
-    import torch
-    from diffusers import BitsAndBytesConfig
-
-    cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
-    storage = cfg.bnb_4bit_quant_storage
-    storage = getattr(torch, storage) if isinstance(storage, str) else storage
-
-    def make(lin):
-        q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                              compute_dtype=cfg.bnb_4bit_compute_dtype,
-                              compress_statistics=cfg.bnb_4bit_use_double_quant,
-                              quant_type=cfg.bnb_4bit_quant_type, quant_storage=storage, device="meta")
-        q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, quant_type=cfg.bnb_4bit_quant_type,
-                                     compress_statistics=cfg.bnb_4bit_use_double_quant,
-                                     quant_storage=storage).to(device)
-        if lin.bias is not None:
-            q.bias = torch.nn.Parameter(lin.bias.data, requires_grad=False)
-        return q.requires_grad_(False)
-
-    return _swap_linears(model, make)
-
-
-def quantize_int8(model) -> int:
-    """torchao int8 weight-only on every Linear (what diffusers' ``TorchAoConfig("int8wo")`` applies)."""
-    import torch
-    from torchao.quantization import quantize_
-
-    try:
-        from torchao.quantization import Int8WeightOnlyConfig as config
-    except ImportError:  # torchao < 0.10 spells it as a function
-        from torchao.quantization import int8_weight_only as config
-    quantize_(model, config())
-    return sum(1 for m in model.modules() if isinstance(m, torch.nn.Linear))
-
-
-def lora_targets(model, family: str) -> list[str]:
-    """The engine's LoRA target names (plus FLUX.2's fused projection) that exist in ``model``."""
-    from services.engine.train import LORA_TARGETS
-
-    wanted = LORA_TARGETS + (FLUX2_EXTRA_LORA_TARGETS if family == "flux2" else ())
-    names = {n for n, _ in model.named_modules()}
-    return [t for t in wanted if any(n == t or n.endswith("." + t) for n in names)]
-
-
-def add_lora(model, spec: ModelSpec, checkpointing: bool):
-    """Rank-16 LoRA as ``Trainer.add_lora`` does it; returns (trainable params, AdamW)."""
-    import torch
-    from peft import LoraConfig
-
-    torch.manual_seed(0)
-    model.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, init_lora_weights="gaussian",
-                                 target_modules=lora_targets(model, spec.family)))
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        p.data = p.data.float()
-    if checkpointing:
-        model.enable_gradient_checkpointing()
-    model.train()
-    optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)
-    return params, optimizer
-
-
-def make_batch(spec: ModelSpec, resolution: int, device: str, dtype) -> Batch:
-    """Random cached latents and text embeddings of the real shapes, ids as the pipelines make them."""
-    import torch
-
-    side = resolution // PIXELS_PER_TOKEN
-    g = torch.Generator().manual_seed(resolution)
-    latents = torch.randn((1, side * side, spec.token_channels), generator=g).to(device, dtype)
-    prompt_embeds = torch.randn((1, spec.text_tokens, spec.text_dim), generator=g)
-    pooled = None
-    if spec.family == "flux1":
-        from diffusers import FluxPipeline
-
-        pooled = torch.randn((1, spec.pooled_dim), generator=g).to(device, dtype)
-        img_ids = FluxPipeline._prepare_latent_image_ids(1, side, side, device, dtype)
-        txt_ids = torch.zeros(spec.text_tokens, 3).to(device, dtype)  # FluxPipeline.encode_prompt's
-    else:
-        from diffusers import Flux2KleinPipeline
-
-        img_ids = Flux2KleinPipeline._prepare_latent_ids(torch.empty(1, 1, side, side)).to(device)
-        txt_ids = Flux2KleinPipeline._prepare_text_ids(prompt_embeds).to(device)
-    return Batch(latents, prompt_embeds.to(device, dtype), pooled, img_ids, txt_ids)
-
-
-# --------------------------------------------------------------------------- the step
-
-
-def flow_loss(model, spec: ModelSpec, batch: Batch, gen, device: str, dtype):
-    """``Trainer.flow_loss``: x_t = (1 - s) x0 + s noise, the model predicts noise - x0."""
-    import torch
-
-    x0 = batch.latents
-    noise = torch.randn(x0.shape, generator=gen).to(device, x0.dtype)
-    sigmas = torch.rand((1,), generator=gen).to(device, x0.dtype)
-    s = sigmas.view(1, 1, 1)
-    noisy = (1.0 - s) * x0 + s * noise
-    guidance = None
-    if spec.config.get("guidance_embeds"):
-        guidance = torch.full((1,), GUIDANCE, device=device, dtype=torch.float32)
-    kwargs = {"hidden_states": noisy.to(dtype), "timestep": sigmas.to(dtype), "guidance": guidance,
-              "encoder_hidden_states": batch.prompt_embeds, "txt_ids": batch.txt_ids, "img_ids": batch.img_ids,
-              "return_dict": False}
-    if spec.family == "flux1":
-        kwargs["pooled_projections"] = batch.pooled
-    pred = model(**kwargs)[0]
-    return torch.mean((pred.float() - (noise - x0).float()) ** 2)
-
-
-def train_step(model, spec: ModelSpec, batch: Batch, params, optimizer, gen, device: str, dtype) -> float:
-    """One optimiser step (``Trainer._optimise``); returns the loss."""
-    import torch
-
-    loss = flow_loss(model, spec, batch, gen, device, dtype)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return float(loss.detach())
-
-
-def model_flops(spec: ModelSpec, resolution: int, dtype) -> int:
-    """Exact forward + backward FLOPs of one LoRA step on ``spec`` at ``resolution``, counted on the
-    meta device: shapes only, so no memory and no recompute, whatever the GPU. (It also counts
-    attention, which the counter misses on the CPU: it has no formula for the CPU's fused SDPA
-    kernel, while on meta SDPA decomposes into matmuls it does count, as it counts CUDA's kernels.)"""
-    import torch
-
-    model = build_transformer(spec, "meta", dtype)
-    add_lora(model, spec, checkpointing=False)
-    batch = make_batch(spec, resolution, "meta", dtype)
-    gen = torch.Generator().manual_seed(0)
-    return count_flops(lambda: flow_loss(model, spec, batch, gen, "meta", dtype).backward())
-
-
-# --------------------------------------------------------------------------- running
-
-
-def unavailable(preset: Preset) -> str | None:
-    """Why ``preset`` cannot run here (its library is missing), or None."""
-    import importlib.util
-
-    lib = {"nf4": "bitsandbytes", "int8": "torchao"}.get(preset.quant or "")
-    if lib and importlib.util.find_spec(lib) is None:
-        return f"skipped: {lib} not installed"
-    return None
-
-
-def _failure(exc: BaseException) -> tuple[str, str]:
-    import torch
-
-    # bitsandbytes' kernels report running out as a plain RuntimeError.
-    if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower():
-        return "oom", "out of GPU memory"
-    first = (str(exc).strip().splitlines() or [""])[0][:160]
-    return "error", f"{type(exc).__name__}: {first}"
-
-
-def run_preset(spec: ModelSpec, preset: Preset, resolutions: list[int], *, steps: int, warmup: int,
-               device: str, dtype, flops: dict[int, int], peak_tflops: float | None) -> list[Row]:
-    """Build ``spec`` for ``preset`` once, time every resolution on it, then free it."""
-    import torch
-
-    def row(res: int, status: str, note: str = "", **kw) -> Row:
-        side = res // PIXELS_PER_TOKEN
-        return Row(model=spec.key, model_label=spec.label, preset=preset.name, resolution=res, status=status,
-                   note=note, device=device, dtype=str(dtype).removeprefix("torch."),
-                   checkpointing=preset.checkpointing, image_tokens=side * side, text_tokens=spec.text_tokens,
-                   flops=flops.get(res), **kw)
-
-    why = unavailable(preset)
-    if why:
-        return [row(res, "skipped", why) for res in resolutions]
-    model = None
-    try:
-        model = build_transformer(spec, device, dtype)
-        if preset.quant == "nf4":
-            quantize_nf4(model, device, dtype)
-        elif preset.quant == "int8":
-            quantize_int8(model)
-        params, optimizer = add_lora(model, spec, preset.checkpointing)
-        free_memory(device)  # the bf16 weights a quantisation replaced
-    except Exception as exc:  # noqa: BLE001 - an OOM, or a library that does not take this model: a row says so
-        status, note = _failure(exc)
-        del model
-        free_memory(device)
-        return [row(res, status, f"setup: {note}") for res in resolutions]
-    rows: list[Row] = []
-    for res in resolutions:
-        batch = None
+    message = " ".join(str(exc).strip().splitlines()[:3])[:400]
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = ""
+    if frames:
+        f = frames[-1]
         try:
-            reset_peak_memory(device)
-            setup = allocated_bytes(device)
-            batch = make_batch(spec, res, device, dtype)
-            gen = torch.Generator().manual_seed(1234)
-            for _ in range(warmup):
-                train_step(model, spec, batch, params, optimizer, gen, device, dtype)
-            times, losses = [], []
-            for _ in range(steps):
-                synchronize(device)
-                t0 = time.perf_counter()
-                losses.append(train_step(model, spec, batch, params, optimizer, gen, device, dtype))
-                synchronize(device)
-                times.append(time.perf_counter() - t0)
-            sps = statistics.median(times)
-            f = flops.get(res)
-            rows.append(row(res, "ok", s_per_step=sps, step_times=times, peak_bytes=peak_memory_bytes(device),
-                            setup_bytes=setup, loss=losses[-1],
-                            mfu=mfu(f, sps, peak_tflops) if f and peak_tflops else None))
-        except Exception as exc:  # noqa: BLE001 - one failed (model, preset, res) must not lose the others
-            status, note = _failure(exc)
-            rows.append(row(res, status, note, peak_bytes=peak_memory_bytes(device)))
-            optimizer.zero_grad(set_to_none=True)
-        finally:
-            del batch
+            name = os.path.relpath(f.filename, ROOT) if f.filename.startswith(str(ROOT)) else f.filename
+        except ValueError:
+            name = f.filename
+        where = f"{name}:{f.lineno} in {f.name}"
+    # bitsandbytes' kernels report running out as a plain RuntimeError.
+    oom = isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in message.lower()
+    return ("oom" if oom else "error"), type(exc).__name__, message, where
+
+
+@dataclass(frozen=True)
+class Plan:
+    steps: int
+    warmup: int
+    images: int
+    sample_steps: int
+    device: str
+    peak_tflops: float | None
+
+
+def row_config(spec: ModelSpec, preset: str, resolution: int, plan: Plan):
+    """The config the local worker would write for this model (services.providers.local.base_models)."""
+    from services.engine.config import TrainConfig
+
+    real = spec.key in MODELS
+    return TrainConfig(
+        steps=plan.warmup + plan.steps, family=spec.family, base_model=spec.key, base_model_label=spec.label,
+        learning_rate=LEARNING_RATE, rank=LORA_RANK, resolution=resolution, bucket_step=spec.bucket_step,
+        max_sequence_length=spec.text_tokens, gradient_checkpointing=real, sample_every=0, checkpoint_every=0,
+        sample_steps=plan.sample_steps, sample_guidance=spec.sample_guidance, device=plan.device,
+        memory_preset=preset)
+
+
+def measure(spec: ModelSpec, preset: str, resolution: int, plan: Plan, work: Path, *,
+            factory: Callable | None = None) -> Row:
+    """One row: ``Trainer.prepare()`` + ``Trainer.run()`` for (model, preset, resolution), timed."""
+    from services.engine.train import Callbacks, Trainer, train_dtype
+
+    device = plan.device
+    row = Row(spec.key, spec.label, preset, resolution, device=device,
+              dtype=str(train_dtype(device)).removeprefix("torch."))
+    trainer = None
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+        zip_path = dataset_zip(work / "dataset.zip", plan.images, resolution)
+        built: dict[str, float] = {}
+
+        def on_built() -> None:
+            built["at"] = time.perf_counter()
+            reset_peak(device)
+
+        cfg = row_config(spec, preset, resolution, plan)
+        trainer = Trainer(cfg, zip_path, work / "job",
+                          pipeline_factory=factory or in_memory_factory(spec.build, device, on_built))
+        t0 = time.perf_counter()
+        trainer.prepare()
+        t1 = time.perf_counter()
+        row.build_s = built.get("at", t0) - t0
+        row.prepare_s = t1 - built.get("at", t0)
+        row.prepare_peak_bytes = peak_bytes(device)
+        row.trained_resolution, row.checkpointing = cfg.resolution, cfg.gradient_checkpointing
+        c = trainer.cache[0]
+        row.image_tokens, row.text_tokens = int(c.mean.shape[1]), int(c.prompt_embeds.shape[1])
+
+        stamps: list[float] = []
+        sampled: list[float] = []
+        training_peak: list[int | None] = []
+
+        def on_step(step: int, total: int, loss: float, eta_s) -> None:
+            stamps.append(time.perf_counter())
+            if step == total:
+                training_peak.append(peak_bytes(device))
+
+        def on_sample(step: int, path: Path) -> None:
+            sampled.append(time.perf_counter())
+
+        reset_peak(device)
+        started = time.perf_counter()
+        result = trainer.run(Callbacks(on_step=on_step, on_sample=on_sample))
+        times = [b - a for a, b in zip([started, *stamps], stamps)]
+        row.step_times = times
+        row.s_per_step = statistics.median(times[plan.warmup:] or times)
+        row.peak_bytes = training_peak[0] if training_peak else None
+        row.sample_s = sampled[-1] - stamps[-1] if sampled and stamps else None
+        row.losses = list(result.losses)
+        row.lora_mb = result.lora_path.stat().st_size / 1e6 if result.lora_path else None
+        try:
+            row.flops = step_flops(trainer)
+        except Exception as exc:  # noqa: BLE001 - no FLOP count only means no MFU
+            row.message = f"FLOP count failed: {describe(exc)[1]}: {describe(exc)[2]}"
+        if row.flops and plan.peak_tflops and row.s_per_step:
+            row.mfu = mfu(row.flops, row.s_per_step, plan.peak_tflops)
+    except Exception as exc:  # noqa: BLE001 - one failed row must not lose the others
+        row.fail(exc)
+        if row.peak_bytes is None:
+            try:
+                row.peak_bytes = peak_bytes(device)
+            except Exception:  # noqa: BLE001 - a poisoned CUDA context: the row's own error says why
+                pass
+    finally:
+        # Guarded: after a CUDA error, freeing memory raises too, and must not mask the row's own error.
+        try:
+            del trainer
             free_memory(device)
-    del model, params, optimizer
-    free_memory(device)
-    return rows
+        except Exception as exc:  # noqa: BLE001
+            _, kind, message, where = describe(exc)
+            row.cleanup_error = f"{kind}: {message} ({where})"
+            if row.status == "ok":
+                row.status, row.error, row.message, row.where = "error", kind, f"in cleanup: {message}", where
+    return row
+
+
+def measure_isolated(spec: ModelSpec, preset: str, resolution: int, plan: Plan, work: Path) -> Row:
+    """``measure`` in a child process: a CUDA error (which poisons its process) loses only this row."""
+    out = work / "row.json"
+    work.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "benchmarks.local_train_gpu", "--row", f"{spec.key}:{preset}:{resolution}",
+           "--row-json", str(out), "--steps", str(plan.steps), "--warmup", str(plan.warmup),
+           "--images", str(plan.images), "--sample-steps", str(plan.sample_steps), "--device", plan.device]
+    if plan.peak_tflops:
+        cmd += ["--peak-tflops", str(plan.peak_tflops)]
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=ROW_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return Row(spec.key, spec.label, preset, resolution, status="error", error="TimeoutExpired",
+                   message=f"the row's process ran over {ROW_TIMEOUT_S} s", device=plan.device)
+    if out.is_file():
+        return row_from_json(json.loads(out.read_text()))
+    tail = [line for line in proc.stderr.strip().splitlines() if line.strip()][-3:]
+    return Row(spec.key, spec.label, preset, resolution, status="error", error=f"exit status {proc.returncode}",
+               message=" | ".join(tail)[:400] or "the row's process wrote nothing", device=plan.device)
+
+
+def row_from_json(d: dict) -> Row:
+    known = {f.name for f in fields(Row)}
+    return Row(**{k: v for k, v in d.items() if k in known})
+
+
+# --------------------------------------------------------------------------- the whole table
+
+
+@dataclass
+class Target:
+    name: str
+    verdict: str  # "PASS", "FAIL" or "not run"
+    detail: str
 
 
 def evaluate_targets(rows: list[Row], real_size: bool) -> list[Target]:
@@ -564,48 +586,62 @@ def evaluate_targets(rows: list[Row], real_size: bool) -> list[Target]:
     if not real_size:
         return [Target(n, "not run", "no CUDA GPU (tiny models only)") for n in names]
 
-    def ok(preset_names: tuple[str, ...], res: int) -> list[Row]:
-        return [r for r in rows if r.model == "flux1" and r.preset in preset_names and r.resolution == res
+    def ok(presets: tuple[str, ...], res: int) -> list[Row]:
+        return [r for r in rows if r.model == "flux1" and r.preset in presets and r.resolution == res
                 and r.status == "ok"]
 
     targets = []
-    fast = ok(("bf16", "bf16+ckpt"), 512)
+    fast = ok(("bf16",), 512)
     if fast:
         best = min(fast, key=lambda r: r.s_per_step)
         targets.append(Target(names[0], "PASS" if best.s_per_step <= TARGET_BF16_512_S else "FAIL",
-                              f"{best.s_per_step:.3f} s/step ({best.preset})"))
+                              f"{best.s_per_step:.3f} s/step"))
     else:
         targets.append(Target(names[0], "not run", "no FLUX.1 bf16 row at 512 px"))
-    small = ok(("nf4",), 512)
-    if small and small[0].peak_bytes is not None:
-        peak = small[0].peak_bytes / 2**30
-        targets.append(Target(names[1], "PASS" if peak <= TARGET_NF4_512_GIB else "FAIL", f"{peak:.1f} GiB"))
+    small = [r for r in ok(("24gb", "16gb", "12gb"), 512) if r.peak_bytes is not None]
+    if small:
+        best = min(small, key=lambda r: r.peak_bytes)
+        peak = best.peak_bytes / 2**30
+        targets.append(Target(names[1], "PASS" if peak <= TARGET_NF4_512_GIB else "FAIL",
+                              f"{peak:.1f} GiB ({best.preset})"))
     else:
-        targets.append(Target(names[1], "not run", "no FLUX.1 nf4 row at 512 px"))
-    busy = [r for r in ok(("bf16", "bf16+ckpt"), 1024) if r.mfu is not None]
+        targets.append(Target(names[1], "not run", "no FLUX.1 NF4 row at 512 px"))
+    busy = [r for r in ok(("bf16",), 1024) if r.mfu is not None]
     if busy:
         best = max(busy, key=lambda r: r.mfu)
-        targets.append(Target(names[2], "PASS" if best.mfu >= TARGET_BF16_1024_MFU else "FAIL",
-                              f"{best.mfu:.1%} ({best.preset})"))
+        targets.append(Target(names[2], "PASS" if best.mfu >= TARGET_BF16_1024_MFU else "FAIL", f"{best.mfu:.1%}"))
     else:
         targets.append(Target(names[2], "not run", "no FLUX.1 bf16 row at 1024 px with an MFU"))
     return targets
 
 
-# --------------------------------------------------------------------------- reporting
+def _num(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
 
 
 def format_table(rows: list[Row]) -> str:
     """A Markdown table, ready to paste into a note."""
-    head = ("| model | preset | res | tokens img+txt | dtype | ckpt | s/step | peak GiB | setup GiB | FLOP/step "
-            "| MFU | note |")
-    lines = [head, "|" + "---|" * 12]
+    head = ("| model | preset | res | tokens img+txt | ckpt | s/step | peak GiB | prep GiB | build s | prepare s "
+            "| sample s | FLOP/step | MFU | note |")
+    lines = [head, "|" + "---|" * 14]
     for r in rows:
-        sps = f"{r.s_per_step:.3f}" if r.s_per_step is not None else "-"
-        note = r.note if r.status != "ok" else (f"loss {r.loss:.3g}" if r.loss is not None else "")
-        lines.append(f"| {r.model_label} | {r.preset} | {r.resolution} | {r.image_tokens}+{r.text_tokens} | {r.dtype} "
-                     f"| {'yes' if r.checkpointing else 'no'} | {sps} | {gib(r.peak_bytes)} | {gib(r.setup_bytes)} "
-                     f"| {fmt_flops(r.flops)} | {f'{r.mfu:.1%}' if r.mfu is not None else '-'} | {note} |")
+        res = f"{r.resolution}" + (f" ({r.trained_resolution})" if r.trained_resolution not in (None, r.resolution)
+                                    else "")
+        tokens = f"{r.image_tokens}+{r.text_tokens}" if r.image_tokens is not None else "-"
+        ckpt = "-" if r.checkpointing is None else ("yes" if r.checkpointing else "no")
+        if r.status == "ok":
+            last = r.losses[-1] if r.losses else None
+            note = f"loss {last:.3g}" if last is not None else ""
+            note += f"; {r.message}" if r.message else ""
+        else:
+            note = f"{r.status}: {r.error}: {r.message}" + (f" @ {r.where}" if r.where else "")
+        if r.cleanup_error:
+            note += f"; cleanup: {r.cleanup_error}"
+        note = note.replace("|", "/")
+        lines.append(f"| {r.model_label} | {r.preset} | {res} | {tokens} | {ckpt} | {_num(r.s_per_step, '.3f')} "
+                     f"| {gib(r.peak_bytes)} | {gib(r.prepare_peak_bytes)} | {_num(r.build_s, '.1f')} "
+                     f"| {_num(r.prepare_s, '.1f')} | {_num(r.sample_s, '.1f')} | {fmt_flops(r.flops)} "
+                     f"| {_num(r.mfu, '.1%')} | {note} |")
     return "\n".join(lines)
 
 
@@ -620,8 +656,8 @@ def environment(device: str, peak_tflops: float | None) -> dict:
 
 
 def tiny_resolution(resolution: int) -> int:
-    """The toy resolution standing in for ``resolution``: 1/16 of it (512 -> 32 px, 2x2 tokens)."""
-    return max(PIXELS_PER_TOKEN, resolution // PIXELS_PER_TOKEN**2 * PIXELS_PER_TOKEN)
+    """The toy resolution standing in for ``resolution``: 1/16 of it (512 -> 32 px)."""
+    return max(16, resolution // 256 * 16)
 
 
 def jsonable(obj):
@@ -640,15 +676,24 @@ def _csv(value: str) -> list[str]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from services.engine.memory import PRESETS
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default="flux1,klein", help=f"comma list of {', '.join(MODELS)} (default flux1,klein)")
+    ap.add_argument("--models", default=",".join(MODELS), help=f"comma list of {', '.join(MODELS)} (default all)")
     ap.add_argument("--presets", default=",".join(PRESETS), help=f"comma list of {', '.join(PRESETS)} (default all)")
     ap.add_argument("--resolutions", default="512,1024", help="square training resolutions in px (default 512,1024)")
-    ap.add_argument("--steps", type=int, default=20, help="timed steps; the median is reported (default 20)")
-    ap.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps; the median is reported (default 10)")
+    ap.add_argument("--warmup", type=int, default=3, help="steps before the timed ones (default 3)")
+    ap.add_argument("--images", type=int, default=6, help="training images (default 6)")
+    ap.add_argument("--sample-steps", type=int, default=20, help="inference steps of the sample (default 20)")
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="the GPU's dense bf16 peak for MFU (default: from its name; H100 SXM / H200 989)")
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda where there is one)")
+    ap.add_argument("--in-process", action="store_true",
+                    help="run every row in this process (default on CUDA: one child process a row)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this path")
+    ap.add_argument("--row", default=None, help=argparse.SUPPRESS)  # model:preset:resolution, for one child
+    ap.add_argument("--row-json", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.models = _csv(args.models)
     args.presets = _csv(args.presets)
@@ -660,32 +705,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if name not in PRESETS:
             ap.error(f"unknown preset {name!r}: choose from {', '.join(PRESETS)}")
     for res in args.resolutions:
-        if res <= 0 or res % PIXELS_PER_TOKEN:
-            ap.error(f"resolution {res} must be a positive multiple of {PIXELS_PER_TOKEN}")
-    if args.steps < 1 or args.warmup < 0:
-        ap.error("--steps must be >= 1 and --warmup >= 0")
+        if res <= 0 or res % 16:
+            ap.error(f"resolution {res} must be a positive multiple of 16")
+    if args.steps < 1 or args.warmup < 0 or args.images < 1 or args.sample_steps < 1:
+        ap.error("--steps, --images and --sample-steps must be >= 1 and --warmup >= 0")
     return args
 
 
-def run_all(specs: list[ModelSpec], presets: list[str], resolutions: list[int], *, steps: int, warmup: int,
-            device: str, dtype, peak_tflops: float | None) -> list[Row]:
+def run_all(specs: list[ModelSpec], presets: list[str], resolutions: list[int], plan: Plan, *,
+            isolate: bool, work: Path) -> list[Row]:
     rows: list[Row] = []
     for spec in specs:
-        flops: dict[int, int] = {}
-        for res in resolutions:
-            try:
-                flops[res] = model_flops(spec, res, dtype)
-            except Exception as exc:  # noqa: BLE001 - no FLOPs only means no MFU for those rows
-                print(f"  {spec.label} {res} px: FLOP count failed ({_failure(exc)[1]})", flush=True)
-        for name in presets:
-            print(f"{spec.label} / {name} ...", flush=True)
-            got = run_preset(spec, PRESETS[name], resolutions, steps=steps, warmup=warmup, device=device,
-                             dtype=dtype, flops=flops, peak_tflops=peak_tflops)
-            for r in got:
-                said = f"ok, {r.s_per_step:.3f} s/step, peak {gib(r.peak_bytes)} GiB" if r.status == "ok" else r.note
-                print(f"  {r.resolution} px: {said}", flush=True)
-            rows += got
+        for preset in presets:
+            for res in resolutions:
+                print(f"{spec.label} / {preset} / {res} px ...", flush=True)
+                where = work / f"{spec.key}-{preset}-{res}"
+                row = (measure_isolated if isolate else measure)(spec, preset, res, plan, where)
+                said = (f"ok, {row.s_per_step:.3f} s/step, peak {gib(row.peak_bytes)} GiB" if row.status == "ok"
+                        else f"{row.status}: {row.error}: {row.message} @ {row.where}")
+                print(f"  {said}", flush=True)
+                rows.append(row)
     return rows
+
+
+def _child(args: argparse.Namespace) -> int:
+    """One row (``--row``), written to ``--row-json``: what ``measure_isolated`` starts."""
+    model, preset, res = args.row.split(":")
+    plan = Plan(args.steps, args.warmup, args.images, args.sample_steps, args.device or "cuda", args.peak_tflops)
+    with tempfile.TemporaryDirectory(prefix="flux-bench-row-") as work:
+        row = measure(spec_named(model), preset, int(res), plan, Path(work))
+    args.row_json.write_text(json.dumps(jsonable(asdict(row)), allow_nan=False))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -695,35 +745,38 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     import torch
 
-    real_size = torch.cuda.is_available()
+    if args.row:
+        return _child(args)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    real_size = device.startswith("cuda")
     if real_size:
-        device, dtype = "cuda", torch.bfloat16
         specs = [MODELS[m] for m in args.models]
-        resolutions, steps, warmup = args.resolutions, args.steps, args.warmup
-        peak = args.peak_tflops or peak_tflops_for(torch.cuda.get_device_name())
+        presets, resolutions = args.presets, args.resolutions
+        plan = Plan(args.steps, args.warmup, args.images, args.sample_steps, device,
+                    args.peak_tflops or peak_tflops_for(torch.cuda.get_device_name()))
     else:
         print(SKIP_LINE)
-        print("Running the tiny configurations of both families on the CPU instead (same code, small shapes).")
-        from services.engine.train import train_dtype
-
-        device, dtype = "cpu", train_dtype("cpu")
-        specs = list(TINY.values())  # both families, whatever --models says: this is CI's check
+        print("Running the tiny models of both families on the CPU instead (same code, small shapes, no preset).")
+        specs = list(_tiny_specs().values())  # both families, whatever --models says: this is CI's check
+        presets = [CPU_PRESET]
         resolutions = sorted({tiny_resolution(r) for r in args.resolutions})
-        steps, warmup = min(args.steps, TINY_STEPS), min(args.warmup, TINY_WARMUP)
-        peak = args.peak_tflops
-    env = environment(device, peak)
-    print(f"Device: {env['device_name']} ({device}); peak bf16 {peak or 'unknown'} TFLOP/s; torch {env['torch']}, "
-          f"diffusers {env['diffusers']}, peft {env['peft']}")
-    print(f"Rank-{LORA_RANK} LoRA, batch 1, {warmup} warm-up + {steps} timed steps (median), "
-          f"resolutions {resolutions}", flush=True)
+        plan = Plan(min(args.steps, TINY_STEPS), min(args.warmup, TINY_WARMUP), min(args.images, 2),
+                    min(args.sample_steps, TINY_SAMPLE_STEPS), device, args.peak_tflops)
+    isolate = real_size and not args.in_process
+    env = environment(device, plan.peak_tflops)
+    print(f"Device: {env['device_name']} ({device}); peak bf16 {plan.peak_tflops or 'unknown'} TFLOP/s; "
+          f"torch {env['torch']}, diffusers {env['diffusers']}, peft {env['peft']}")
+    print(f"Trainer.run, rank-{LORA_RANK} LoRA, batch 1, {plan.images} images, {plan.warmup} warm-up + {plan.steps} "
+          f"timed steps (median), a {plan.sample_steps}-step sample; resolutions {resolutions}; "
+          f"{'one process a row' if isolate else 'in this process'}", flush=True)
 
     # Toy matmuls run fastest on one thread, and do not slow down when other jobs share the cores.
     threads = torch.get_num_threads()
     if not real_size:
         torch.set_num_threads(1)
     try:
-        rows = run_all(specs, args.presets, resolutions, steps=steps, warmup=warmup, device=device, dtype=dtype,
-                       peak_tflops=peak)
+        with tempfile.TemporaryDirectory(prefix="flux-bench-") as work:
+            rows = run_all(specs, presets, resolutions, plan, isolate=isolate, work=Path(work))
     finally:
         torch.set_num_threads(threads)
 

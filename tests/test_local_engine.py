@@ -513,3 +513,194 @@ def test_a_hosted_visitors_local_job_lives_in_their_own_folder(settings, tmp_pat
     assert after.find_by_tag("visitor-job") == remote_id and remote_id in after.list_remote()
     after.delete(remote_id)
     assert not folder.exists()
+
+
+# --------------------------------------------------------------------------- what a real GPU found (issue 21)
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {family: tiny.ensure_tiny_model(root / family, family) for family in ("flux1", "flux2")}
+
+
+def tiny_trainer(tmp_path: Path, folder: Path | None, family: str = "flux1", **kw) -> Trainer:
+    seq = tiny.MAX_SEQUENCE_LENGTH if family == "flux1" else tiny.FLUX2_MAX_SEQUENCE_LENGTH
+    settings = dict(steps=3, learning_rate=1e-3, rank=4, resolution=64, bucket_step=16, max_sequence_length=seq,
+                    sample_steps=1, device="cpu")
+    settings.update(kw)
+    cfg = TrainConfig(model_path=str(folder) if folder else "", family="" if folder else family, **settings)
+    return Trainer(cfg, make_zip(tmp_path / "ds.zip"), tmp_path / "job")
+
+
+def sdpa_state() -> tuple[bool, bool, bool, bool]:
+    """(cuDNN, flash, memory-efficient, math): which attention kernels torch may pick right now."""
+    b = torch.backends.cuda
+    return b.cudnn_sdp_enabled(), b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.math_sdp_enabled()
+
+
+@pytest.mark.parametrize(("attention", "inside"), [("", (False, True, True, True)),
+                                                   ("math", (False, False, False, True))])
+def test_a_training_step_runs_without_cudnn_attention_forward_backward_and_recompute(tiny_models, tmp_path,
+                                                                                      attention, inside):
+    trainer = tiny_trainer(tmp_path, tiny_models["flux1"], steps=2, gradient_checkpointing=True, attention=attention)
+    trainer.prepare()
+    before = sdpa_state()
+    assert before[0] is True  # torch's default: cuDNN attention allowed (what failed on the H200)
+    seen: list[tuple[str, tuple]] = []
+    block = trainer.transformer.transformer_blocks[0]
+
+    def on_block(module, args):
+        if module.training:  # not the sample's inference passes
+            seen.append(("block forward" if torch.is_grad_enabled() else "no-grad", sdpa_state()))
+
+    def on_output(module, args, output):
+        if module.training:
+            output[0].register_hook(lambda grad: seen.append(("backward", sdpa_state())))
+
+    block.register_forward_pre_hook(on_block)
+    trainer.transformer.register_forward_hook(on_output)
+    result = trainer.run()
+
+    assert result.state == "ready"
+    # Per step: the block's forward, the transformer's backward, and the block's recomputation in it.
+    assert [kind for kind, _ in seen].count("backward") == 2 and len(seen) == 6
+    assert {state for _, state in seen} == {inside}
+    assert sdpa_state() == before  # the choice is only in force around the steps
+
+
+def poison_loss_at(monkeypatch, step: int) -> None:
+    """The loss of the ``step``-th training step (1-based) becomes NaN."""
+    real, calls = Trainer.flow_loss, [0]
+
+    def flow_loss(self, *args, **kwargs):
+        calls[0] += 1
+        loss = real(self, *args, **kwargs)
+        return loss * float("nan") if calls[0] == step else loss
+
+    monkeypatch.setattr(Trainer, "flow_loss", flow_loss)
+
+
+def lora_snapshot(trainer: Trainer) -> list:
+    return [p.detach().clone() for p in trainer.params]
+
+
+def test_a_nan_loss_at_step_1_is_diagnosed_before_any_update_and_not_blamed_on_the_learning_rate(
+        tiny_models, tmp_path, monkeypatch):
+    from services.engine.train import DivergedError
+
+    trainer = tiny_trainer(tmp_path, tiny_models["flux1"])
+    trainer.prepare()
+    weights = lora_snapshot(trainer)
+    poison_loss_at(monkeypatch, 1)
+    with pytest.raises(DivergedError) as err:
+        trainer.run()
+    text = str(err.value)
+    assert "The loss is nan at step 1, the first step, before any weight was updated" in text
+    assert "the learning rate is not the cause" in text and "Lower the learning rate" not in text
+    assert '"attention": "math"' in err.value.hint and '"precision": "fp32"' in err.value.hint
+    assert all(torch.equal(a, b) for a, b in zip(weights, lora_snapshot(trainer)))  # the preflight stopped it
+    assert trainer.losses == []
+
+
+def test_a_nan_loss_at_a_later_step_names_it_and_says_to_lower_the_learning_rate(tiny_models, tmp_path,
+                                                                                  monkeypatch):
+    from services.engine.train import DivergedError
+
+    trainer = tiny_trainer(tmp_path, tiny_models["flux1"], steps=5)
+    poison_loss_at(monkeypatch, 3)
+    with pytest.raises(DivergedError) as err:
+        trainer.run()
+    assert "The loss became nan at step 3; the steps before it were finite." in str(err.value)
+    assert err.value.hint == "Lower the learning rate (now 0.001), e.g. to a third."
+    assert len(trainer.losses) == 3 and all(np.isfinite(trainer.losses[:2]))
+
+
+def test_non_finite_lora_gradients_at_step_1_are_caught_before_the_update(tiny_models, tmp_path):
+    from services.engine.train import DivergedError
+
+    trainer = tiny_trainer(tmp_path, tiny_models["flux2"], family="flux2")
+    trainer.prepare()
+    name, param = trainer.named_params[3]
+    param.register_hook(lambda grad: torch.full_like(grad, float("inf")))  # a finite loss, an inf gradient
+    weights = lora_snapshot(trainer)
+    with pytest.raises(DivergedError) as err:
+        trainer.run()
+    assert f"The gradient of 1 of {len(trainer.params)} LoRA weights (first {name}) is inf at step 1" in str(err.value)
+    assert "the learning rate is not the cause" in str(err.value)
+    assert all(torch.equal(a, b) for a, b in zip(weights, lora_snapshot(trainer)))
+
+
+def test_the_family_comes_from_the_base_model_when_the_config_names_none(tiny_models, tmp_path):
+    from services.engine.config import resolve_family
+    from services.errors import InputError
+
+    def family(**kw) -> str:
+        return resolve_family(TrainConfig(steps=1, **kw))
+
+    assert family(base_model="tiny-flux2-klein") == "flux2" and family(base_model="flux1-dev") == "flux1"
+    assert family(base_model="black-forest-labs/FLUX.2-klein-base-4B") == "flux2"  # a Hub id
+    assert family(model_path=str(tiny_models["flux2"])) == "flux2"  # a folder's model_index.json
+    assert family(model_path=str(tiny_models["flux1"]), base_model="tiny-flux2-klein") == "flux1"  # what loads
+    assert family(family="flux2", base_model="flux1-dev") == "flux2"  # named: as named
+    with pytest.raises(InputError, match="names no base model"):
+        family()
+    # A klein folder and no family: the klein pipeline loads it (it was FluxPipeline, which refused it).
+    trainer = tiny_trainer(tmp_path, tiny_models["flux2"], family="flux2")
+    trainer.load()
+    assert type(trainer.pipe).__name__ == "Flux2KleinPipeline" and trainer.cfg.family == "flux2"
+
+
+@pytest.mark.parametrize("family", ["flux1", "flux2"])
+def test_the_sample_keeps_the_latents_in_the_vaes_dtype_whatever_the_transformer_returns(
+        tiny_models, tmp_path, monkeypatch, family):
+    trainer = tiny_trainer(tmp_path, tiny_models[family], family=family, precision="bf16")
+    trainer.prepare()
+    assert trainer.pipe.vae.dtype == torch.bfloat16
+    real_forward = trainer.transformer.forward
+
+    def forward(*args, **kwargs):  # as a quantised transformer with fp32 LoRA weights did on the GPU
+        out = real_forward(*args, **kwargs)
+        return (out[0].float(), *out[1:])
+
+    monkeypatch.setattr(trainer.transformer, "forward", forward)
+    path = trainer.sample(1)
+    assert Image.open(path).size == trainer.sample_size()
+
+
+@pytest.mark.parametrize("family", ["flux1", "flux2"])
+def test_every_quantised_preset_trains_and_makes_its_samples(tmp_path, monkeypatch, family):
+    bnb = pytest.importorskip("bitsandbytes")  # its CPU backend quantises to NF4 here as CUDA does there
+    from benchmarks.local_train_gpu import _tiny, in_memory_factory
+    from services.engine import memory
+
+    # bitsandbytes repacks NF4 weights for its AVX512-bf16 inference kernel on CPUs that have one, which
+    # needs a layer at least one quantisation block (64) wide; the tiny models' are 4 to 48 wide.
+    monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: False)
+    # The GPU presets, on the CPU: the trainer refuses them here; bitsandbytes does not.
+    monkeypatch.setattr(memory, "resolve_preset", lambda name, device, gpu=None: memory.PRESETS[name])
+    for preset in ("24gb", "16gb", "12gb"):
+        seq = tiny.MAX_SEQUENCE_LENGTH if family == "flux1" else tiny.FLUX2_MAX_SEQUENCE_LENGTH
+        cfg = TrainConfig(family=family, steps=2, learning_rate=1e-3, rank=4, resolution=64, bucket_step=16,
+                          max_sequence_length=seq, sample_steps=1, device="cpu", precision="bf16",
+                          memory_preset=preset)
+        trainer = Trainer(cfg, make_zip(tmp_path / f"{preset}.zip"), tmp_path / preset,
+                          pipeline_factory=in_memory_factory(_tiny(family), "cpu"))
+        result = trainer.run()
+        assert result.state == "ready" and len(result.samples) == 1 and result.samples[0].is_file(), preset
+        assert isinstance(trainer.transformer.transformer_blocks[0].attn.to_q.base_layer, bnb.nn.Linear4bit)
+        assert type(trainer.optimizer).__name__ == "AdamW8bit" and trainer.cfg.gradient_checkpointing
+        # What the pipelines read as the transformer's dtype: its own weights', not the fp32 LoRA's.
+        assert trainer.transformer.dtype == torch.bfloat16
+        assert all(p.dtype == torch.float32 for p in trainer.params)
+        assert result.lora_path.is_file()
+
+
+def test_a_misspelt_attention_or_precision_is_refused_before_anything_loads(tmp_path):
+    from services.errors import InputError
+
+    with pytest.raises(InputError, match="no attention setting called 'cudnn'") as err:
+        Trainer(TrainConfig(steps=1, family="flux1", attention="cudnn"), tmp_path / "d.zip", tmp_path / "job")
+    assert "auto, math" in err.value.hint
+    with pytest.raises(InputError, match="no precision called 'fp16'"):
+        Trainer(TrainConfig(steps=1, family="flux1", precision="fp16"), tmp_path / "d.zip", tmp_path / "job")

@@ -175,8 +175,16 @@ def test_check_fits_lets_a_fitting_training_through():
 # --------------------------------------------------------------------------- quantisation and the optimizer
 
 
-def test_quantising_presets_refuse_clearly_without_bitsandbytes():
-    assert importlib.util.find_spec("bitsandbytes") is None  # not installed here
+@pytest.fixture
+def no_bitsandbytes(monkeypatch):
+    """bitsandbytes looks uninstalled (requirements-dev.txt installs it for the CPU tests of NF4)."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **kw: None if name == "bitsandbytes" else real(name, *a, **kw))
+
+
+def test_quantising_presets_refuse_clearly_without_bitsandbytes(no_bitsandbytes):
+    assert importlib.util.find_spec("bitsandbytes") is None
     assert quantization_config(None) is None and quantization_config(PRESETS["bf16"]) is None
     assert pipeline_quantization_config(PRESETS["bf16"]) is None
     for name in ("24gb", "16gb", "12gb"):
@@ -187,7 +195,7 @@ def test_quantising_presets_refuse_clearly_without_bitsandbytes():
             pipeline_quantization_config(PRESETS[name])
 
 
-def test_make_optimizer_falls_back_to_torch_adamw(caplog):
+def test_make_optimizer_falls_back_to_torch_adamw(caplog, no_bitsandbytes):
     torch = pytest.importorskip("torch")
     params = [torch.nn.Parameter(torch.zeros(4))]
     assert type(make_optimizer(params, None, 1e-4)) is torch.optim.AdamW
@@ -232,11 +240,11 @@ def tiny_zip(path: Path) -> Path:
     return path
 
 
-def test_trainer_applies_the_preset_it_is_given(tmp_path):
+def test_trainer_applies_the_preset_it_is_given(tmp_path, no_bitsandbytes):
     pytest.importorskip("torch")
     from services.engine.train import Trainer, TrainConfig
 
-    cfg = TrainConfig(model_path="unused", steps=1, resolution=1024, memory_preset="12gb")
+    cfg = TrainConfig(model_path="unused", family="flux1", steps=1, resolution=1024, memory_preset="12gb")
     trainer = Trainer(cfg, tmp_path / "ds.zip", tmp_path / "job")
     trainer.device = "cuda"  # as load() would on a GPU; nothing here touches CUDA
     trainer.apply_memory_preset()
@@ -244,9 +252,10 @@ def test_trainer_applies_the_preset_it_is_given(tmp_path):
     assert cfg.resolution == 512 and cfg.gradient_checkpointing is True
     assert trainer.encode_device == "cpu"  # text encoders stay off the GPU the NF4 transformer is on
     with pytest.raises(InputError, match="pip install bitsandbytes"):
-        trainer.quantization_kwargs()  # refused before from_pretrained, not halfway through a run
+        # What load() asks before it calls the pipeline factory: refused before anything loads.
+        memory.pipeline_quantization_config(trainer.preset)
 
-    cpu = Trainer(TrainConfig(model_path="unused", steps=1, memory_preset="16gb", device="cpu"),
+    cpu = Trainer(TrainConfig(model_path="unused", family="flux1", steps=1, memory_preset="16gb", device="cpu"),
                   tmp_path / "ds.zip", tmp_path / "job2")
     cpu.device = "cpu"
     with pytest.raises(InputError, match="for CUDA GPUs"):
@@ -270,7 +279,7 @@ def test_trainer_takes_its_optimizer_from_the_preset(tmp_path, monkeypatch):
         return trainer
 
     cpu = loaded("cpu")
-    assert cpu.preset is None and cpu.quantization_kwargs() == {}  # the CPU: nothing changes
+    assert cpu.preset is None and memory.pipeline_quantization_config(cpu.preset) is None  # the CPU: nothing changes
     cpu.add_lora()
     assert type(cpu.optimizer) is torch.optim.AdamW
     gpu_like = loaded("gpu")

@@ -250,3 +250,34 @@ def test_a_failed_output_push_raises_a_provider_error(tmp_path):
     with pytest.raises(ProviderError, match="Could not reach the Hugging Face Hub"):
         pusher.push_output(tmp_path)
     assert api.upload_folder.call_count == 2
+
+
+# --------------------------------------------------------------------------- the README's example config
+
+
+def readme_example_config() -> dict:
+    """The JSON block of the README's "Training from the command line" section, as written."""
+    import json
+    import re
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### Training from the command line", 1)[1].split("\n### ", 1)[0]
+    blocks = re.findall(r"```json\n(.*?)```", section, flags=re.S)
+    assert len(blocks) == 1, "the section shows one example config"
+    return json.loads(blocks[0])
+
+
+def test_the_readmes_example_config_runs_as_written(tmp_path, capsys):
+    example = readme_example_config()
+    assert "model_path" not in example and "family" not in example  # _model alone names the base model
+    config, dataset = write_inputs(tmp_path, example["steps"], config=example)
+    code = cli.main(cli_args(config, dataset, tmp_path / "job"))
+    captured = capsys.readouterr()
+    run = CliRun(captured.out.splitlines(), code, tmp_path / "job", captured.err)
+    assert run.returncode == 0, run.log.error
+    assert (run.log.done, run.log.step, run.log.error) == ("ready", example["steps"], "")
+    assert run.log.samples == ["samples/step_000004.png", "samples/step_000008.png"]
+    assert all((run.out_dir / s).is_file() for s in run.log.samples)
+    assert (run.out_dir / "output" / LORA_FILE).is_file()
+    card = (run.out_dir / "output" / "README.md").read_text(encoding="utf-8")
+    assert "flux2-klein" in card  # trained as FLUX.2 [klein], the family its model_index.json names

@@ -5,7 +5,9 @@
 
 ``--config`` is the local worker's config.json (``TrainConfig``'s fields; ``_model`` names the base
 model: a registry key, a Hub id or a folder, resolved exactly as the worker does, with
-``FLUX_STUDIO_DATA_DIR`` and ``HF_TOKEN`` from the environment). ``--out`` is the run's folder
+``FLUX_STUDIO_DATA_DIR`` and ``HF_TOKEN`` from the environment). ``model_path`` and ``family`` may be
+left out: the folder is where ``_model`` was fetched or built, the family is what its
+``model_index.json`` names (``config.resolve_family``). ``--out`` is the run's folder
 (samples/, checkpoints/, output/). Progress goes to stdout as ``engine.events`` lines; anything else
 (libraries' warnings, a traceback) goes to stderr.
 

@@ -6,8 +6,10 @@ from dataclasses import dataclass
 
 @dataclass
 class TrainConfig:
-    model_path: str
     steps: int
+    # The folder from_pretrained loads; "" until the command line or the worker resolves the base
+    # model's spec (``base_model`` / a config's ``_model``) to one.
+    model_path: str = ""
     learning_rate: float = 1e-4
     rank: int = 16
     trigger_word: str = "TOK"
@@ -27,10 +29,12 @@ class TrainConfig:
     sample_size: tuple[int, int] | None = None  # (w, h); None = the first image's bucket
     base_model_label: str = ""  # for the model card
     base_model_id: str = ""  # a Hub repo id for the model card's base_model ("" = none)
-    family: str = "flux1"  # "flux1" | "flux2" (models.FAMILIES): which pipeline and adapter
+    family: str = ""  # "flux1" | "flux2" (models.FAMILIES); "" = from the base model (resolve_family)
     base_model: str = ""  # the base model's spec (a models.REGISTRY key, a Hub id or a folder)
     device: str | None = None
     memory_preset: str = ""  # services.engine.memory.PRESETS name; "" = from the GPU (none on the CPU)
+    attention: str = ""  # services.engine.attention.CHOICES key; "" = every kernel but cuDNN's
+    precision: str = ""  # "bf16" | "fp32"; "" = bf16 on a CUDA GPU that has it, else fp32 (train.train_dtype)
 
 
 def config_from_json(d: dict) -> TrainConfig:
@@ -39,3 +43,19 @@ def config_from_json(d: dict) -> TrainConfig:
         d["sample_size"] = tuple(d["sample_size"])
     known = TrainConfig.__dataclass_fields__
     return TrainConfig(**{k: v for k, v in d.items() if k in known})
+
+
+def resolve_family(cfg: TrainConfig) -> str:
+    """The config's model family: as it names it, else from its base model (a registry key, a Hub id, or a
+    folder's model_index.json, as ``models.resolve`` reads them). ``model_path`` (the folder that is
+    loaded) is asked first: it is what ``from_pretrained`` will see."""
+    if cfg.family:
+        return cfg.family
+    from services.engine import models
+    from services.errors import InputError
+
+    spec = cfg.model_path or cfg.base_model
+    if not spec:
+        raise InputError("The config names no base model.",
+                         hint='Set "_model" (a registry key such as flux1-dev, a Hub id or a folder) or "family".')
+    return models.resolve(spec).family

@@ -32,10 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.storage import atomic
-from services.errors import InputError
+from services.errors import InputError, ProviderError
 from services.engine import memory, quiet_libraries
+from services.engine.attention import backends as attention_backends, training_attention
 from services.engine.card import LORA_FILE, model_card
-from services.engine.config import TrainConfig
+from services.engine.config import TrainConfig, resolve_family
 from services.engine.data import Example, bucket_sizes, fit, pick_bucket, read_dataset_zip, to_pixels
 from services.engine.families import FLUX1_LORA_TARGETS, TextEmbeds, adapter
 
@@ -45,6 +46,8 @@ LORA_TARGETS = FLUX1_LORA_TARGETS  # FLUX.1's; each family names its own (famili
 # Captions are encoded this many at a time: T5-XXL's activations for 200 captions of 512 tokens in
 # one batch would take several GB beside the model (services.engine.memory counts one chunk).
 CAPTION_CHUNK = 4
+# In the name of every parameter peft adds (lora_A, lora_B, ...), and of no base weight.
+LORA_PARAMETER_MARK = "lora_"
 # What a run says while ``prepare()`` loads the model and caches the dataset (before the first step).
 PREPARING_MESSAGE = "Preparing: encoding the images and captions once…"
 
@@ -57,12 +60,66 @@ def pick_device(device: str | None = None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def train_dtype(device: str):
+PRECISIONS = ("bf16", "fp32")
+
+
+def check_precision(precision: str) -> str:
+    """``precision`` normalised ("" = from the device), or InputError."""
+    precision = (precision or "").strip().lower()
+    if precision and precision not in PRECISIONS:
+        raise InputError(f"There is no precision called {precision!r}.", hint=f"Use one of {', '.join(PRECISIONS)}.")
+    return precision
+
+
+def train_dtype(device: str, precision: str = ""):
+    """The dtype the model is held and computes in: ``precision`` ("bf16" / "fp32"), else bf16 on a CUDA
+    GPU that has it and fp32 everywhere else."""
     import torch
 
+    precision = check_precision(precision)
+    if precision:
+        return torch.bfloat16 if precision == "bf16" else torch.float32
     if device.startswith("cuda") and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
+
+
+class DivergedError(ProviderError):
+    """The loss or the LoRA gradients stopped being finite numbers; the message says when and what to try."""
+
+
+def divergence(step: int, what: str, value: float, *, first: bool, resumed: bool, cfg: TrainConfig) -> DivergedError:
+    """The diagnosis of a non-finite ``what`` (the loss, or a LoRA gradient) at ``step``.
+
+    The first step of a fresh run comes before any update, so the learning rate cannot be the cause
+    there: the model's forward or backward pass itself gives the NaN/inf (on GPUs, an attention kernel
+    or the precision). Later, with finite steps behind it, too large an update is the usual cause."""
+    if first and not resumed:
+        return DivergedError(
+            f"The {what} is {value} at step {step}, the first step, before any weight was updated: the learning "
+            "rate is not the cause; the model's forward or backward pass gives it on this machine.",
+            hint='Try the math attention kernel ("attention": "math"), another memory preset ("memory_preset"), '
+                 'or full precision ("precision": "fp32"); if it persists, the base model or its dtype is at fault.')
+    if first:
+        return DivergedError(
+            f"The {what} is {value} at step {step}, the first step after resuming from the checkpoint.",
+            hint='The checkpoint may hold diverged weights: resume from an earlier one, or train again with a lower '
+                 f'learning rate (now {cfg.learning_rate:g}); "attention": "math" or "precision": "fp32" rule out '
+                 "the kernels.")
+    return DivergedError(
+        f"The {what} became {value} at step {step}; the steps before it were finite.",
+        hint=f"Lower the learning rate (now {cfg.learning_rate:g}), e.g. to a third.")
+
+
+# A pipeline for a run: (config, dtype, quantization_config or None) -> a diffusers FLUX pipeline. The default
+# loads ``cfg.model_path``; the GPU benchmark builds real-size models in memory instead.
+PipelineFactory = Callable[[TrainConfig, object, object], object]
+
+
+def load_pipeline(cfg: TrainConfig, dtype, quantization_config):
+    """The product's pipeline: ``from_pretrained`` on the config's folder, the transformer quantised if asked."""
+    kwargs = {"quantization_config": quantization_config} if quantization_config is not None else {}
+    return adapter(cfg.family).pipeline_class().from_pretrained(cfg.model_path, dtype=dtype, **kwargs)
 
 
 # --------------------------------------------------------------------------- config / callbacks
@@ -111,8 +168,13 @@ class CachedExample:
 class Trainer:
     """One LoRA training run. ``prepare()`` then ``run()``; ``step_plain`` is the uncached baseline."""
 
-    def __init__(self, cfg: TrainConfig, zip_path: Path, job_dir: Path) -> None:
+    def __init__(self, cfg: TrainConfig, zip_path: Path, job_dir: Path, *,
+                 pipeline_factory: PipelineFactory | None = None) -> None:
+        cfg.family = resolve_family(cfg)
+        check_precision(cfg.precision)  # refused now, not after the model is loaded
+        attention_backends(cfg.attention)
         self.cfg = cfg
+        self.pipeline_factory = pipeline_factory or load_pipeline
         self.zip_path = Path(zip_path)
         self.job_dir = Path(job_dir)
         self.samples_dir = self.job_dir / "samples"
@@ -132,6 +194,8 @@ class Trainer:
         self.losses: list[float] = []
         self.preset = None  # a memory.MemoryPreset on CUDA, set by load()
         self.encode_device: str | None = None  # where the text encoders run (the CPU on small GPUs)
+        self._step = 0  # the 0-based step being trained
+        self._first_step = 1  # the 1-based number of the first step this process trains (its preflight)
 
     # ---------------------------------------------------------------- setup
 
@@ -140,12 +204,11 @@ class Trainer:
         import torch
 
         self.device = pick_device(self.cfg.device)
-        self.dtype = train_dtype(self.device)
+        self.dtype = train_dtype(self.device, self.cfg.precision)
         torch.manual_seed(self.cfg.seed)
         self.examples = read_dataset_zip(self.zip_path, self.cfg.trigger_word)
         self.apply_memory_preset()
-        pipe = self.family.pipeline_class().from_pretrained(self.cfg.model_path, dtype=self.dtype,
-                                                            **self.quantization_kwargs())
+        pipe = self.pipeline_factory(self.cfg, self.dtype, memory.pipeline_quantization_config(self.preset))
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe
         self.transformer = pipe.transformer
@@ -170,9 +233,16 @@ class Trainer:
         if not getattr(self.transformer, "is_quantized", False):  # bitsandbytes already put it on the GPU
             self.transformer.to(self.device)
         # Trainable LoRA weights in fp32 even when the frozen model is bf16 (stable AdamW updates).
-        self.params = [p for p in self.transformer.parameters() if p.requires_grad]
+        self.named_params = [(n, p) for n, p in self.transformer.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in self.named_params]
         for p in self.params:
             p.data = p.data.float()
+        # diffusers reports a model's dtype as its first floating-point parameter's. In a quantised
+        # transformer the base weights are uint8 (NF4), so that would be a LoRA weight: fp32. The
+        # pipelines take it at its word when sampling (the latents become fp32, the bf16 VAE refuses them).
+        # The LoRA weights are kept in fp32 on purpose, which is what this attribute says to diffusers.
+        keep = list(getattr(self.transformer, "_keep_in_fp32_modules", None) or [])
+        self.transformer._keep_in_fp32_modules = [*keep, LORA_PARAMETER_MARK]
         if self.cfg.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
         self.transformer.train()
@@ -256,11 +326,6 @@ class Trainer:
         self.cfg.resolution = resolution  # so the model card says what was trained
         self.cfg.gradient_checkpointing = memory.checkpointing_for(self.preset, self.cfg.gradient_checkpointing)
 
-    def quantization_kwargs(self) -> dict:
-        """``quantization_config=`` for ``from_pretrained`` when the preset quantises the transformer."""
-        config = memory.pipeline_quantization_config(self.preset)
-        return {"quantization_config": config} if config is not None else {}
-
     def free_encoders(self) -> None:
         """Drop the text encoders and the VAE encoder: only the transformer and VAE decoder are left."""
         import gc
@@ -312,26 +377,56 @@ class Trainer:
         target = noise - latents
         return torch.mean((pred.float() - target.float()) ** 2)
 
-    def _optimise(self, loss) -> float:
+    def _optimise(self, loss, preflight: bool = False) -> float:
+        """Backward, clip, update; returns the loss. ``preflight``: check the loss and every LoRA gradient
+        are finite before the update, and raise the diagnosis (``divergence``) if not."""
         import torch
 
+        if preflight:
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise self._diverged("loss", value)
         loss.backward()
+        if preflight:
+            self.check_gradients()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())
 
+    def check_gradients(self) -> None:
+        """A DivergedError naming the first LoRA weight whose gradient is not finite (one sync for all)."""
+        import torch
+
+        grads = [(n, p.grad) for n, p in self.named_params if p.grad is not None]
+        if not grads:
+            return
+        finite = torch.stack([torch.isfinite(g).all() for _, g in grads]).cpu()
+        if bool(finite.all()):
+            return
+        bad = [(n, g) for (n, g), ok in zip(grads, finite.tolist()) if not ok]
+        name, grad = bad[0]
+        value = grad[~torch.isfinite(grad)].flatten()[0].item()
+        raise self._diverged(f"gradient of {len(bad)} of {len(grads)} LoRA weights (first {name})", value)
+
+    def _diverged(self, what: str, value: float) -> DivergedError:
+        step = self._step + 1
+        return divergence(step, what, value, first=step == self._first_step, resumed=self._first_step > 1,
+                          cfg=self.cfg)
+
     def step_cached(self, step: int, gen) -> float:
         """One step from the cache: draw latents from the cached posteriors, no encoder runs."""
         import torch
 
-        items = [self.cache[i] for i in self.batch_indices(step)]
-        mean = torch.cat([c.mean for c in items])
-        std = torch.cat([c.std for c in items])
-        eps = torch.randn(mean.shape, generator=gen, device="cpu").to(self.device, mean.dtype)
-        latents = (mean + std * eps).float()
-        loss = self.flow_loss(latents, [c.embeds for c in items], self.latent_ids(items[0].bucket), gen)
-        return self._optimise(loss)
+        self._step = step
+        with training_attention(self.cfg.attention):
+            items = [self.cache[i] for i in self.batch_indices(step)]
+            mean = torch.cat([c.mean for c in items])
+            std = torch.cat([c.std for c in items])
+            eps = torch.randn(mean.shape, generator=gen, device="cpu").to(self.device, mean.dtype)
+            latents = (mean + std * eps).float()
+            loss = self.flow_loss(latents, [c.embeds for c in items], self.latent_ids(items[0].bucket), gen)
+            return self._optimise(loss, preflight=step + 1 == self._first_step)
 
     def step_plain(self, step: int, gen) -> float:
         """The baseline: re-encode this batch's images (VAE) and captions (text encoders) every step."""
@@ -346,8 +441,10 @@ class Trainer:
         std = torch.cat([s for _, s in packed])
         eps = torch.randn(mean.shape, generator=gen, device="cpu").to(self.device, mean.dtype)
         latents = (mean + std * eps).float()
-        loss = self.flow_loss(latents, enc, self.latent_ids(items[0].bucket), gen)
-        return self._optimise(loss)
+        self._step = step
+        with training_attention(self.cfg.attention):
+            loss = self.flow_loss(latents, enc, self.latent_ids(items[0].bucket), gen)
+            return self._optimise(loss, preflight=step + 1 == self._first_step)
 
     # ---------------------------------------------------------------- samples, checkpoints, output
 
@@ -355,13 +452,26 @@ class Trainer:
         import torch
 
         w, h = self.sample_size()
+        vae = self.pipe.vae
+        # The pipelines make their latents in the prompt embeddings' dtype and keep the scheduler's output
+        # in the transformer output's dtype; neither need be the VAE's (a quantised transformer with fp32
+        # LoRA weights gives fp32). So: embeddings in the dtype and on the device the transformer computes
+        # in, and the latents brought back to the VAE's dtype after every step.
+        on = next(p.device for p in self.transformer.parameters())
+        embeds = {k: v.to(on, self.dtype) for k, v in
+                  self.family.sample_kwargs(self.sample_embeds, self.negative_embeds).items()}
+
+        def latents_for_the_vae(pipe, i, t, tensors: dict) -> dict:
+            return {"latents": tensors["latents"].to(vae.dtype)}
+
         self.transformer.eval()
         try:
             gen = torch.Generator(device="cpu").manual_seed(self.cfg.sample_seed)
             image = self.pipe(
-                **self.family.sample_kwargs(self.sample_embeds, self.negative_embeds), width=w, height=h,
+                **embeds, width=w, height=h,
                 num_inference_steps=self.cfg.sample_steps, guidance_scale=self.cfg.sample_guidance,
                 max_sequence_length=self.cfg.max_sequence_length, generator=gen,
+                callback_on_step_end=latents_for_the_vae, callback_on_step_end_tensor_inputs=["latents"],
             ).images[0]
         finally:
             self.transformer.train()
@@ -458,6 +568,7 @@ class Trainer:
             if ckpt is None:
                 raise InputError("There is no checkpoint to resume from.", hint="Launch the fine-tune again.")
             step = self.load_checkpoint(ckpt, gen)
+        self._first_step = step + 1
         total = self.cfg.steps
         samples = sorted(self.samples_dir.glob("step_*.png")) if resume else []
         durations: list[float] = []
@@ -477,7 +588,8 @@ class Trainer:
             recent = durations[-20:]
             eta = (sum(recent) / len(recent)) * (total - step)
             if not math.isfinite(loss):
-                raise RuntimeError(f"the loss became {loss} at step {step}; lower the learning rate")
+                raise divergence(step, "loss", loss, first=step == self._first_step, resumed=self._first_step > 1,
+                                 cfg=self.cfg)
             if cb.on_step:
                 cb.on_step(step, total, loss, eta)
             if self.cfg.sample_every and step % self.cfg.sample_every == 0 and step < total:
