@@ -36,8 +36,8 @@ NO_BF16 = frozenset({"T4"})
 FLOPS_PER_STEP: dict[str, dict[int, float]] = {
     "flux1-dev": {512: 44.7e12, 1024: 163.9e12},
     "flux1-schnell": {512: 44.7e12, 1024: 163.9e12},  # the same transformer
-    "flux2-klein-base-4b": {512: 21.1e12, 1024: 76.2e12},
-    "flux2-klein-base-9b": {512: 46.7e12, 1024: 162.2e12},
+    "flux2-klein-base-4b": {512: 21.1e12, 1024: 76.3e12},
+    "flux2-klein-base-9b": {512: 46.7e12, 1024: 162.4e12},
 }
 # Assumed model-FLOPs utilisation of a step, recomputation under gradient checkpointing not counted.
 # bf16 at 1024 px: the benchmark's H100 target (>= 35 % without checkpointing) less the ~1/3 more work that
