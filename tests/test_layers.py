@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES, WORKFLOWS, PARTS, BASE = 4, 3, 2, 1
-WORKFLOW_MODULES = {"services.studio", "services.training", "services.compare", "services.captioning",
+WORKFLOW_MODULES = {"services.studio", "services.training", "services.compare", "services.captioning", "services.caller",
                     "services.access", "services.targets"}
 
 
