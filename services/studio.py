@@ -264,6 +264,29 @@ class Studio:
         return TrainChoices(registry.choices(provider_key), tuple(provider.model_choices()),
                             provider.default_model_choice(), tuple(provider.memory_choices()))
 
+    def memory_check(self, provider_key: str, **values) -> tuple[str, str]:
+        """(the memory preset, its estimated peak and the GPU; why the training would not fit or the base
+        model can't be used) for the Train tab's settings ``values`` (``train_request``'s), where the provider
+        trains on this machine's GPU; ("", "") elsewhere."""
+        provider = self.training.provider(provider_key)
+        options = registry.train_options(provider_key, **{k: values.pop(k, None) for k in
+                                                          ("base_model", "memory_preset", "hardware",
+                                                           "gradient_checkpointing")})
+        request = TrainRequest(name="-", mode="general", lora_rank=int(values.get("lora_rank") or 32),
+                               priority=values.get("priority") or "quality", options=options)
+        try:
+            plan = provider.memory_plan(request)
+        except StudioError as exc:
+            return "", exc.user_message()
+        if plan is None:
+            return "", ""
+        if plan.preset is not None:
+            try:
+                plan.check()
+            except StudioError as exc:
+                return plan.summary(), exc.user_message()
+        return plan.summary(), ""
+
     def tuned_models(self) -> list[str]:
         """The models a fine-tune can be generated with, where a provider offers several (the Compare tab)."""
         return [m for p in self.providers.values() for m in p.tuned_models()]

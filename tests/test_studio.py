@@ -218,3 +218,21 @@ def test_the_apis_caller_brings_the_visitors_hugging_face_sign_in(settings, tmp_
         with pytest.raises(Exception, match="Sign in with Hugging Face"):
             _endpoint(demo, "launch_finetune")("cup", "cup-hf2", "huggingface", request=anonymous)
         assert hub.api.run_uv_job.call_count == 1
+
+
+def test_the_memory_check_for_the_train_tab(settings, monkeypatch):
+    """On a (pretend) 16 GB GPU: Auto picks the 16 GB preset for FLUX.1 [dev]; bf16 does not fit; the tiny
+    model needs no preset; a provider that does not train here says nothing."""
+    from services.engine import memory
+    from services.providers.local.provider import LocalProvider
+
+    monkeypatch.setattr(memory, "detect_gpu", lambda index=0: memory.GpuMemory("Test GPU", 16.0, None))
+    local = LocalProvider(settings.with_(local_model="black-forest-labs/FLUX.1-dev"), device="cuda")
+    with Studio(settings, providers={"local": local}, background=False) as studio:
+        auto, problem = studio.memory_check("local", base_model="flux1-dev", lora_rank=16)
+        assert auto.startswith("Memory preset 16 GB") and "Test GPU has 16.0 GB" in auto and problem == ""
+        summary, problem = studio.memory_check("local", base_model="flux1-dev", memory_preset="bf16", lora_rank=16)
+        assert "(does NOT fit)" in summary and "needs about 25" in problem and "16 GB preset" in problem
+        assert studio.memory_check("local", base_model="tiny-flux2-klein")[0].startswith("No CUDA GPU")
+        _, refused = studio.memory_check("local", base_model="/etc")
+        assert "'/etc' is not a base model" in refused

@@ -333,6 +333,11 @@ class Provider(Protocol):
         """The picker's value to start with (``picks_base_model``)."""
         return None
 
+    def memory_plan(self, request: TrainRequest):
+        """The memory preset, estimated peak and GPU a request trains with here (``engine.memory.MemoryPlan``),
+        where it trains on this machine's GPU; None elsewhere. InputError for a base model it does not offer."""
+        return None
+
     def memory_choices(self) -> list[tuple[str, str]]:
         """(label, value) pairs for the Train tab's memory-preset picker, where it trains on this machine's GPU."""
         return []
