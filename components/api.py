@@ -11,8 +11,9 @@ results from its cache as it does for the pages.
 import gradio as gr
 from gradio.context import get_blocks_context
 
+from components.callers import caller_for
 from components.feedback import shows_errors
-from components.identity import client_address, owner_for
+from components.identity import owner_for
 from components.serving import servable
 from services import compare as cmp
 from services.storage.datasets import Dataset, dataset_warnings
@@ -50,6 +51,11 @@ def build(studio: Studio) -> None:
     def owner(request: gr.Request | None) -> str:
         return owner_for(request, settings)
 
+    def caller(request: gr.Request | None):
+        """The request's caller: its owner, their Hugging Face sign-in (hosted) and address; a script
+        has no page session, so no pasted key of its own."""
+        return caller_for(request, settings)
+
     # ------------------------------------------------------------ datasets
 
     @shows_errors
@@ -59,7 +65,7 @@ def build(studio: Studio) -> None:
         Returns:
             dataset names, alphabetically
         """
-        return studio.list_datasets(owner(request))
+        return studio.list_datasets(caller=caller(request))
 
     @shows_errors
     def create_dataset(name: str, request: gr.Request) -> dict:
@@ -70,7 +76,7 @@ def build(studio: Studio) -> None:
         Returns:
             the dataset: name, images, captioned, trigger_word
         """
-        return dataset_summary(studio.dataset(name, owner=owner(request)).info())
+        return dataset_summary(studio.dataset(name, caller=caller(request)).info())
 
     @shows_errors
     def add_images(dataset: str, files: list[str], request: gr.Request) -> dict:
@@ -98,7 +104,7 @@ def build(studio: Studio) -> None:
         Returns:
             name, images, captioned, trigger_word, items (file, caption, width, height) and warnings
         """
-        ds = studio.dataset(dataset, create=False, owner=owner(request)).info()
+        ds = studio.dataset(dataset, create=False, caller=caller(request)).info()
         return {**dataset_summary(ds), "warnings": dataset_warnings(ds, settings),
                 "items": [{"file": i.file, "caption": i.caption, "width": i.width, "height": i.height}
                           for i in ds.items]}
@@ -114,7 +120,7 @@ def build(studio: Studio) -> None:
         Returns:
             the dataset: name, images, captioned, trigger_word
         """
-        handle = studio.dataset(dataset, create=False, owner=owner(request)).set_trigger_word(trigger_word)
+        handle = studio.dataset(dataset, create=False, caller=caller(request)).set_trigger_word(trigger_word)
         if put_first:
             handle.trigger_first()
         return dataset_summary(handle.info())
@@ -129,7 +135,7 @@ def build(studio: Studio) -> None:
         Returns:
             the dataset: name, images, captioned, trigger_word
         """
-        handle = studio.dataset(dataset, create=False, owner=owner(request)).set_captions(captions)
+        handle = studio.dataset(dataset, create=False, caller=caller(request)).set_captions(captions)
         return dataset_summary(handle.info())
 
     @shows_errors
@@ -144,9 +150,7 @@ def build(studio: Studio) -> None:
         Returns:
             a summary, and the images that failed with why (they keep their old caption)
         """
-        me = owner(request)
-        report = studio.auto_caption(dataset, mode=mode, only_empty=only_empty, owner=me,
-                                     address=client_address(request, settings))
+        report = studio.auto_caption(dataset, mode=mode, only_empty=only_empty, caller=caller(request))
         return {"summary": report.summary(), "failed": report.failed}
 
     @shows_errors
@@ -158,7 +162,7 @@ def build(studio: Studio) -> None:
         Returns:
             the zip file
         """
-        return servable(studio.dataset(dataset, create=False, owner=owner(request)).export_zip().path)
+        return servable(studio.dataset(dataset, create=False, caller=caller(request)).export_zip().path)
 
     @shows_errors
     def delete_dataset(dataset: str, request: gr.Request) -> str:
@@ -169,7 +173,7 @@ def build(studio: Studio) -> None:
         Returns:
             a confirmation
         """
-        studio.dataset(dataset, create=False, owner=owner(request)).delete()
+        studio.dataset(dataset, create=False, caller=caller(request)).delete()
         return f"Deleted dataset {dataset}."
 
     # ------------------------------------------------------------ training
@@ -185,8 +189,9 @@ def build(studio: Studio) -> None:
             dataset: the dataset's name
             name: a name for the fine-tune, to find it later
             provider: "local" (this machine's engine), "cometapi" or "huggingface" (HF Jobs, billed to the
-                app's HF_TOKEN account; hosted apps refuse it over the API: sign in on the page instead); empty
-                for the app's default
+                account that runs it: the app's HF_TOKEN locally; hosted, only the caller's own Hugging Face
+                sign-in, carried by the session cookie of the page where they signed in); empty for the app's
+                default
             mode: what the dataset is; sets the defaults of the settings left empty
             trigger_word: empty for the dataset's own
             iterations: training steps, 100-1000 (empty: the mode's default)
@@ -200,8 +205,7 @@ def build(studio: Studio) -> None:
             the job: id, name, provider, status, progress, message
         """
         job = studio.launch(dataset, name, provider=provider or None, mode=mode, trigger_word=trigger_word,
-                            owner=owner(request), address=client_address(request, settings),
-                            iterations=iterations, learning_rate=learning_rate, lora_rank=lora_rank,
+                            caller=caller(request), iterations=iterations, learning_rate=learning_rate, lora_rank=lora_rank,
                             finetune_type=finetune_type or None, priority=priority or None,
                             base_model=base_model or None, hardware=hardware)
         return job_summary(job.job)
@@ -213,7 +217,7 @@ def build(studio: Studio) -> None:
         Returns:
             each job's id, name, provider, dataset, status, progress, message, error and finetune_id
         """
-        return [job_summary(j) for j in studio.list_jobs(owner(request))]
+        return [job_summary(j) for j in studio.list_jobs(caller=caller(request))]
 
     @shows_errors
     def get_job(job: str, request: gr.Request) -> dict:
@@ -225,7 +229,7 @@ def build(studio: Studio) -> None:
         Returns:
             the job: id, name, provider, status, progress, eta_s, message, error, finetune_id
         """
-        handle = studio.job(job, owner(request))
+        handle = studio.job(job, caller=caller(request))
         return job_summary(handle.refresh())
 
     @shows_errors
@@ -237,7 +241,7 @@ def build(studio: Studio) -> None:
         Returns:
             the job
         """
-        return job_summary(studio.job(job, owner(request)).cancel())
+        return job_summary(studio.cancel(job, caller=caller(request)))
 
     # ------------------------------------------------------------ comparing
 
@@ -256,9 +260,8 @@ def build(studio: Studio) -> None:
         Returns:
             the base image, the tuned image, and their details (models, latencies, errors)
         """
-        me = owner(request)
         result = studio.compare(finetune, prompt, seed=seed, strength=strength, width=width, height=height,
-                                owner=me, address=client_address(request, settings))
+                                caller=caller(request))
         details = {"seed": seed, "strength": strength, "wall_s": round(result.pair.wall_s, 2),
                    **{name: cell_summary(cell) for name, cell in (("base", result.base), ("tuned", result.tuned))}}
         return servable(result.base.path), servable(result.tuned.path), details
@@ -280,10 +283,9 @@ def build(studio: Studio) -> None:
         Returns:
             the contact sheet (PNG), and each cell's details
         """
-        me = owner(request)
         values = cmp.parse_strengths(strengths)
         result = studio.grid(finetune, (prompts or "").splitlines(), values, include_base=include_base, seed=seed,
-                             width=width, height=height, owner=me, address=client_address(request, settings))
+                             width=width, height=height, caller=caller(request))
         sheet = result.save_contact_sheet()
         cells = [{"row": c.row, "column": result.result.columns[c.col], **cell_summary(c)}
                  for row in result.result.cells for c in row]

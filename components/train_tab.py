@@ -15,6 +15,7 @@ from components.identity import client_address, hf_token_of, owner_for
 from components.train_hardware import HARDWARE_INFO, estimate_markdown, hardware_choices
 from components.serving import servable_items
 from services.providers import base as P
+from services.providers import registry
 from services.providers.base import Provider
 from services.config import Secret, Settings
 from services.storage.datasets import DatasetStore
@@ -213,9 +214,10 @@ def memory_summary(local, base_model: str | None, preset: str, rank, priority: s
     """The preset, its estimated peak memory and the GPU, or why the base model can't be used."""
     if local is None:
         return ""
+    options = registry.train_options(local.key, base_model=base_model, memory_preset=preset,
+                                     gradient_checkpointing=CHECKPOINTING.get(checkpointing or "auto"))
     request = P.TrainRequest(name="-", mode="general", lora_rank=int(rank or 32), priority=priority or "quality",
-                             base_model=base_model or None, memory_preset=preset or "",
-                             gradient_checkpointing=CHECKPOINTING.get(checkpointing or "auto"))
+                             options=options)
     try:
         plan = local.memory_plan(request)
     except StudioError as exc:
@@ -232,10 +234,11 @@ def memory_summary(local, base_model: str | None, preset: str, rank, priority: s
 NO_DATASET = "No dataset picked yet: save one on the Dataset tab, then pick it here."
 
 
-def hardware_request(iterations, rank, priority: str | None, hardware: str | None) -> P.TrainRequest:
+def hardware_request(provider_key: str, iterations, rank, priority: str | None, hardware: str | None) -> P.TrainRequest:
     """What the hardware row prices: the settings that change a job's time and memory."""
     return P.TrainRequest(name="-", mode="general", iterations=int(iterations or P.PRESETS["general"]["iterations"]),
-                          lora_rank=int(rank or 32), priority=priority or "quality", hardware=hardware or "")
+                          lora_rank=int(rank or 32), priority=priority or "quality",
+                          options=registry.train_options(provider_key, hardware=hardware))
 
 
 def suggest_name(dataset: str | None, mode: str, typed: str | None):
@@ -395,7 +398,7 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
         if not hw:
             return (*views, gr.update(), gr.update())
         provider_ = visitor_provider(provider_key, key, request)
-        req = hardware_request(iterations_, rank_, priority_, "")
+        req = hardware_request(provider_key, iterations_, rank_, priority_, "")
         choices, note = hardware_choices(provider_, req)
         return (*views, gr.update(choices=choices, value=""), estimate_markdown(provider_, req, note))
 
@@ -404,7 +407,7 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
         if chosen is None or not chosen.picks_hardware:
             return gr.update()
         return estimate_markdown(visitor_provider(provider_key, key, request),
-                                 hardware_request(iterations_, rank_, priority_, hardware_))
+                                 hardware_request(provider_key, iterations_, rank_, priority_, hardware_))
 
     def on_refresh(current: str | None, request: gr.Request = None):
         return dataset_choices(owner_for(request, settings), current)
@@ -434,10 +437,11 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
             name=name_ or "", mode=mode_, trigger_word=(trigger_ or "").strip(), iterations=int(iterations_),
             learning_rate=parse_learning_rate(lr_), lora_rank=int(rank_), finetune_type=type_,
             priority=priority_, captioning=bool(captioning_),
-            gradient_checkpointing=CHECKPOINTING.get(checkpointing_ or "auto"),
-            base_model=(base_model_ or None) if provider.picks_base_model else None,
-            memory_preset=(memory_preset_ or "") if provider.picks_base_model else "",
-            hardware=(hardware_ or "") if provider.picks_hardware else "",
+            options=registry.train_options(
+                provider_key, gradient_checkpointing=CHECKPOINTING.get(checkpointing_ or "auto"),
+                base_model=base_model_ if provider.picks_base_model else None,
+                memory_preset=memory_preset_ if provider.picks_base_model else "",
+                hardware=hardware_ if provider.picks_hardware else ""),
         )
         progress(0, desc="Exporting dataset")
 

@@ -7,10 +7,11 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 
+from services.caller import Caller
 from services.config import Secret, Settings
 from services.errors import InputError, RateLimitedError
-from services.providers.base import Provider
-from services.providers.huggingface.provider import HuggingFaceProvider
+from services.providers import registry
+from services.providers.base import CredentialKind, Provider
 
 
 class RateLimiter:
@@ -106,7 +107,6 @@ class SharedKeyBudget:
 
 
 OWN_KEY_PROVIDERS = 256  # visitors' own-key (and own-token) providers kept open at once
-HF_KEY = HuggingFaceProvider.key
 
 
 class ProviderAccess:
@@ -125,13 +125,18 @@ class ProviderAccess:
         budget: SharedKeyBudget | None = None,
         *,
         with_hf_token: Callable[[Secret], Provider] | None = None,
+        own_makers: dict[str, Callable[[Secret], Provider]] | None = None,
     ) -> None:
-        """``with_key``: a CometAPI provider on a visitor's own key; ``with_hf_token``: a Hugging Face
-        provider on a signed-in visitor's own token (their account pays its jobs and inference)."""
+        """``own_makers``: provider key -> a provider on a visitor's own credentials (their account pays).
+        ``with_key`` / ``with_hf_token`` give them by kind instead: for the providers that take a visitor's
+        own key, and a visitor's Hugging Face sign-in (``Credentials.kind``)."""
         self.settings = settings
         self.providers = providers
-        self._with_key = with_key
-        self._with_hf_token = with_hf_token
+        by_kind: dict[CredentialKind, Callable[[Secret], Provider] | None] = {"own_key": with_key,
+                                                                               "sign_in": with_hf_token}
+        self._makers: dict[str, Callable[[Secret], Provider]] = {
+            key: make for key in providers if (make := by_kind.get(registry.credentials(key).kind)) is not None}
+        self._makers.update(own_makers or {})
         self.budget = budget or SharedKeyBudget(settings)
         # A visitor's own key or token -> its provider (and so its pooled connections), kept while in use.
         # Keyed by a hash of the secret, in memory only; the least recently used is closed past the cap.
@@ -142,32 +147,49 @@ class ProviderAccess:
             address: str = "", hf_token: Secret | None = None) -> Provider:
         """The provider to use; ``cost`` paid calls are charged to the shared-key budget.
 
-        ``hf_token``: the visitor's Hugging Face sign-in (hosted). Hugging Face work always runs on the
-        visitor's own account there; without a sign-in the app-wide provider answers, and it says
-        (``readiness``) that a sign-in is needed: it never spends the Space owner's token."""
+        ``session_key``: the visitor's own key; ``hf_token``: their Hugging Face sign-in (hosted). A provider
+        that takes them runs on the visitor's own account; one on a sign-in is the visitor's only when hosted.
+        Without them the app-wide provider answers, and it says (``readiness``) what is needed: a sign-in
+        never spends the Space owner's token."""
         if provider_key not in self.providers:
             raise InputError(f"Provider '{provider_key}' is not available in this app.",
                              hint=f"Pick one of: {', '.join(self.providers)}.")
-        if provider_key == "cometapi" and session_key and self._with_key is not None:
-            return self.own(session_key)
-        own_hf = self.own_hf(hf_token) if provider_key == HF_KEY else None
-        if own_hf is not None:
-            return own_hf
-        if provider_key == "cometapi" and self.settings.hosted and cost:
+        credentials = registry.credentials(provider_key)
+        secret = {"own_key": session_key, "sign_in": hf_token}.get(credentials.kind)
+        own = self.own_provider(provider_key, secret)
+        if own is not None:
+            return own
+        if credentials.shared_budget and self.settings.hosted and cost:
             self.budget.charge(owner, address, cost)
         return self.providers[provider_key]
 
+    def for_caller(self, provider_key: str, caller: Caller, *, cost: int = 0) -> Provider:
+        """``get`` for one caller: their own key or sign-in where the provider takes it, their budget otherwise."""
+        return self.get(provider_key, caller.owner, caller.cometapi_key, cost=cost, address=caller.address,
+                        hf_token=caller.hf_token)
+
+    def own_provider(self, provider_key: str, secret: Secret | None) -> Provider | None:
+        """``provider_key`` on a visitor's own credentials (one per secret, reused across their requests);
+        None without them, where it takes none, or for a sign-in outside hosted mode."""
+        make = self._makers.get(provider_key)
+        if not secret or make is None or provider_key not in self.providers:
+            return None
+        if registry.credentials(provider_key).kind == "sign_in" and not self.settings.hosted:
+            return None
+        return self._own_provider(provider_key, secret, make)
+
     def own(self, key: Secret) -> Provider:
-        """The provider for a visitor's own CometAPI key: one per key, reused across their requests."""
-        if self._with_key is None:
+        """The provider on a visitor's own key (the one provider that takes a pasted key)."""
+        provider = next((p for k in self.providers if registry.credentials(k).kind == "own_key"
+                         and (p := self.own_provider(k, key)) is not None), None)
+        if provider is None:
             raise InputError("This app takes no visitor keys.")
-        return self._own_provider("cometapi", key, self._with_key)
+        return provider
 
     def own_hf(self, token: Secret | None) -> Provider | None:
-        """The Hugging Face provider on a signed-in visitor's token (hosted), None where there is none."""
-        if not (token and self.settings.hosted and self._with_hf_token is not None and HF_KEY in self.providers):
-            return None
-        return self._own_provider(HF_KEY, token, self._with_hf_token)
+        """The provider on a signed-in visitor's Hugging Face token (hosted), None where there is none."""
+        return next((p for k in self.providers if registry.credentials(k).kind == "sign_in"
+                     and (p := self.own_provider(k, token)) is not None), None)
 
     def _own_provider(self, kind: str, secret: Secret, make: Callable[[Secret], Provider]) -> Provider:
         digest = kind + ":" + hashlib.sha256(secret.reveal().encode()).hexdigest()

@@ -22,6 +22,7 @@ job launched here shows on the Train tab and the other way round. In a notebook:
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -31,37 +32,35 @@ from PIL import Image
 
 from services import compare as cmp
 from services.access import ProviderAccess
+from services.caller import Caller
 from services.captioning import Captioner, CaptionReport, images_to_caption
+from services.providers import registry
 from services.providers.cometapi.client import CometAPIClient
-from services.providers.cometapi.provider import CometAPIProvider
 from services.config import Secret, Settings
 from services.storage.datasets import Dataset, DatasetStore, DatasetStores, ExportResult, ImportReport
 from services.storage.captions import add_affixes, find_replace, trigger_first
 from services.errors import InputError, StudioError
-from services.targets import Target, authorize_target, find_target
+from services.targets import Target, authorize_target, find_target, ready_targets
 from services.storage.database import DatabaseBackup
 from services.storage.jobs import Job, JobStore
-from services.providers.huggingface.provider import HuggingFaceProvider
-from services.providers.local.provider import LocalProvider
 from services.storage.owners import LOCAL_OWNER, installation_secret
-from services.providers.base import PRESETS, GenerateRequest, Provider, ProgressFn, TrainRequest
+from services.providers.base import (PRESETS, GenerateRequest, Holder, Provider, ProgressFn, TrainChoices,
+                                     TrainRequest)
 from services.storage.results import ResultStore
 from services.training import Tracker, TrainingService
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".zip", ".txt"})
+# The shortest start of a job id that names a job (the Train tab's table shows 8 characters).
+MIN_ID_PREFIX = 6
 
 
 def default_providers(settings: Settings) -> dict[str, Provider]:
-    """Every provider; the first is the default: CometAPI with a key, else the local engine. Hugging Face
-    comes last: it spends money on the account whose token it runs with, so it is never picked for you."""
-    cometapi = CometAPIProvider.from_settings(settings)
-    local = LocalProvider(settings)  # cheap: torch and diffusers load on first use
-    hf = HuggingFaceProvider(settings)  # cheap: nothing is asked of the Hub until it is used
-    if settings.cometapi_key:
-        return {"cometapi": cometapi, "local": local, hf.key: hf}
-    return {"local": local, "cometapi": cometapi, hf.key: hf}
+    """Every registered provider; the first is the default: CometAPI with a key, else the local engine.
+    Hugging Face comes last: it spends money on the account whose token it runs with, so it is never
+    picked for you (each says so: ``ProviderInfo.may_be_default``)."""
+    return registry.build(settings)
 
 
 def files_in(paths: Iterable[Path | str]) -> list[Path]:
@@ -102,11 +101,10 @@ class Studio:
         self.training = TrainingService(
             self.jobs, self.providers, self.datasets,
             max_images={key: p.max_images for key, p in self.providers.items()},
-            max_active={"local": settings.visitor_max_local_jobs} if settings.hosted else None,
+            max_active=registry.hosted_job_caps(settings, self.providers) if settings.hosted else None,
         )
-        self.access = ProviderAccess(settings, self.providers,
-                                     lambda key: CometAPIProvider.from_settings(settings, key=key),
-                                     with_hf_token=lambda token: HuggingFaceProvider(settings, token=token))
+        self.access = ProviderAccess(settings, self.providers, None,
+                                     own_makers=registry.own_makers(settings, self.providers))
         self.results = ResultStore(settings, jobs=self.jobs)
         self.tracker: Tracker | None = None
         self.backup: DatabaseBackup | None = None
@@ -117,6 +115,14 @@ class Studio:
     @property
     def default_provider(self) -> str:
         return next(iter(self.providers))
+
+    def caller(self, caller: Caller | None = None, owner: str | None = None, key: Secret | None = None,
+               address: str = "") -> Caller:
+        """Who a call is for: ``caller`` as given, else one made of the older keywords (``owner``, ``key``:
+        their own CometAPI key, ``address``), else this studio's owner with the environment's settings."""
+        if caller is not None:
+            return caller
+        return Caller(owner or self.owner, key or None, None, address or None)
 
     def start(self) -> "Studio":
         """Resume interrupted local jobs and start tracking; called by ``__init__`` unless ``background=False``."""
@@ -150,12 +156,14 @@ class Studio:
     def store(self, owner: str | None = None) -> DatasetStore:
         return self.datasets(owner or self.owner)
 
-    def list_datasets(self, owner: str | None = None) -> list[str]:
-        """The names of ``owner``'s datasets."""
-        return self.store(owner).list_names()
+    def list_datasets(self, owner: str | None = None, *, caller: Caller | None = None) -> list[str]:
+        """The names of the caller's datasets."""
+        return self.store(self.caller(caller, owner).owner).list_names()
 
-    def dataset(self, name: str, *, create: bool = True, owner: str | None = None) -> "DatasetHandle":
+    def dataset(self, name: str, *, create: bool = True, owner: str | None = None,
+                caller: Caller | None = None) -> "DatasetHandle":
         """A dataset by name; made (empty) when it doesn't exist yet and ``create`` is true."""
+        owner = self.caller(caller, owner).owner
         if not (name or "").strip():
             raise InputError("No dataset name was given.", hint="Name one of your datasets, or a new one.")
         store = self.store(owner)
@@ -163,7 +171,7 @@ class Studio:
             if not create:
                 store.open(name)  # raises "was not found", with a hint
             name = store.create(name).name
-        return DatasetHandle(self, name, owner or self.owner)
+        return DatasetHandle(self, name, owner)
 
     def captioner(self, key: Secret | None, owner: str, address: str, images: int) -> Captioner | None:
         """The visitor's own key, else the shared one, charged one paid call per image when hosted;
@@ -180,73 +188,189 @@ class Studio:
                          settings.caption_concurrency)
 
     def auto_caption(self, dataset: str, *, mode: str = "general", only_empty: bool = True, owner: str | None = None,
-                     key: Secret | None = None, address: str = "", progress: ProgressFn | None = None) -> CaptionReport:
+                     key: Secret | None = None, address: str = "", progress: ProgressFn | None = None,
+                     caller: Caller | None = None) -> CaptionReport:
         """Caption the dataset's images with a vision model through CometAPI (needs a key)."""
-        owner = owner or self.owner
-        store = self.store(owner)
+        caller = self.caller(caller, owner, key, address)
+        store = self.store(caller.owner)
         images = len(images_to_caption(store.open(dataset), only_empty))  # one paid call each
-        captioner = self.captioner(key, owner, address, images)
+        captioner = self.captioner(caller.cometapi_key, caller.owner, caller.address, images)
         if captioner is None:
             raise InputError("Auto-captioning needs a CometAPI key.",
                              hint="Set COMETAPI_KEY and restart, or write the captions yourself.")
         return captioner.caption_dataset(store, dataset, mode=mode, only_empty=only_empty, progress=progress)
 
+    # ------------------------------------------------------------ providers, as a caller sees them
+
+    def provider_for(self, provider_key: str, caller: Caller | None = None) -> Provider:
+        """The provider the caller's requests go to: on their own key or sign-in where it takes them,
+        else the app-wide one (nothing is charged for asking)."""
+        caller = self.caller(caller)
+        own = self.access.own_provider(provider_key, caller.secret_for(registry.credentials(provider_key)))
+        return own or self.training.provider(provider_key)
+
+    def adopt(self, caller: Caller) -> None:
+        """Track the caller's unfinished jobs on their own key or sign-in again (after a restart the app
+        held neither): call it when a visitor signs in, enters a key, or opens the page."""
+        for key in self.providers:
+            own = self.access.own_provider(key, caller.secret_for(registry.credentials(key)))
+            if own is not None:
+                self.training.adopt(caller.owner, own)
+
+    def calls_left(self, provider_key: str, caller: Caller | None = None) -> int | None:
+        """Hosted, on a provider whose app-wide paid calls are budgeted and without the caller's own key:
+        how many the caller may still make this hour; None where nothing is counted."""
+        caller = self.caller(caller)
+        credentials = registry.credentials(provider_key)
+        if not (self.settings.hosted and credentials.shared_budget) or caller.secret_for(credentials):
+            return None
+        return self.access.budget.remaining(caller.owner, caller.address)
+
+    def banner(self, provider_key: str, caller: Caller | None = None) -> str:
+        """The line over the Train tab: whether the provider can be used, and on whose account."""
+        caller = self.caller(caller)
+        provider = self.providers.get(provider_key)
+        if provider is None:
+            return ""
+        credentials = registry.credentials(provider_key)
+        secret = caller.secret_for(credentials)
+        own_banner = credentials.own_banner.format(label=provider.label)
+        if credentials.kind == "sign_in" and self.access.own_provider(provider_key, secret) is not None:
+            return own_banner
+        own_key = credentials.kind == "own_key" and secret is not None
+        hosted = self.settings.hosted
+        notice = self.training.notices.get(provider_key)
+        ready, why = (True, "") if own_key else provider.readiness()
+        if not ready:
+            if hosted and credentials.hosted_missing:
+                why = credentials.hosted_missing
+            return f"⚠️ **{provider.label} can't be used yet.** {why}"
+        if notice:
+            return f"⚠️ **{provider.label}: {notice}**"
+        if own_key:
+            return own_banner
+        if hosted and credentials.shared_budget:
+            left = self.access.budget.remaining(caller.owner, caller.address)
+            return (f"✅ {provider.label}: using this app's shared key, limited to {self.settings.shared_key_limit} "
+                    f"paid calls per hour per visitor. {left} left for you this hour. Enter your own key at the top "
+                    "for more.")
+        if provider.model_label:  # the local engine says which model it runs (the tiny one makes noise, by design)
+            return f"✅ {provider.label}: {provider.model_label}"
+        return f"✅ {provider.label} is configured."
+
+    def train_choices(self, provider_key: str) -> TrainChoices:
+        """What the Train tab shows for a provider beyond the common settings, with its pickers' values."""
+        provider = self.training.provider(provider_key)
+        return TrainChoices(registry.choices(provider_key), tuple(provider.model_choices()),
+                            provider.default_model_choice(), tuple(provider.memory_choices()))
+
+    def memory_check(self, provider_key: str, **values) -> tuple[str, str]:
+        """(the memory preset, its estimated peak and the GPU; why the training would not fit or the base
+        model can't be used) for the Train tab's settings ``values`` (``train_request``'s), where the provider
+        trains on this machine's GPU; ("", "") elsewhere."""
+        provider = self.training.provider(provider_key)
+        options = registry.train_options(provider_key, **{k: values.pop(k, None) for k in
+                                                          ("base_model", "memory_preset", "hardware",
+                                                           "gradient_checkpointing")})
+        request = TrainRequest(name="-", mode="general", lora_rank=int(values.get("lora_rank") or 32),
+                               priority=values.get("priority") or "quality", options=options)
+        try:
+            plan = provider.memory_plan(request)
+        except StudioError as exc:
+            return "", exc.user_message()
+        if plan is None:
+            return "", ""
+        if plan.preset is not None:
+            try:
+                plan.check()
+            except StudioError as exc:
+                return plan.summary(), exc.user_message()
+        return plan.summary(), ""
+
+    def tuned_models(self) -> list[str]:
+        """The models a fine-tune can be generated with, where a provider offers several (the Compare tab)."""
+        return [m for p in self.providers.values() for m in p.tuned_models()]
+
+    def training_slots(self, caller: Caller | None = None) -> list["TrainingSlot"]:
+        """Each provider that trains one job at a time here: which job holds it (the caller's own, if it is)."""
+        caller = self.caller(caller)
+        slots = []
+        for key, provider in self.providers.items():
+            if provider.queues_training:
+                holder = provider.training_now()
+                mine = holder and self.jobs.find_by_remote(caller.owner, key, holder.remote_id)
+                slots.append(TrainingSlot(provider.label, holder, mine or None))
+        return slots
+
     # ------------------------------------------------------------ training
 
-    def train_request(self, name: str, *, mode: str = "general", trigger_word: str = "", iterations: int | None = None,
-                      learning_rate: float | None = None, lora_rank: int | None = None,
+    def train_request(self, name: str, *, provider: str | None = None, mode: str = "general", trigger_word: str = "",
+                      iterations: int | None = None, learning_rate: float | None = None, lora_rank: int | None = None,
                       finetune_type: str | None = None, priority: str | None = None, captioning: bool | None = None,
                       gradient_checkpointing: bool | None = None, base_model: str | None = None,
-                      hardware: str = "") -> TrainRequest:
-        """A validated request: what is not given comes from the mode's defaults (``PRESETS``)."""
+                      memory_preset: str = "", hardware: str = "") -> TrainRequest:
+        """A validated request: what is not given comes from the mode's defaults (``PRESETS``); the
+        provider-specific settings go to ``provider``'s own options (those it does not take are left out)."""
         preset = PRESETS.get(mode, PRESETS["general"])
 
         def pick(value, key: str):
             return preset[key] if value is None else value
 
+        options = registry.train_options(provider or self.default_provider, base_model=base_model,
+                                         memory_preset=memory_preset, hardware=hardware,
+                                         gradient_checkpointing=gradient_checkpointing)
         return TrainRequest(
             name=(name or "").strip(), mode=mode, trigger_word=(trigger_word or "").strip(),
             iterations=pick(iterations, "iterations"), learning_rate=learning_rate,
             lora_rank=pick(lora_rank, "lora_rank"), finetune_type=pick(finetune_type, "finetune_type"),
-            priority=pick(priority, "priority"), captioning=pick(captioning, "captioning"),
-            gradient_checkpointing=gradient_checkpointing, base_model=base_model or None, hardware=hardware or "",
+            priority=pick(priority, "priority"), captioning=pick(captioning, "captioning"), options=options,
         ).validate()
 
     def launch(self, dataset: "str | DatasetHandle", name: str, *, provider: str | None = None, mode: str = "general",
                trigger_word: str = "", owner: str | None = None, key: Secret | None = None, address: str = "",
-               on_upload: ProgressFn | None = None, **settings) -> "JobHandle":
+               on_upload: ProgressFn | None = None, caller: Caller | None = None, **settings) -> "JobHandle":
         """Start a fine-tune of ``dataset`` called ``name`` and return its job at once (``.wait()`` for it).
 
         ``provider``: "local", "cometapi" or "huggingface" (default: the app's default; Hugging Face runs on
-        HF_TOKEN's account, which pays: ``hardware`` names a Jobs flavour, e.g. "a100-large", empty for the
-        cheapest that fits; ``studio.providers["huggingface"].estimate(request)`` prices it first). ``trigger_word`` defaults to
-        the dataset's. Further settings (``iterations``, ``learning_rate``, ``lora_rank``, ``finetune_type``,
-        ``priority``, ``captioning``, ``gradient_checkpointing``) default to the mode's; ``base_model`` (local
-        engine: a key of ``services.engine.models``, e.g. "flux1-dev", "flux2-klein-base-4b") defaults
-        to ``FLUX_LOCAL_MODEL``."""
-        owner = owner or self.owner
+        HF_TOKEN's account, which pays, or a hosted visitor's sign-in: ``hardware`` names a Jobs flavour, e.g.
+        "a100-large", empty for the cheapest that fits; ``studio.providers["huggingface"].estimate(request)``
+        prices it first). ``trigger_word`` defaults to the dataset's. Further settings (``iterations``,
+        ``learning_rate``, ``lora_rank``, ``finetune_type``, ``priority``, ``captioning``,
+        ``gradient_checkpointing``) default to the mode's; ``base_model`` (local engine: a key of
+        ``services.engine.models``, e.g. "flux1-dev", "flux2-klein-base-4b") defaults to ``FLUX_LOCAL_MODEL``,
+        ``memory_preset`` (local engine) to the one the GPU picks. The request is checked before anything is
+        charged; hosted, a launch on the shared key costs one paid call."""
+        caller = self.caller(caller, owner, key, address)
         dataset_name = dataset.name if isinstance(dataset, DatasetHandle) else str(dataset or "")
         if dataset_name and not trigger_word:
-            trigger_word = self.store(owner).open(dataset_name).trigger_word or "TOK"
-        request = self.train_request(name, mode=mode, trigger_word=trigger_word, **settings)
+            trigger_word = self.store(caller.owner).open(dataset_name).trigger_word or "TOK"
         provider_key = provider or self.default_provider
-        chosen = self.access.get(provider_key, owner, key, cost=1, address=address)
-        job = self.training.launch(owner, provider_key, dataset_name, request, on_upload=on_upload, provider=chosen)
-        return JobHandle(self, job, owner)
+        request = self.train_request(name, provider=provider_key, mode=mode, trigger_word=trigger_word, **settings)
+        chosen = self.access.for_caller(provider_key, caller, cost=1)
+        job = self.training.launch(caller.owner, provider_key, dataset_name, request, on_upload=on_upload,
+                                   provider=chosen)
+        return JobHandle(self, job, caller.owner)
 
-    def list_jobs(self, owner: str | None = None) -> list[Job]:
-        """``owner``'s jobs, newest first."""
-        return self.jobs.list(owner or self.owner)
+    def list_jobs(self, owner: str | None = None, *, caller: Caller | None = None) -> list[Job]:
+        """The caller's jobs, newest first."""
+        return self.jobs.list(self.caller(caller, owner).owner)
 
-    def job(self, ref: "str | JobHandle", owner: str | None = None) -> "JobHandle":
-        """One of ``owner``'s jobs by id, fine-tune id or name (the newest of that name)."""
+    def job(self, ref: "str | JobHandle", owner: str | None = None, *, caller: Caller | None = None) -> "JobHandle":
+        """One of the caller's jobs by id, fine-tune id, name (the newest of that name) or the start of its
+        id (at least ``MIN_ID_PREFIX`` characters, as the Train tab's table shows it)."""
         if isinstance(ref, JobHandle):
             return ref
-        owner = owner or self.owner
+        owner = self.caller(caller, owner).owner
         ref = (ref or "").strip()
-        jobs = self.jobs.list(owner)
+        jobs = self.jobs.list(owner) if ref else []
         found = next((j for j in jobs if ref in (j.id, j.remote_id)), None) \
             or next((j for j in jobs if j.name == ref), None)
+        if found is None and len(ref) >= MIN_ID_PREFIX:
+            starting = [j for j in jobs if j.id.startswith(ref)]
+            if len(starting) > 1:
+                raise InputError(f"'{ref}' starts the ids of {len(starting)} of your jobs.",
+                                 hint="Give more of the id, or the job's name.")
+            found = starting[0] if starting else None
         if found is None:
             raise InputError(f"No job of yours is called or numbered '{ref[:60]}'.",
                              hint="List your jobs to see their names and ids.")
@@ -259,63 +383,125 @@ class Studio:
             self.training.track_once(owner)
         return self.jobs.get(owner, job_id)
 
+    def cancel(self, ref: "str | JobHandle", *, caller: Caller | None = None) -> Job:
+        """Cancel one of the caller's queued or running jobs (a resumable provider keeps its last checkpoint)."""
+        return self.job(ref, caller=caller).cancel()
+
+    def resume(self, ref: "str | JobHandle", *, caller: Caller | None = None) -> Job:
+        """Continue one of the caller's interrupted or cancelled jobs from its last checkpoint."""
+        return self.job(ref, caller=caller).resume()
+
+    def delete(self, ref: "str | JobHandle", *, caller: Caller | None = None) -> Job:
+        """Delete one of the caller's jobs (a finished fine-tune on its provider too)."""
+        handle = self.job(ref, caller=caller)
+        return self.training.delete(handle.owner, handle.id)
+
+    def publish(self, ref: "str | JobHandle", repo_id: str, token: Secret, *, private: bool = True,
+                caller: Caller | None = None) -> str:
+        """Upload a ready fine-tune of a provider that publishes (the local engine) to a Hub model repo with
+        ``token`` (used for this upload only); returns the repo's URL."""
+        job = self.job(ref, caller=caller).job
+        provider = self.providers.get(job.provider)
+        if provider is None or not provider.can_publish:
+            raise InputError(f"'{job.name}' was trained on {job.provider}; only local LoRAs can be published from here.")
+        if job.status != "ready" or not job.remote_id:
+            raise InputError(f"'{job.name}' is {job.status}.", hint="Publish it once it is ready.")
+        if not token:
+            raise InputError("The token is empty.", hint="Paste a Hugging Face token with write access.")
+        return provider.publish(job.remote_id, (repo_id or "").strip(), token, private=bool(private))
+
     # ------------------------------------------------------------ comparing
 
-    def target(self, finetune: "str | JobHandle", owner: str, key: Secret | None = None) -> Target:
-        """The fine-tune to generate with, if ``owner`` may: one of theirs by job id, fine-tune id or name."""
+    def ready_finetunes(self, caller: Caller | None = None) -> list[Target]:
+        """The caller's ready fine-tunes, newest first (the Compare tab's picker)."""
+        return ready_targets(self.jobs, self.caller(caller).owner)
+
+    def target(self, finetune: "str | JobHandle", owner: str | None = None, key: Secret | None = None, *,
+               caller: Caller | None = None) -> Target:
+        """The fine-tune to generate with, if the caller may: one of theirs by job id, fine-tune id or name,
+        or (hosted) an id from elsewhere on a provider that takes their own key or sign-in, with them."""
+        caller = self.caller(caller, owner, key)
         if isinstance(finetune, JobHandle):
             finetune = finetune.id
-        found = find_target(str(finetune), self.jobs, owner, list(self.providers))
+        found = find_target(str(finetune), self.jobs, caller.owner, list(self.providers))
         if not found.job_id:
-            job = next((j for j in self.jobs.list(owner) if finetune in (j.id, j.name, j.remote_id)), None)
+            job = next((j for j in self.jobs.list(caller.owner) if finetune in (j.id, j.name, j.remote_id)), None)
             if job is not None:  # one of theirs, not ready: say so rather than "not one of yours"
                 raise InputError(f"Fine-tune '{job.name}' is {job.status}, not ready.",
                                  hint="Wait until it is ready, then compare.")
-        return authorize_target(found, self.jobs, owner, self.settings, bool(key))
+        own = caller.secret_for(registry.credentials(found.provider_key)) is not None
+        return authorize_target(found, self.jobs, caller.owner, self.settings, own)
 
     def compare(self, finetune: "str | JobHandle", prompt: str, *, seed: int = 42, strength: float = 1.0,
                 width: int = 1024, height: int = 768, aspect_ratio: str = "1:1", steps: int | None = None,
-                guidance: float | None = None, tuned_model: str | None = None, owner: str | None = None,
-                key: Secret | None = None, address: str = "") -> "Comparison":
+                guidance: float | None = None, safety_tolerance: int = 2, output_format: str = "jpeg",
+                tuned_model: str | None = None, owner: str | None = None, key: Secret | None = None,
+                address: str = "", caller: Caller | None = None) -> "Comparison":
         """The base model and the fine-tune with the same prompt and seed, side by side.
 
         ``steps``/``guidance`` default to the model's own. The local engine rounds the size to what the
-        model takes (the tiny test model makes small images)."""
-        owner = owner or self.owner
-        target = self.target(finetune, owner, key)
+        model takes (the tiny test model makes small images). Hosted, on the shared key, it costs two paid calls."""
+        caller = self.caller(caller, owner, key, address)
+        target = self.target(finetune, caller=caller)
         request = self.generate_request(prompt, seed=seed, strength=strength, width=width, height=height,
-                                        aspect_ratio=aspect_ratio, steps=steps, guidance=guidance)
-        provider = self.access.get(target.provider_key, owner, key, cost=2, address=address)
+                                        aspect_ratio=aspect_ratio, steps=steps, guidance=guidance,
+                                        safety_tolerance=safety_tolerance, output_format=output_format)
+        provider = self.access.for_caller(target.provider_key, caller, cost=2)
         pair = cmp.compare_pair(provider, request, finetune_id=target.finetune_id, tuned_model=tuned_model,
-                                out_dir=self.results.out_dir(owner), owner=owner, results=self.results)
-        return Comparison(pair, target)
+                                out_dir=self.results.out_dir(caller.owner), owner=caller.owner, results=self.results)
+        return Comparison(pair, target, request,
+                          tiny=provider.is_tiny_model(provider.base_model_of(target.finetune_id)),
+                          strength_fixed=provider.strength_fixed(target.finetune_id),
+                          calls_left=self.calls_left(target.provider_key, caller))
 
     def grid(self, finetune: "str | JobHandle", prompts: Sequence[str], strengths: Sequence[float] = (0.6, 0.9, 1.2),
              *, include_base: bool = True, seed: int = 42, width: int = 1024, height: int = 768,
              aspect_ratio: str = "1:1", steps: int | None = None, guidance: float | None = None,
-             tuned_model: str | None = None, owner: str | None = None, key: Secret | None = None, address: str = "",
-             on_cell: Callable[[cmp.CellResult, cmp.GridProgress], None] | None = None) -> "Grid":
-        """Rows = prompts, columns = the base model (optional) and each strength; one seed for all."""
-        owner = owner or self.owner
-        target = self.target(finetune, owner, key)
+             safety_tolerance: int = 2, output_format: str = "jpeg", tuned_model: str | None = None,
+             owner: str | None = None, key: Secret | None = None, address: str = "",
+             on_cell: Callable[[cmp.CellResult, cmp.GridProgress], None] | None = None,
+             cancel: threading.Event | None = None, max_concurrency: int = 4,
+             caller: Caller | None = None) -> "Grid":
+        """Rows = prompts, columns = the base model (optional) and each strength; one seed for all.
+
+        ``on_cell`` is called (from worker threads) as each cell finishes; once ``cancel`` is set no further
+        cell is started (nobody would see it, and each is paid for). Checked whole before anything is
+        charged: hosted, on the shared key, each cell costs one paid call."""
+        caller = self.caller(caller, owner, key, address)
+        target = self.target(finetune, caller=caller)
         lines, columns = cmp.plan_grid(list(prompts), list(strengths), include_base, target.finetune_id)
         template = self.generate_request(lines[0], seed=seed, strength=1.0, width=width, height=height,
-                                         aspect_ratio=aspect_ratio, steps=steps, guidance=guidance)
-        provider = self.access.get(target.provider_key, owner, key, cost=len(lines) * len(columns), address=address)
+                                         aspect_ratio=aspect_ratio, steps=steps, guidance=guidance,
+                                         safety_tolerance=safety_tolerance, output_format=output_format)
+        provider = self.access.for_caller(target.provider_key, caller, cost=len(lines) * len(columns))
         result = cmp.run_grid(provider, lines, list(strengths), template, finetune_id=target.finetune_id,
-                              tuned_model=tuned_model, include_base=include_base, on_cell=on_cell,
-                              out_dir=self.results.out_dir(owner), owner=owner, results=self.results)
-        return Grid(result, self.results.contact_sheet_path(owner, result.group_id))
+                              tuned_model=tuned_model, include_base=include_base, max_concurrency=max_concurrency,
+                              on_cell=on_cell, out_dir=self.results.out_dir(caller.owner), owner=caller.owner,
+                              results=self.results, cancel=cancel)
+        return Grid(result, self.results.contact_sheet_path(caller.owner, result.group_id),
+                    calls_left=self.calls_left(target.provider_key, caller))
 
     @staticmethod
     def generate_request(prompt: str, *, seed: int, strength: float, width: int, height: int, aspect_ratio: str,
-                         steps: int | None, guidance: float | None) -> GenerateRequest:
+                         steps: int | None, guidance: float | None, safety_tolerance: int = 2,
+                         output_format: str = "jpeg") -> GenerateRequest:
+        """The one rule for a generation's settings, wherever they come from."""
         if not (prompt or "").strip():
             raise InputError("The prompt is empty.", hint="Describe the picture, with the trigger word.")
-        return GenerateRequest(prompt=prompt.strip(), seed=int(seed), width=int(width), height=int(height),
+        return GenerateRequest(prompt=prompt.strip(), seed=int(seed or 0), width=int(width), height=int(height),
                                aspect_ratio=aspect_ratio, steps=None if steps is None else int(steps),
                                guidance=None if guidance is None else float(guidance),
+                               safety_tolerance=int(safety_tolerance), output_format=output_format,
                                strength=cmp.check_strength(float(strength)))
+
+
+@dataclass(frozen=True)
+class TrainingSlot:
+    """A provider that trains one job at a time here, and the job that holds it (None: idle)."""
+
+    label: str
+    holder: Holder | None
+    mine: Job | None  # the holder, when it is the caller's own job
 
 
 @dataclass
@@ -386,9 +572,15 @@ class DatasetHandle:
         self._store.map_captions(self.name, lambda c: add_affixes(c, prefix, suffix))
         return self
 
-    def auto_caption(self, mode: str = "general", *, only_empty: bool = True) -> CaptionReport:
-        """Caption with a vision model through CometAPI (needs ``COMETAPI_KEY``)."""
-        return self.studio.auto_caption(self.name, mode=mode, only_empty=only_empty, owner=self.owner)
+    def clear_captions(self) -> "DatasetHandle":
+        self._store.map_captions(self.name, lambda c: "")
+        return self
+
+    def auto_caption(self, mode: str = "general", *, only_empty: bool = True, caller: Caller | None = None,
+                     progress: ProgressFn | None = None) -> CaptionReport:
+        """Caption with a vision model through CometAPI (needs ``COMETAPI_KEY``, or the caller's own key)."""
+        return self.studio.auto_caption(self.name, mode=mode, only_empty=only_empty, progress=progress,
+                                        caller=caller or Caller(self.owner))
 
     def remove(self, *files: str) -> "DatasetHandle":
         self._store.remove_images(self.name, files)
@@ -472,6 +664,10 @@ class Comparison:
 
     pair: cmp.PairResult
     target: Target
+    request: GenerateRequest | None = None
+    tiny: bool = False  # the fine-tune's base model is a tiny test model: its images are noise, by design
+    strength_fixed: str = ""  # why the provider applies this fine-tune at full strength only ("": it sets it)
+    calls_left: int | None = None  # hosted, on the shared key: the caller's paid calls left this hour
 
     @property
     def base(self) -> cmp.CellResult:
@@ -492,6 +688,7 @@ class Grid:
 
     result: cmp.GridResult
     sheet_path: Path
+    calls_left: int | None = None  # hosted, on the shared key: the caller's paid calls left this hour
 
     @property
     def failed(self) -> int:

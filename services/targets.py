@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from services.config import Settings
 from services.errors import InputError
-from services.providers.huggingface.jobs import is_finetune_id as is_hf_finetune_id
+from services.providers import registry
 from services.storage.jobs import JobStore
 
 
@@ -35,15 +35,8 @@ def ready_targets(jobs: JobStore, owner: str) -> list[Target]:
 
 
 def guess_provider(finetune_id: str, provider_keys: list[str]) -> str:
-    """The provider a bare fine-tune id belongs to: local runs are named "local-…", Hugging Face
-    fine-tunes are model repos ("owner/name"), anything else is a CometAPI id."""
-    if finetune_id.startswith("local-"):
-        wanted = "local"
-    elif is_hf_finetune_id(finetune_id):
-        wanted = "huggingface"
-    else:
-        wanted = "cometapi"
-    return wanted if wanted in provider_keys else provider_keys[0]
+    """The provider a bare fine-tune id belongs to (each says which ids are its own)."""
+    return registry.guess_provider(finetune_id, provider_keys)
 
 
 def find_target(ref: str, jobs: JobStore, owner: str, provider_keys: list[str]) -> Target:
@@ -63,23 +56,19 @@ def find_target(ref: str, jobs: JobStore, owner: str, provider_keys: list[str]) 
 
 
 def authorize_target(target: Target, jobs: JobStore, owner: str, settings: Settings, own_key: bool) -> Target:
-    """The target, if this visitor may use it: one of their own ready fine-tunes, or, hosted, a
-    CometAPI id from elsewhere only with their own key (never another visitor's local LoRA, and
-    never on the app's shared key). Checked before anything is charged or sent."""
+    """The target, if this visitor may use it: one of their own ready fine-tunes, or, hosted, an id from
+    elsewhere only on a provider that takes the visitor's own credentials, and only with them (``own_key``:
+    never another visitor's local LoRA, never on the app's shared key). Checked before anything is charged
+    or sent."""
     for mine in ready_targets(jobs, owner):
         if (mine.provider_key, mine.finetune_id) == (target.provider_key, target.finetune_id):
             return mine
     if not settings.hosted:
         return target  # one person's app: an id from a notebook or another install is theirs
-    if target.provider_key in ("cometapi", "huggingface") and own_key:
-        return target  # their key or sign-in, their account: the service decides what it may use
-    if target.provider_key == "huggingface":
-        raise InputError(f"{target.finetune_id[:80]} is not one of your fine-tunes.",
-                         hint="Sign in with Hugging Face at the top of the page to use a LoRA repo of yours, or "
-                              "pick one of your ready fine-tunes.")
-    if target.provider_key == "cometapi":
-        raise InputError("No CometAPI key of your own is set, and a fine-tune id that is not one of yours "
-                         "works only with your own key.",
-                         hint="Enter your key at the top of the page, or pick one of your ready fine-tunes.")
+    credentials = registry.credentials(target.provider_key)
+    if credentials.kind != "none":
+        if own_key:
+            return target  # their key or sign-in, their account: the service decides what it may use
+        raise InputError(credentials.foreign_id.format(id=target.finetune_id[:80]), hint=credentials.foreign_id_hint)
     raise InputError(f"{target.finetune_id[:40]} is not one of your fine-tunes.",
                      hint="Pick one of your ready fine-tunes, or train one on the Train tab.")

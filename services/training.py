@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from services.config import THREAD_PREFIX
@@ -34,7 +34,8 @@ from services.errors import (
     WaitTimeoutError,
 )
 from services.storage.jobs import ACTIVE_STATUSES, Job, JobStore
-from services.providers.base import Provider, ProgressFn, TrainRequest, TrainStatus, job_tag
+from services.providers import registry
+from services.providers.base import Credentials, Provider, ProgressFn, TrainRequest, TrainStatus, job_tag
 
 log = logging.getLogger("flux_studio.training")
 
@@ -45,10 +46,6 @@ _TRANSIENT = (NetworkError, ServerError, RateLimitedError, WaitTimeoutError)
 RECONCILE_GIVE_UP_S = 600.0
 # A job's params say it was launched with a visitor's own key (the key itself is never stored).
 OWN_KEY = "launched_with_own_key"
-WAITING_FOR_KEY = ("Waiting for your CometAPI key: this job was launched with it, and the app no longer holds it "
-                   "(keys are kept in memory only). Enter it again at the top of the page to go on tracking it.")
-WAITING_FOR_SIGN_IN = ("Waiting for you to sign in with Hugging Face again: this job runs on your account, and the "
-                      "app keeps no token. Sign in at the top of the page to go on tracking it.")
 # States the user may resume a job from; every other terminal state is final.
 RESUMABLE = frozenset({"interrupted", "cancelled"})
 
@@ -140,7 +137,7 @@ class TrainingService:
         own_key = provider is not self.providers.get(provider.key)
         job = self.jobs.create(
             owner, provider.key, "finetune", request.name.strip(), ds.name, ds.content_hash(),
-            params={**asdict(request), "images": len(ds.items), "zip_bytes": export.size_bytes,
+            params={**request.record(), "images": len(ds.items), "zip_bytes": export.size_bytes,
                     **({OWN_KEY: True} if own_key else {})},
         )
         if own_key:
@@ -364,24 +361,16 @@ class TrainingService:
         return self.jobs.mark_deleted(owner, job_id)
 
 
-@dataclass(frozen=True)
-class OwnCredentials:
-    """How a job launched with a visitor's own credentials names them, for what it says while it waits."""
-
-    name: str  # "your own <name>"
-    give_again: str  # what to do to hand them back
-    waiting: str  # the tracker's message meanwhile
+# A provider not in the registry (a stand-in) that was given a visitor's own credentials anyway.
+SOME_CREDENTIALS = Credentials(name="credentials", give_again="Give them again at the top of the page",
+                               waiting="Waiting for your credentials: the app keeps them in memory only. Give them "
+                                       "again at the top of the page to go on tracking this job.")
 
 
-CREDENTIALS = {
-    "cometapi": OwnCredentials("CometAPI key", "Enter your key again at the top of the page", WAITING_FOR_KEY),
-}
-SIGN_IN = OwnCredentials("Hugging Face sign-in", "Sign in with Hugging Face again at the top of the page",
-                         WAITING_FOR_SIGN_IN)
-
-
-def _credentials(job: Job) -> OwnCredentials:
-    return CREDENTIALS.get(job.provider, SIGN_IN)
+def _credentials(job: Job) -> Credentials:
+    """How a job launched with a visitor's own credentials names them (its provider says)."""
+    credentials = registry.credentials(job.provider)
+    return credentials if credentials.kind != "none" else SOME_CREDENTIALS
 
 
 def _default_message(status: TrainStatus) -> str:

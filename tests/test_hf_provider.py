@@ -20,6 +20,7 @@ from services.errors import AuthError, InputError, InsufficientCreditsError, Not
 from services.providers.base import GenerateRequest, TrainRequest, job_tag
 from services.providers.huggingface import hardware, job_script, jobs, package
 from services.providers.huggingface.hub import HOSTED_SIGN_IN, LOCAL_NO_TOKEN
+from services.providers.huggingface.provider import HuggingFaceOptions
 from services.providers.huggingface.provider import HuggingFaceProvider
 from services.engine import events
 from services.storage.datasets import DatasetStores
@@ -45,9 +46,9 @@ def _provider(settings: Settings, hub: Hub, factory=None, token: str | None = TO
                                inference_factory=factory, log_every_s=0)
 
 
-def _req(**kw) -> TrainRequest:
+def _req(hardware: str = "", **kw) -> TrainRequest:
     base = dict(name="mug-v1", mode="product", trigger_word="MUG", iterations=300, lora_rank=16)
-    return TrainRequest(**{**base, **kw})
+    return TrainRequest(**{**base, **kw}, options=HuggingFaceOptions(hardware=hardware))
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES, WORKFLOWS, PARTS, BASE = 4, 3, 2, 1
-WORKFLOW_MODULES = {"services.studio", "services.training", "services.compare", "services.captioning",
+WORKFLOW_MODULES = {"services.studio", "services.training", "services.compare", "services.captioning", "services.caller",
                     "services.access", "services.targets"}
 
 
@@ -99,3 +99,88 @@ def test_the_engine_imports_no_provider():
     """The trainer is shared by the local provider and Hugging Face jobs: it knows neither."""
     assert sorted(f"{a} -> {b}" for a, deps in graph().items() if a.startswith("services.engine")
                   for b in deps if b.startswith("services.providers")) == []
+
+
+# What the pages may import from services/: the Python API and the records it hands out.
+PAGE_ENTRY_POINTS = {"services.studio", "services.caller", "services.config", "services.errors",
+                     "services.providers.base"}
+PACKAGES = {"services", "services.storage", "services.providers", "services.engine"}  # docstrings only
+# Imports of the pages that phase 2 of issue 23 (the tabs over Studio) removes: this list only shrinks.
+KNOWN_PAGE_IMPORTS = {
+    "app -> services.storage.atomic",
+    "components.api -> services.compare",
+    "components.api -> services.storage.datasets",
+    "components.api -> services.storage.jobs",
+    "components.compare_tab -> services.access",
+    "components.compare_tab -> services.compare",
+    "components.compare_tab -> services.providers.cometapi.images",
+    "components.compare_tab -> services.storage.jobs",
+    "components.compare_tab -> services.storage.results",
+    "components.compare_tab -> services.targets",
+    "components.dataset_tab -> services.captioning",
+    "components.dataset_tab -> services.storage.captions",
+    "components.dataset_tab -> services.storage.datasets",
+    "components.identity -> services.storage.owners",
+    "components.identity -> services.storage.visitors",
+    "components.train_tab -> services.access",
+    "components.train_tab -> services.engine.memory",
+    "components.train_tab -> services.providers.registry",
+    "components.train_tab -> services.storage.datasets",
+    "components.train_tab -> services.storage.jobs",
+    "components.train_tab -> services.training",
+}
+
+
+def test_the_pages_import_only_the_services_entry_points():
+    reached = {f"{a} -> {b}" for a, deps in graph().items() if a == "app" or a.startswith("components")
+               for b in deps if b.startswith("services") and b not in PAGE_ENTRY_POINTS | PACKAGES}
+    assert sorted(reached - KNOWN_PAGE_IMPORTS) == []  # a new one: go through Studio or base.py's types instead
+    assert sorted(KNOWN_PAGE_IMPORTS - reached) == []  # gone: take it off the list
+
+
+def provider_name_tests(source: str, label: str, names: set[str]) -> list[str]:
+    """Where ``path`` tests a provider's name: a string constant that is a registered provider key, used
+    where it decides something: compared (``==``, ``in``, also inside a tuple, list or set compared with),
+    a dict literal's key, a subscript (``providers["local"]``), the key of ``.get``/``.pop``/``.setdefault``,
+    or a ``match`` case. Text that merely mentions a provider (messages, docstrings) is not a test of it."""
+    found: list[str] = []
+
+    def named(node) -> list[ast.Constant]:
+        items = node.elts if isinstance(node, (ast.Tuple, ast.List, ast.Set)) else [node]
+        return [n for n in items if isinstance(n, ast.Constant) and n.value in names]
+
+    for node in ast.walk(ast.parse(source)):
+        hits: list[ast.Constant] = []
+        if isinstance(node, ast.Compare):
+            for operand in [node.left, *node.comparators]:
+                hits += named(operand)
+        elif isinstance(node, ast.Dict):
+            hits += [hit for key in node.keys if key is not None for hit in named(key)]
+        elif isinstance(node, ast.Subscript):
+            hits += named(node.slice)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                and node.func.attr in ("get", "pop", "setdefault") and node.args:
+            hits += named(node.args[0])
+        elif isinstance(node, ast.MatchValue):
+            hits += named(node.value)
+        found += [f"{label}:{hit.lineno} {hit.value!r}" for hit in hits]
+    return found
+
+
+def test_no_provider_name_is_tested_outside_the_providers():
+    """Each provider answers for itself (services/providers/registry.py): the workflows ask it, never
+    its name. The pages follow in phase 2 of issue 23 (components/ is not scanned yet)."""
+    from services.providers import registry
+
+    names = set(registry.BY_KEY)
+    files = [p for p in ROOT.glob("services/**/*.py") if not p.is_relative_to(ROOT / "services" / "providers")]
+    assert [hit for p in sorted(files)
+            for hit in provider_name_tests(p.read_text(encoding="utf-8"), str(p.relative_to(ROOT)), names)] == []
+
+
+def test_the_provider_name_scan_finds_a_test_of_a_name():
+    sample = ('if key == "local" or key in ("cometapi", "x"):\n    d = {"huggingface": 1}\n'
+              'p = providers["local"]; providers.get("cometapi")\nlog("local")\nLOCAL_OWNER = "local"\n')
+    hits = provider_name_tests(sample, "sample", {"local", "cometapi", "huggingface"})
+    assert sorted(hits) == ["sample:1 'cometapi'", "sample:1 'local'", "sample:2 'huggingface'",
+                            "sample:3 'cometapi'", "sample:3 'local'"]

@@ -26,15 +26,17 @@ from services.engine.train import Trainer, TrainConfig  # noqa: E402
 from services.providers.local.folders import read_losses  # noqa: E402
 from services.providers.local.provider import WAITING, LocalProvider  # noqa: E402
 from services.providers.local.queue import SLOT, TrainingSlot  # noqa: E402
+from services.providers.local.base_models import LocalOptions
 from services.providers.base import GenerateRequest, Provider, TrainRequest  # noqa: E402
 from tests.imagefactory import training_zip as make_zip  # noqa: E402
 
 HF_TOKEN = "hf_FAKEtoken0123456789abcdefSECRET"
 
 
-def request(iterations: int = 30, **kw) -> TrainRequest:
+def request(iterations: int = 30, gradient_checkpointing: bool | None = None, **kw) -> TrainRequest:
     return TrainRequest(name="tiny test", mode="character", trigger_word="TOK", iterations=iterations,
-                        learning_rate=kw.pop("learning_rate", 1e-2), lora_rank=16, **kw)
+                        learning_rate=kw.pop("learning_rate", 1e-2), lora_rank=16,
+                        options=LocalOptions(gradient_checkpointing=gradient_checkpointing), **kw)
 
 
 def wait_terminal(provider: LocalProvider, remote_id: str, timeout: float = 60.0):

@@ -13,6 +13,7 @@ from services.errors import InputError
 from services.storage.jobs import JobStore
 from services.engine import models
 from services.providers.base import GenerateRequest, TrainRequest
+from services.providers.local.base_models import LocalOptions
 from services.training import TrainingService
 from tests import imagefactory as fx
 
@@ -73,7 +74,7 @@ def test_the_picker_offers_the_registry_and_flux_local_model_and_refuses_anythin
     store.add_files(name, fx.good_set(tmp_path / "g", count=2, size=(256, 256)))
     service = TrainingService(JobStore(settings.data_dir / "jobs.sqlite3"), {"local": LocalProvider(settings)}, stores)
     request = TrainRequest(name="mug", mode="product", trigger_word="TOK", iterations=100, lora_rank=16,
-                           base_model="/etc")
+                           options=LocalOptions(base_model="/etc"))
     with pytest.raises(InputError, match="'/etc' is not a base model") as err:
         service.launch(OWNER, "local", name, request)
     assert "tiny-flux2-klein" in err.value.user_message()  # the hint lists what may be picked
@@ -133,7 +134,7 @@ def test_klein_trains_a_lora_and_compare_uses_its_base_model(torch, settings, tm
     provider = LocalProvider(settings, steps_per_sample=0, checkpoint_every=0)
     assert provider.default_model_choice() == "tiny-flux1"
     request = TrainRequest(name="klein", mode="character", trigger_word="TOK", iterations=20, learning_rate=1e-2,
-                           lora_rank=16, base_model="tiny-flux2-klein")
+                           lora_rank=16, options=LocalOptions(base_model="tiny-flux2-klein"))
     remote_id = provider.submit(make_zip(tmp_path / "ds.zip"), request, tag="klein")
     try:
         assert provider.join(remote_id, 120)
@@ -214,7 +215,8 @@ def test_a_training_that_would_not_fit_the_gpu_is_refused_before_launch(settings
         store = DatasetStores(settings)("local")
         store.create("cups")
         store.add_files("cups", fx.good_set(tmp_path / "g", count=2, size=(256, 256)))
-        request = TrainRequest(name="cup", mode="product", lora_rank=16, base_model="flux1-dev", memory_preset="bf16")
+        request = TrainRequest(name="cup", mode="product", lora_rank=16,
+                               options=LocalOptions(base_model="flux1-dev", memory_preset="bf16"))
         with pytest.raises(InputError, match=r"needs about 2\d\.\d GB.*16\.0 GB") as refused:
             service.launch("local", "local", "cups", request)
         assert "16gb" in refused.value.hint or "16 GB" in refused.value.hint
@@ -261,7 +263,7 @@ def test_a_hosted_visitor_cannot_make_the_server_download_another_base_model(set
     local = LocalProvider(settings.with_(hosted=True))
     try:
         with pytest.raises(InputError, match="trains on tiny FLUX.1.* only|trains on .* only"):
-            local.check_request(TrainRequest(name="x", mode="product", base_model="flux1-dev"))
-        local.check_request(TrainRequest(name="x", mode="product", base_model="tiny-flux2-klein"))  # fine
+            local.check_request(TrainRequest(name="x", mode="product", options=LocalOptions(base_model="flux1-dev")))
+        local.check_request(TrainRequest(name="x", mode="product", options=LocalOptions(base_model="tiny-flux2-klein")))  # fine
     finally:
         local.close()

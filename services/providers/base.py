@@ -7,11 +7,11 @@ engine is another. The tabs only ever see the types in this module.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Literal, Protocol, get_args, runtime_checkable
+from typing import Literal, Protocol, TypeVar, get_args, runtime_checkable
 
-from services.config import Secret
+from services.config import Secret, Settings
 from services.errors import InputError
 from services.storage.captions import is_trigger_word
 
@@ -49,6 +49,27 @@ def remote_comment(name: str, job_id: str) -> str:
     return f"{name.strip()} [{job_tag(job_id)}]"
 
 
+O = TypeVar("O", bound="TrainOptions")
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """A provider's own training settings, beyond the common ones of ``TrainRequest``. A provider that
+    takes some declares a subclass with them (``ProviderInfo.options``); this empty one takes none."""
+
+    @classmethod
+    def of(cls: type[O], request: "TrainRequest") -> O:
+        """The request's options as this type; its defaults where the request carries another provider's."""
+        return request.options if isinstance(request.options, cls) else cls()
+
+    @classmethod
+    def from_values(cls: type[O], values: dict) -> O:
+        """The fields of this type found in ``values``; an empty value (None, "") means the field's default,
+        the others (another provider's settings) are left out."""
+        given = {f.name: values[f.name] for f in fields(cls) if values.get(f.name) not in (None, "")}
+        return cls(**given)
+
+
 @dataclass(frozen=True)
 class TrainRequest:
     name: str
@@ -60,16 +81,9 @@ class TrainRequest:
     finetune_type: str = "lora"
     priority: str = "quality"
     captioning: bool = True
-    # Local engine only: recompute activations in the backward pass (much less GPU memory, slower steps).
-    # None = automatic: on for real models, off for the tiny test model.
-    gradient_checkpointing: bool | None = None
-    # Local engine only: the base model to train on (a key of services.engine.models, or the
-    # configured FLUX_LOCAL_MODEL); None = the engine's default. Checked by the provider; CometAPI ignores it.
-    base_model: str | None = None
-    # Local engine only, on a CUDA GPU: a services.engine.memory preset name ("" = picked from the GPU).
-    memory_preset: str = ""
-    # Hugging Face Jobs only: the hardware flavour to train on ("" = the cheapest that fits the model).
-    hardware: str = ""
+    # The chosen provider's own settings (the local engine's base model, Hugging Face's hardware, ...):
+    # a record of that provider's options type (``ProviderInfo.options``); the empty one for none.
+    options: TrainOptions = field(default_factory=TrainOptions)
 
     def problems(self) -> dict[str, str]:
         """Every field that is wrong, with what to do, before anything is sent."""
@@ -110,6 +124,11 @@ class TrainRequest:
             lines = "; ".join(f"{k.replace('_', ' ')}: {v}" for k, v in problems.items())
             raise InputError(f"Some settings need fixing before launch. {lines}")
         return self
+
+    def record(self) -> dict:
+        """The request as a job row's params: the common settings and the provider's own, in one flat dict."""
+        common = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "options"}
+        return {**common, **asdict(self.options)}
 
     def effective_learning_rate(self) -> float:
         if self.learning_rate is not None:
@@ -193,6 +212,64 @@ class Holder:
     waiting: int  # jobs queued behind it
 
 
+CredentialKind = Literal["none", "own_key", "sign_in"]
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What a visitor may bring to use a provider on their own account, and what the app says about it.
+
+    ``own_key``: a key pasted at the top of the page (``Caller.cometapi_key``), used wherever it is given;
+    ``sign_in``: the visitor's Hugging Face sign-in (``Caller.hf_token``), theirs only when hosted (locally
+    the app-wide provider already runs on the owner's own account); ``none``: nothing of the visitor's."""
+
+    kind: CredentialKind = "none"
+    name: str = ""  # "your own <name>"
+    give_again: str = ""  # what to do to hand them back
+    waiting: str = ""  # a job's message while it waits for them (the app keeps them in memory only)
+    own_banner: str = ""  # the Train tab's line while the visitor's own are in use ({label}: the provider's)
+    hosted_missing: str = ""  # hosted, what to do when the app-wide provider can't be used ("": its readiness says)
+    shared_budget: bool = False  # hosted, the app-wide provider's paid calls are charged to the shared-key budget
+    foreign_id: str = ""  # hosted, refusing a fine-tune id that is not the visitor's ({id}), without their own
+    foreign_id_hint: str = ""
+
+
+NO_CREDENTIALS = Credentials()
+
+
+@dataclass(frozen=True)
+class ProviderInfo:
+    """A provider describing itself to the app: what the registry (``services.providers.registry``)
+    holds for it, so that nothing outside ``services/providers`` tests a provider's name."""
+
+    key: str  # stored in job rows
+    label: str
+    make: Callable[[Settings], "Provider"]  # -> the app-wide provider
+    credentials: Credentials = NO_CREDENTIALS
+    with_credentials: Callable[[Settings, Secret], "Provider"] | None = None  # one on the visitor's own
+    # Whether a bare fine-tune id is one of its own; None: it takes the ids no other provider claims.
+    owns_finetune_id: Callable[[str], bool] | None = None
+    options: type[TrainOptions] = TrainOptions  # its own request fields
+    choices: frozenset[str] = frozenset()  # which of them the Train tab shows
+    may_be_default: Callable[[Settings], bool] = lambda settings: True  # may it be picked for you
+    hosted_job_cap: Callable[[Settings], int] | None = None  # jobs one visitor may have active, hosted
+
+    def __post_init__(self) -> None:
+        unknown = self.choices - {f.name for f in fields(self.options)}
+        if unknown:
+            raise ValueError(f"{self.key}: the Train tab can't show {sorted(unknown)}: not fields of {self.options}")
+
+
+@dataclass(frozen=True)
+class TrainChoices:
+    """What the Train tab shows for one provider beyond the common settings."""
+
+    fields: frozenset[str]  # ``ProviderInfo.choices``
+    base_models: tuple[tuple[str, str], ...] = ()  # (label, value) for the base-model picker
+    default_base_model: str | None = None
+    memory_presets: tuple[tuple[str, str], ...] = ()  # (label, value), "" = picked from the GPU
+
+
 @runtime_checkable
 class Provider(Protocol):
     """What the tabs and workflows need from a provider.
@@ -255,6 +332,19 @@ class Provider(Protocol):
     def default_model_choice(self) -> str | None:
         """The picker's value to start with (``picks_base_model``)."""
         return None
+
+    def memory_plan(self, request: TrainRequest):
+        """The memory preset, estimated peak and GPU a request trains with here (``engine.memory.MemoryPlan``),
+        where it trains on this machine's GPU; None elsewhere. InputError for a base model it does not offer."""
+        return None
+
+    def memory_choices(self) -> list[tuple[str, str]]:
+        """(label, value) pairs for the Train tab's memory-preset picker, where it trains on this machine's GPU."""
+        return []
+
+    def tuned_models(self) -> list[str]:
+        """The models a fine-tune of it can be generated with, where there are several to pick from."""
+        return []
 
     def hardware_options(self, request: TrainRequest) -> list[HardwareOption]:
         """The machines it can train ``request`` on, cheapest first (``picks_hardware``)."""

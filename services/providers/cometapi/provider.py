@@ -9,8 +9,8 @@ from pathlib import Path
 
 from services.config import Secret, Settings
 from services.errors import InputError, TaskNotFoundError
-from services.providers.base import (GeneratedImage, GenerateRequest, ProgressFn, ProviderBase, TrainRequest,
-                                     TrainStatus, job_tag, remote_comment)
+from services.providers.base import (Credentials, GeneratedImage, GenerateRequest, ProgressFn, ProviderBase,
+                                     ProviderInfo, TrainRequest, TrainStatus, job_tag, remote_comment)
 from services.providers.cometapi.client import CometAPIClient
 from services.providers.cometapi.images import BASE_FOR
 from services.providers.cometapi.tasks import TaskResult, TaskStatus
@@ -110,6 +110,9 @@ class CometAPIProvider(ProviderBase):
         with self._client() as client:
             client.finetunes.delete(remote_id)
 
+    def tuned_models(self) -> list[str]:
+        return list(BASE_FOR)  # flux-pro-1.1-ultra-finetuned, flux-pro-finetuned
+
     def compare_models(self, tuned_model: str | None) -> tuple[str, str]:
         """(base, tuned) model names for a side-by-side comparison."""
         tuned = tuned_model or DEFAULT_TUNED_MODEL
@@ -172,3 +175,26 @@ def _train_status(result: TaskResult) -> TrainStatus:
         return TrainStatus("failed", message=f"CometAPI reported an error: {result.message or 'no details given'}.")
     return TrainStatus("pending", message=f"CometAPI says '{result.status}'.")
 
+
+
+OWN_KEY = Credentials(
+    kind="own_key", name="CometAPI key", give_again="Enter your key again at the top of the page",
+    waiting=("Waiting for your CometAPI key: this job was launched with it, and the app no longer holds it (keys are "
+             "kept in memory only). Enter it again at the top of the page to go on tracking it."),
+    own_banner="✅ {label}: using your own key for this session.",
+    hosted_missing=("Enter your CometAPI key at the top of the page (kept for this session only), or use the local "
+                    "engine."),
+    shared_budget=True,
+    foreign_id=("No CometAPI key of your own is set, and a fine-tune id that is not one of yours works only with your "
+                "own key."),
+    foreign_id_hint="Enter your key at the top of the page, or pick one of your ready fine-tunes.",
+)
+
+INFO = ProviderInfo(
+    key=CometAPIProvider.key, label=CometAPIProvider.label,
+    make=CometAPIProvider.from_settings,
+    credentials=OWN_KEY,
+    with_credentials=lambda settings, key: CometAPIProvider.from_settings(settings, key=key),
+    owns_finetune_id=None,  # its ids have no shape of their own: it takes those no other provider claims
+    may_be_default=lambda settings: bool(settings.cometapi_key),  # the default with the owner's key
+)

@@ -18,15 +18,16 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from services.config import Secret, Settings
 from services.errors import AuthError, InputError, NotServedError, ProviderError, TaskNotFoundError
-from services.providers.base import (CostEstimate, GeneratedImage, GenerateRequest, HardwareOption, ProgressFn,
-                                     ProviderBase, TrainRequest, TrainStatus, job_tag)
+from services.providers.base import (CostEstimate, Credentials, GeneratedImage, GenerateRequest, HardwareOption,
+                                     ProgressFn, ProviderBase, ProviderInfo, TrainRequest, TrainStatus, job_tag)
 from services.providers.huggingface import hardware, inference, jobs, package
 from services.providers.huggingface.hub import HOSTED_SIGN_IN, LOCAL_NO_TOKEN, call, make_api, resolve_token
-from services.providers.local.base_models import BaseModels
+from services.providers.local.base_models import BaseModels, EngineOptions
 from services.engine import events, memory, models
 from services.engine.hub import scrub
 
@@ -41,6 +42,13 @@ LOG_EVERY_S = 10.0
 SAMPLES_DIR = "hf_jobs"  # under the data dir: <tag>/samples/..., each sample downloaded once
 
 InferenceFactory = Callable[[str, str], object]  # (provider, token) -> InferenceClient
+
+
+@dataclass(frozen=True)
+class HuggingFaceOptions(EngineOptions):
+    """A Hugging Face job's: the trainer's, and the Jobs flavour to train on ("" = the cheapest that fits)."""
+
+    hardware: str = ""
 
 
 def default_inference_factory(provider: str, token: str):
@@ -145,7 +153,7 @@ class HuggingFaceProvider(ProviderBase):
             model=base.key, family=base.family, transformer_params=base.transformer_params or 11.9e9,
             download_bytes=base.download_bytes, resolution=int(config["resolution"]), rank=request.lora_rank,
             iterations=request.iterations, samples=request.iterations // max(1, config["sample_every"]),
-            sample_steps=int(config["sample_steps"]), memory_preset=request.memory_preset)
+            sample_steps=int(config["sample_steps"]), memory_preset=HuggingFaceOptions.of(request).memory_preset)
 
     def hardware_options(self, request: TrainRequest) -> list[HardwareOption]:
         """Nothing without a token (the catalogue is read with it; readiness says what to do)."""
@@ -159,10 +167,11 @@ class HuggingFaceProvider(ProviderBase):
         InputError where it is not offered or the training would not fit."""
         catalogue = {m.name: m for m in self.catalogue.get()}
         work = work or self._workload(request)
-        if request.hardware:
-            machine = catalogue.get(request.hardware)
+        wanted = HuggingFaceOptions.of(request).hardware
+        if wanted:
+            machine = catalogue.get(wanted)
             if machine is None:
-                raise InputError(f"{request.hardware!r} is not a single-GPU machine of Hugging Face Jobs.",
+                raise InputError(f"{wanted!r} is not a single-GPU machine of Hugging Face Jobs.",
                                  hint=f"Pick one of: {', '.join(sorted(catalogue)) or 'none listed'}.")
         else:
             fitting = [o for o in hardware.options(list(catalogue.values()), work) if o.fits]
@@ -177,7 +186,7 @@ class HuggingFaceProvider(ProviderBase):
         return machine, preset
 
     def check_request(self, request: TrainRequest) -> None:
-        if request.hardware:
+        if HuggingFaceOptions.of(request).hardware:
             self._machine(request)
 
     def estimate(self, request: TrainRequest) -> CostEstimate | None:
@@ -405,3 +414,26 @@ class HuggingFaceProvider(ProviderBase):
         return call("inference", self._token, lambda: inference.text_to_image(
             client, request, Path(out_dir), model=used, provider=provider, finetune=finetune, strength=strength),
             f"model {used}")
+
+
+SIGN_IN = Credentials(
+    kind="sign_in", name="Hugging Face sign-in", give_again="Sign in with Hugging Face again at the top of the page",
+    waiting=("Waiting for you to sign in with Hugging Face again: this job runs on your account, and the app keeps "
+             "no token. Sign in at the top of the page to go on tracking it."),
+    own_banner=("✅ {label}: on your own Hugging Face account (you are signed in). Its jobs and generations are "
+                "billed to you; this app never uses its owner's token for them."),
+    foreign_id="{id} is not one of your fine-tunes.",
+    foreign_id_hint=("Sign in with Hugging Face at the top of the page to use a LoRA repo of yours, or pick one of "
+                     "your ready fine-tunes."),
+)
+
+INFO = ProviderInfo(
+    key=HuggingFaceProvider.key, label=HuggingFaceProvider.label,
+    make=HuggingFaceProvider,  # cheap: nothing is asked of the Hub until it is used
+    credentials=SIGN_IN,
+    with_credentials=lambda settings, token: HuggingFaceProvider(settings, token=token),
+    owns_finetune_id=jobs.is_finetune_id,  # model repos, "owner/name"
+    options=HuggingFaceOptions, choices=frozenset({"hardware", "gradient_checkpointing"}),
+    # It spends money on the account whose token it runs with, so it is never picked for you.
+    may_be_default=lambda settings: False,
+)

@@ -6,14 +6,33 @@ GPU can hold the training, where the model's files are, and the configuration a 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from services.config import Settings
 from services.errors import InputError, StudioError
-from services.providers.base import ProgressFn, TrainRequest
+from services.providers.base import ProgressFn, TrainOptions, TrainRequest
 from services.engine import models
 
 TINY_LABEL = models.BY_KEY[models.TINY_FLUX1].label
+
+
+@dataclass(frozen=True)
+class EngineOptions(TrainOptions):
+    """The trainer's own settings (``services.engine``), wherever it runs: this machine or a Hugging Face job."""
+
+    # Recompute activations in the backward pass (much less GPU memory, slower steps).
+    # None = automatic: on for real models, off for the tiny test model.
+    gradient_checkpointing: bool | None = None
+    memory_preset: str = ""  # a services.engine.memory preset name ("" = picked from the GPU)
+
+
+@dataclass(frozen=True)
+class LocalOptions(EngineOptions):
+    """The local engine's: the trainer's, and the base model to train on (a key of services.engine.models,
+    or the configured FLUX_LOCAL_MODEL); None = the engine's default."""
+
+    base_model: str | None = None
 
 
 class BaseModels:
@@ -49,7 +68,7 @@ class BaseModels:
         """The spec of the request's base model, if this engine offers it (InputError otherwise).
         Hosted, a visitor may not make the server download another multi-GB model: only the configured
         one (or a tiny test model)."""
-        spec = models.check_choice(request.base_model, self.model)
+        spec = models.check_choice(LocalOptions.of(request).base_model, self.model)
         configured = models.default_choice(self.model)
         if self.settings.hosted and spec != configured and not models.resolve(spec).tiny:
             raise InputError(f"This hosted app trains on {models.resolve(configured).label} only.",
@@ -64,9 +83,10 @@ class BaseModels:
         base = models.resolve(self.check_request_model(request))
         if base.tiny or not base.transformer_params:
             return memory.MemoryPlan(None, None, None)  # the tiny models fit anywhere; unknown ones can't be told
-        checkpointing = True if request.gradient_checkpointing is None else bool(request.gradient_checkpointing)
+        options = EngineOptions.of(request)
+        checkpointing = True if options.gradient_checkpointing is None else bool(options.gradient_checkpointing)
         return memory.plan_memory(base.family, base.transformer_params, self._resolution(request, base),
-                                  request.lora_rank, preset_name=request.memory_preset,
+                                  request.lora_rank, preset_name=options.memory_preset,
                                   gradient_checkpointing=checkpointing, device=None if self.device is None
                                   else ("cuda" if self.device.startswith("cuda") else "cpu"))
 
@@ -101,6 +121,7 @@ class BaseModels:
         ``_finetune_type`` for the worker. ``None`` intervals: from the number of steps."""
         base = models.resolve(base_model)
         tiny = base.tiny
+        options = EngineOptions.of(request)
         steps = request.iterations
         sample_every = steps_per_sample if steps_per_sample is not None else max(10, steps // 5)
         ckpt_every = checkpoint_every if checkpoint_every is not None else max(10, steps // 10)
@@ -117,8 +138,8 @@ class BaseModels:
             "seed": 0,
             "guidance": 1.0,
             "max_sequence_length": base.max_sequence_length,
-            "gradient_checkpointing": (not tiny) if request.gradient_checkpointing is None
-            else bool(request.gradient_checkpointing),
+            "gradient_checkpointing": (not tiny) if options.gradient_checkpointing is None
+            else bool(options.gradient_checkpointing),
             "sample_every": sample_every,
             "checkpoint_every": ckpt_every,
             "sample_prompt": "",
@@ -134,7 +155,7 @@ class BaseModels:
             "device": self.device,
             # The tiny models need no memory preset on any GPU (and must not need bitsandbytes);
             # "" lets the trainer pick one from the GPU for a real model.
-            "memory_preset": "none" if tiny else request.memory_preset,
+            "memory_preset": "none" if tiny else options.memory_preset,
             "_model": base_model,
             "_finetune_type": request.finetune_type,
         }

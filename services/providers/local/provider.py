@@ -17,10 +17,10 @@ from pathlib import Path
 
 from services.config import Secret, Settings
 from services.errors import EngineUnavailableError, InputError, ProviderError, StudioError
-from services.providers.base import (GeneratedImage, GenerateRequest, Holder, ProgressFn, ProviderBase, TrainRequest,
-                                     TrainStatus)
-from services.providers.local.base_models import BaseModels
-from services.engine import models
+from services.providers.base import (GeneratedImage, GenerateRequest, Holder, ProgressFn, ProviderBase, ProviderInfo,
+                                     TrainRequest, TrainStatus)
+from services.providers.local.base_models import BaseModels, LocalOptions
+from services.engine import memory, models
 from services.providers.local.folders import JobFolders
 from services.providers.local.queue import GPU, SLOT, GpuBusyError, GpuGate, TrainingSlot
 from services.providers.local.worker import CLOSE_WAIT_S, DELETE_WAIT_S, Worker
@@ -75,6 +75,9 @@ class LocalProvider(ProviderBase):
     def default_model_choice(self) -> str:
         return self.base_models.default_choice()
 
+    def memory_choices(self) -> list[tuple[str, str]]:
+        return [("Auto (from the GPU)", "")] + [(p.label, name) for name, p in memory.PRESETS.items()]
+
     def check_request(self, request: TrainRequest) -> None:
         """Refuse, before any job is recorded, a base model this engine does not offer, or a training
         this GPU's memory can't hold (never found out as an out-of-memory error halfway through)."""
@@ -121,7 +124,7 @@ class LocalProvider(ProviderBase):
             raise InputError("The training zip is missing.", hint="Export the dataset again.")
         if not isinstance(request.iterations, int) or request.iterations < 1:
             raise InputError("Iterations must be a whole number of at least 1.")
-        base_model = models.check_choice(request.base_model, self.model)
+        base_model = models.check_choice(LocalOptions.of(request).base_model, self.model)
         remote_id = self.folders.new_id(tag, owner)
         with self.folders.lock:
             existing = self.find_by_tag(tag) if tag else None
@@ -285,3 +288,18 @@ class LocalProvider(ProviderBase):
         url = publish_lora(self.folders.existing(remote_id) / "output", repo_id, token, private=private)
         self.folders.update_state(remote_id, hub_url=url)
         return url
+
+
+def is_finetune_id(ref: str) -> bool:
+    """Local runs are named "local-…" (``folders.JobFolders.new_id``)."""
+    return ref.startswith("local-")
+
+
+INFO = ProviderInfo(
+    key=LocalProvider.key, label=LocalProvider.label,
+    make=LocalProvider,  # cheap: torch and diffusers load on first use
+    owns_finetune_id=is_finetune_id,
+    options=LocalOptions, choices=frozenset({"base_model", "memory_preset", "gradient_checkpointing"}),
+    # Hosted, the engine is one GPU shared by every visitor.
+    hosted_job_cap=lambda settings: settings.visitor_max_local_jobs,
+)
