@@ -105,6 +105,10 @@ class SharedKeyBudget:
             return min(self.visitor.remaining(owner), self.address.remaining(address), self.everyone.remaining(""))
 
 
+def _free() -> None:
+    """The charge of a call the app's owner does not pay for."""
+
+
 OWN_KEY_PROVIDERS = 256  # visitors' own-key (and own-token) providers kept open at once
 HF_KEY = HuggingFaceProvider.key
 
@@ -140,22 +144,33 @@ class ProviderAccess:
 
     def get(self, provider_key: str, owner: str, session_key: Secret | None, *, cost: int = 0,
             address: str = "", hf_token: Secret | None = None) -> Provider:
-        """The provider to use; ``cost`` paid calls are charged to the shared-key budget.
+        """The provider to use; ``cost`` paid calls are charged to the shared-key budget at once.
 
         ``hf_token``: the visitor's Hugging Face sign-in (hosted). Hugging Face work always runs on the
         visitor's own account there; without a sign-in the app-wide provider answers, and it says
         (``readiness``) that a sign-in is needed: it never spends the Space owner's token."""
+        provider, charge = self.resolve(provider_key, owner, session_key, cost=cost, address=address,
+                                        hf_token=hf_token)
+        charge()
+        return provider
+
+    def resolve(self, provider_key: str, owner: str, session_key: Secret | None, *, cost: int = 0,
+                address: str = "", hf_token: Secret | None = None) -> tuple[Provider, Callable[[], None]]:
+        """The provider to use (as ``get``), and the charge of ``cost`` paid calls to the shared-key
+        budget, not yet made: a caller that checks a request after choosing its provider (a launch)
+        charges once the checks have passed, so a refused request costs the visitor nothing. The charge
+        raises RateLimitedError when the budget is spent; it is a no-op where the visitor pays."""
         if provider_key not in self.providers:
             raise InputError(f"Provider '{provider_key}' is not available in this app.",
                              hint=f"Pick one of: {', '.join(self.providers)}.")
         if provider_key == "cometapi" and session_key and self._with_key is not None:
-            return self.own(session_key)
+            return self.own(session_key), _free
         own_hf = self.own_hf(hf_token) if provider_key == HF_KEY else None
         if own_hf is not None:
-            return own_hf
+            return own_hf, _free
         if provider_key == "cometapi" and self.settings.hosted and cost:
-            self.budget.charge(owner, address, cost)
-        return self.providers[provider_key]
+            return self.providers[provider_key], lambda: self.budget.charge(owner, address, cost)
+        return self.providers[provider_key], _free
 
     def own(self, key: Secret) -> Provider:
         """The provider for a visitor's own CometAPI key: one per key, reused across their requests."""

@@ -230,8 +230,9 @@ class Studio:
             trigger_word = self.store(owner).open(dataset_name).trigger_word or "TOK"
         request = self.train_request(name, mode=mode, trigger_word=trigger_word, **settings)
         provider_key = provider or self.default_provider
-        chosen = self.access.get(provider_key, owner, key, cost=1, address=address)
-        job = self.training.launch(owner, provider_key, dataset_name, request, on_upload=on_upload, provider=chosen)
+        chosen, charge = self.access.resolve(provider_key, owner, key, cost=1, address=address)
+        job = self.training.launch(owner, provider_key, dataset_name, request, on_upload=on_upload, provider=chosen,
+                                   charge=charge)
         return JobHandle(self, job, owner)
 
     def list_jobs(self, owner: str | None = None) -> list[Job]:

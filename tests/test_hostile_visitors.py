@@ -456,3 +456,206 @@ def test_hugging_face_work_never_runs_on_the_owners_token_for_a_visitor(settings
         finally:
             visitor.close()
     assert hub.api.mock_calls == []  # not one call to the Hub, with any token
+
+
+def _local_engine(settings):
+    """The app's local engine on the tiny model, without samples or checkpoints (the fastest run)."""
+    import pytest
+
+    for extra in ("torch", "diffusers", "peft"):
+        pytest.importorskip(extra)
+    from services.providers.local.provider import LocalProvider
+
+    return {"local": LocalProvider(settings, steps_per_sample=0, checkpoint_every=0)}
+
+
+def test_a_visitors_local_job_is_tracked_to_ready_and_compared(settings, tmp_path):
+    """A hosted visitor's local job once read as 'no longer known' a tracking pass after its launch (its id,
+    which names the visitor's folder, outgrew the id check) while the engine trained it to the end."""
+    from gradio_client.exceptions import AppError
+    from PIL import Image
+
+    from tests.browser import launched
+
+    settings = settings.with_(hosted=True)
+    providers = _local_engine(settings)
+    photos = fx.good_set(tmp_path / "g", count=3, size=(640, 640))
+    with launched(settings, providers=providers) as (demo, url):
+        alice, bob = Client(url, verbose=False), Client(url, verbose=False)
+        try:
+            alice.predict("cup", [handle_file(str(p)) for p in photos], api_name="/add_images")
+            job = alice.predict("cup", "cup-v1", "local", "product", "CUPX", 100, api_name="/launch_finetune")
+            remote_id = job["finetune_id"]
+            assert remote_id.startswith("local-o") and len(remote_id) > 70  # the visitor's folder is in the id
+            # The signal: the run's own thread has ended; one tracking pass then records how it went.
+            assert providers["local"].join(remote_id, timeout=600), "the visitor's local job did not finish"
+            demo.studio.training.track_once()
+            seen = alice.predict("cup-v1", api_name="/get_job")
+            assert seen["status"] == "ready", seen
+            base, tuned, details = alice.predict("cup-v1", "a photo of CUPX cup", 3, 1.0, 128, 128,
+                                                 api_name="/compare")
+            with Image.open(base) as b, Image.open(tuned) as t:
+                assert b.size == t.size == (128, 128)
+            assert details["base"]["status"] == details["tuned"]["status"] == "ok"
+            try:  # her fine-tune is hers: Bob, pasting its id, gets nothing
+                bob.predict(remote_id, "a photo of CUPX cup", 3, 1.0, 128, 128, api_name="/compare")
+            except AppError as exc:
+                assert "not one of your fine-tunes" in str(exc)
+            else:
+                raise AssertionError("Bob generated with Alice's local fine-tune")
+        finally:
+            alice.close()
+            bob.close()
+
+
+def test_the_local_job_cap_holds_across_a_burst_of_launches(settings, tmp_path):
+    """One visitor once queued 8 local jobs past a cap of 2: each read as finished a tracking pass after
+    its launch, so none counted. A tracking pass runs between launches here, as the app's tracker would."""
+    from gradio_client.exceptions import AppError
+
+    from tests.browser import launched
+
+    settings = settings.with_(hosted=True, visitor_max_local_jobs=2)
+    photos = fx.good_set(tmp_path / "g", count=3, size=(640, 640))
+    with launched(settings, providers=_local_engine(settings)) as (demo, url):
+        alice, bob = Client(url, verbose=False), Client(url, verbose=False)
+        try:
+            for client in (alice, bob):
+                client.predict("cup", [handle_file(str(p)) for p in photos], api_name="/add_images")
+            accepted, refused = [], []
+            for n in range(5):
+                try:
+                    accepted.append(alice.predict("cup", f"cup-{n}", "local", "product", "", 1000,
+                                                  api_name="/launch_finetune"))
+                except AppError as exc:
+                    refused.append(str(exc))
+                demo.studio.training.track_once()
+            statuses = [j["status"] for j in alice.predict(api_name="/list_jobs")]
+            # The cap is per visitor: Bob still may launch.
+            bobs = bob.predict("cup", "bobs", "local", "product", "", 1000, api_name="/launch_finetune")
+        finally:
+            alice.close()
+            bob.close()
+    assert [j["name"] for j in accepted] == ["cup-0", "cup-1"] and len(refused) == 3
+    assert all("already have 2 job(s) queued or running" in r for r in refused), refused
+    assert len(statuses) == 2 and set(statuses) <= {"pending", "running"}, statuses  # neither read as failed
+    assert bobs["status"] == "pending"
+
+
+def test_a_visitors_local_job_id_is_one_the_engine_finds_again(settings, tmp_path):
+    """The id a job gets names the visitor's folder; the check that finds it takes every id made
+    (without torch: the folders are plain files)."""
+    import uuid
+
+    from services.providers.local.folders import JobFolders
+
+    folders = JobFolders(settings.with_(hosted=True))
+    zip_path = fx.training_zip(tmp_path / "ds.zip")
+    made = [folders.new_id(uuid.uuid4().hex, "visitor-" + "a" * 32), folders.new_id("x" * 64, "hf-someone"),
+            folders.new_id(uuid.uuid4().hex, "local"), folders.new_id("", "visitor-b")]
+    for remote_id in made:
+        folders.create(remote_id, zip_path, {}, {"state": "pending", "tag": remote_id[-8:]})
+        assert folders.existing(remote_id) == folders.folder(remote_id)
+        assert folders.read_state(remote_id)["state"] == "pending"
+    assert sorted(folders.ids()) == sorted(made)
+    assert folders.folder(made[0]).parent.parent.parent.name == "owners"  # a visitor's job is in their folder
+    assert folders.folder(made[2]).parent == settings.data_dir / "local_jobs"
+
+
+def test_launches_at_once_cannot_pass_the_cap_together(settings, fake_cometapi, tmp_path):
+    """A script's burst of launches at once: each counted the same jobs before any was recorded, and all
+    fit. A barrier holds every launch after its own count would have been made, before any records."""
+    import threading
+
+    from services.config import Secret
+    from services.errors import InputError
+    from services.providers.base import TrainRequest
+    from services.providers.cometapi.provider import CometAPIProvider
+    from services.storage.datasets import DatasetStore, DatasetStores
+    from services.storage.jobs import JobStore
+    from services.training import TrainingService
+    from tests.conftest import FAKE_COMETAPI_KEY
+
+    fake_cometapi.finetune_pending_polls = 10**6
+    settings = settings.with_(hosted=True, cometapi_base_url=fake_cometapi.url, cometapi_key=Secret(FAKE_COMETAPI_KEY))
+    stores = DatasetStores(settings)
+    name = stores("visitor-x").create("mug").name
+    stores("visitor-x").add_files(name, fx.good_set(tmp_path / "g", count=3, size=(640, 640)))
+    service = TrainingService(JobStore.from_settings(settings), {"cometapi": CometAPIProvider.from_settings(settings)},
+                              stores, max_active={"cometapi": 2})
+    burst = 5
+    together = threading.Barrier(burst, timeout=60)
+    exported = DatasetStore.export_zip
+
+    def export_then_wait(store, dataset):
+        result = exported(store, dataset)
+        together.wait()
+        return result
+
+    outcomes: list[str] = []
+
+    def launch(n: int) -> None:
+        request = TrainRequest(name=f"mug-{n}", mode="product", trigger_word="MUG", iterations=300)
+        try:
+            outcomes.append(service.launch("visitor-x", "cometapi", name, request).status)
+        except InputError as exc:
+            outcomes.append(exc.message)
+
+    DatasetStore.export_zip = export_then_wait
+    try:
+        threads = [threading.Thread(target=launch, args=(n,), name=f"test-burst-{n}") for n in range(burst)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    finally:
+        DatasetStore.export_zip = exported
+        service.close()
+    refused = [o for o in outcomes if o != "pending"]
+    assert len(outcomes) == burst and outcomes.count("pending") == 2, outcomes
+    assert all("already have 2 job(s)" in o for o in refused), outcomes
+    assert len(fake_cometapi.requests("/flux/v1/finetune")) == 2
+    assert len(service.jobs.active_jobs("visitor-x")) == 2
+
+
+def test_a_refused_launch_charges_nothing_to_the_shared_key(settings, fake_cometapi, tmp_path):
+    """Three launches refused for a learning rate that is not a number once used up a visitor's hour on
+    the shared key, and not one request had reached the service. The form is checked first; only what
+    is sent is charged: through the Train tab and through Studio alike."""
+    from gradio_client.exceptions import AppError
+
+    from services.config import Secret
+    from services.errors import InputError
+    from tests.browser import launched
+    from tests.conftest import FAKE_COMETAPI_KEY
+
+    settings = settings.with_(hosted=True, cometapi_base_url=fake_cometapi.url, cometapi_key=Secret(FAKE_COMETAPI_KEY),
+                              shared_key_limit=3, shared_key_address_limit=100)
+    fake_cometapi.finetune_pending_polls = 10**6
+    photos = fx.good_set(tmp_path / "g", count=3, size=(640, 640))
+    form = ["cometapi", "cup", "product", "CUPX", "cup-v1", 300, "", 16, "lora", "quality", True, "auto", "", "", ""]
+    refusals = []
+    with launched(settings) as (demo, url):
+        visitor = Client(url, verbose=False)
+        try:
+            visitor.predict("cup", [handle_file(str(p)) for p in photos], api_name="/add_images")
+            owner = client_owner(settings, visitor)
+            for field, bad in ((6, "not-a-number"), (6, "not-a-number"), (6, "not-a-number"), (3, "two words")):
+                try:
+                    visitor.predict(*form[:field], bad, *form[field + 1:], api_name="/on_launch")
+                except AppError as exc:
+                    refusals.append(str(exc))
+            try:  # Studio's launch (the API's and notebooks'): an empty dataset is refused, uncharged
+                demo.studio.dataset("empty", owner=owner)
+                demo.studio.launch("empty", "nothing", provider="cometapi", owner=owner, address="127.0.0.1")
+            except InputError as exc:
+                refusals.append(exc.message)
+            used_by_refusals = demo.studio.access.budget.visitor.used(owner)
+            launched_ok = visitor.predict(*form, api_name="/on_launch")[0]
+            used_after = demo.studio.access.budget.visitor.used(owner)
+        finally:
+            visitor.close()
+    assert [r for r in refusals if "is not a number" in r] == refusals[:3], refusals
+    assert "need fixing" in refusals[3] and "has no images" in refusals[4], refusals
+    assert used_by_refusals == 0 and used_after == 1
+    assert "Launched" in launched_ok and len(fake_cometapi.requests("/flux/v1/finetune")) == 1
