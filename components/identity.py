@@ -89,14 +89,23 @@ def hf_token_of(request: gr.Request | None) -> Secret | None:
 
 
 def client_address(request: gr.Request | None, settings: Settings) -> str:
-    """The address a request came from, for the shared-key budget. On a Space the app sits behind
-    Hugging Face's proxy, which puts the visitor's address first in X-Forwarded-For."""
+    """The address a request came from, for the shared-key budget.
+
+    Each proxy appends the address it was reached from to X-Forwarded-For, after whatever the client
+    sent: only the right-most ``settings.proxy_hops`` entries were written by proxies the app trusts
+    (1 on a Space: Hugging Face's). The one furthest left of those is the client's; anything before it
+    is the client's own writing. A header with fewer entries did not come through the proxies: the
+    connection's own address is used then, as with no proxies at all."""
     if request is None:
         return ""
-    if settings.space_id:
-        forwarded = (request.headers.get("x-forwarded-for") or "").split(",")[0].strip()
-        if forwarded:
-            return forwarded
+    hops = settings.proxy_hops
+    if hops:
+        headers = request.headers
+        # Several X-Forwarded-For headers are one list, in order (RFC 9110), not just the first.
+        lines = headers.getlist("x-forwarded-for") if hasattr(headers, "getlist") else [headers.get("x-forwarded-for")]
+        entries = [e.strip() for line in lines if line for e in line.split(",") if e.strip()]
+        if len(entries) >= hops:
+            return entries[-hops]
     client = getattr(request, "client", None)
     return getattr(client, "host", "") or ""
 

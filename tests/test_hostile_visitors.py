@@ -659,3 +659,48 @@ def test_a_refused_launch_charges_nothing_to_the_shared_key(settings, fake_comet
     assert "need fixing" in refusals[3] and "has no images" in refusals[4], refusals
     assert used_by_refusals == 0 and used_after == 1
     assert "Launched" in launched_ok and len(fake_cometapi.requests("/flux/v1/finetune")) == 1
+
+
+def test_made_up_forwarded_addresses_cannot_pass_the_per_address_limit(settings, fake_cometapi, monkeypatch):
+    """On a Space, five visitors who each wrote a made-up X-Forwarded-For got 15 paid calls past a
+    per-address limit of 9: the first entry, which the client writes, was taken as their address. The
+    header arrives here as Hugging Face's proxy passes it on: the client's own entries, then the address
+    the proxy saw, appended. The app runs as on a Space (its sign-in button and all; nobody signs in)."""
+    from gradio import oauth
+    from gradio_client.exceptions import AppError
+
+    from services.config import Secret
+    from services.storage.jobs import JobStore
+    from tests.conftest import FAKE_COMETAPI_KEY
+
+    # Outside a Space, Gradio serves the sign-in button's routes with the machine's own HF login: a stand-in.
+    monkeypatch.setattr(oauth, "_get_mocked_oauth_info", lambda: {"access_token": "unused", "userinfo": {}})
+    settings = settings.with_(hosted=True, space_id="someone/studio", cometapi_base_url=fake_cometapi.url,
+                              cometapi_key=Secret(FAKE_COMETAPI_KEY), shared_key_limit=10,
+                              shared_key_address_limit=6, shared_key_hourly_cap=100)
+    fake_cometapi.pending_polls = 0
+    finetune = fake_cometapi.add_finetune()
+    fields = ["a photo of TOK", 5, 1.0, 1024, 768]
+    refusals: list[str] = []
+    with running_app(settings) as url:
+        forgers = [Client(url, verbose=False, headers={"x-forwarded-for": f"203.0.113.{n}, 10.{n}.0.1, 198.51.100.7"})
+                   for n in range(5)]  # one network (198.51.100.7), five made-up addresses before it
+        try:
+            jobs = JobStore.from_settings(settings)
+            for client in forgers:
+                owner = client_owner(settings, client)
+                job = jobs.create(owner, "cometapi", "finetune", "mine", "ds", "h", {})
+                jobs.update(owner, job.id, remote_id=finetune, status="ready", result={"finetune_id": finetune})
+            jobs.close()
+            for client in forgers:  # each compare is 2 paid calls
+                try:
+                    client.predict(finetune, *fields, api_name="/compare")
+                except AppError as exc:
+                    refusals.append(str(exc))
+        finally:
+            for client in forgers:
+                client.close()
+    generations = len(fake_cometapi.requests("/flux/v1/flux-pro-1.1-ultra")) + len(
+        fake_cometapi.requests("/flux/v1/flux-pro-1.1-ultra-finetuned"))
+    assert generations == 6 and len(refusals) == 2, refusals
+    assert all("from your network" in r for r in refusals)
