@@ -704,3 +704,37 @@ def test_made_up_forwarded_addresses_cannot_pass_the_per_address_limit(settings,
         fake_cometapi.requests("/flux/v1/flux-pro-1.1-ultra-finetuned"))
     assert generations == 6 and len(refusals) == 2, refusals
     assert all("from your network" in r for r in refusals)
+
+
+def _multipart(boundary: str, name: str, chunks, chunk_count: int):
+    """A multipart upload body of one file, streamed: httpx sends an iterator without a length chunked."""
+    yield (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{name}\"\r\n"
+           "Content-Type: application/octet-stream\r\n\r\n").encode()
+    for _ in range(chunk_count):
+        yield chunks
+    yield f"\r\n--{boundary}--\r\n".encode()
+
+
+def test_an_over_size_upload_sent_chunked_is_refused_and_leaves_no_file(settings, tmp_path, monkeypatch):
+    """With no Content-Length to refuse it by, an over-size upload once answered 500 and left its partial
+    file in Gradio's upload folder: four tries left 200 MiB there."""
+    uploads = tmp_path / "gradio-uploads"  # this test's own, so that what is left in it is this test's
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(uploads))
+    settings = settings.with_(hosted=True, max_upload_bytes=2 * 2**20)
+    boundary = "studio-test-boundary"
+    headers = {"content-type": f"multipart/form-data; boundary={boundary}"}
+    chunk = bytes(range(256)) * 256  # 64 KiB
+    with running_app(settings) as url, httpx.Client(timeout=60) as http:
+        upload = url.rstrip("/") + "/gradio_api/upload"
+        http.get(url)  # a visitor
+        small = http.post(upload, content=_multipart(boundary, "small.bin", chunk, 16), headers=headers)  # 1 MiB
+        assert small.status_code == 200, small.text  # the positive control: a chunked upload within the cap
+        assert Path(small.json()[0]).read_bytes() == chunk * 16
+        before = {p for p in uploads.rglob("*") if p.is_file()}
+        for _ in range(3):
+            big = http.post(upload, content=_multipart(boundary, "big.bin", chunk, 48), headers=headers)  # 3 MiB
+            assert big.status_code == 413 and "at most 2 MB" in big.text, (big.status_code, big.text)
+        left = {p for p in uploads.rglob("*") if p.is_file()} - before
+        assert left == set(), left
+        # The app still takes uploads after the refusals.
+        assert http.post(upload, content=_multipart(boundary, "again.bin", chunk, 2), headers=headers).status_code == 200
