@@ -738,3 +738,30 @@ def test_an_over_size_upload_sent_chunked_is_refused_and_leaves_no_file(settings
         assert left == set(), left
         # The app still takes uploads after the refusals.
         assert http.post(upload, content=_multipart(boundary, "again.bin", chunk, 2), headers=headers).status_code == 200
+
+
+def test_a_megabyte_caption_is_refused_through_the_api(settings, tmp_path):
+    """Captions of 1, 20 and 100 MB were taken through the API: dataset.json grew to 100 MiB, and reading it
+    slowed every visitor. Refused with the reason; what was saved stays."""
+    from gradio_client.exceptions import AppError
+
+    settings = settings.with_(hosted=True)
+    photo = fx.good_set(tmp_path / "g", count=1, size=(640, 640))[0]
+    with running_app(settings) as url:
+        visitor = Client(url, verbose=False)
+        try:
+            visitor.predict("cup", [handle_file(str(photo))], api_name="/add_images")
+            [item] = visitor.predict("cup", api_name="/describe_dataset")["items"]
+            visitor.predict("cup", {item["file"]: "TOK, a red cup"}, api_name="/set_captions")
+            try:
+                visitor.predict("cup", {item["file"]: "TOK " * 2**18}, api_name="/set_captions")  # 1 MiB
+            except AppError as exc:
+                assert "A caption may have at most 3,000 characters" in str(exc)
+            else:
+                raise AssertionError("a 1 MiB caption was saved")
+            [after] = visitor.predict("cup", api_name="/describe_dataset")["items"]
+        finally:
+            visitor.close()
+    assert after["caption"] == "TOK, a red cup"
+    dataset_json = next(settings.data_dir.rglob("dataset.json"))
+    assert dataset_json.stat().st_size < 10_000
