@@ -43,7 +43,7 @@ from services.storage.database import DatabaseBackup
 from services.storage.jobs import Job, JobStore
 from services.providers.huggingface.provider import HuggingFaceProvider
 from services.providers.local.provider import LocalProvider
-from services.storage.owners import LOCAL_OWNER, installation_secret
+from services.storage.owners import LOCAL_OWNER, installation_secret, sweep_empty
 from services.providers.base import PRESETS, GenerateRequest, Provider, ProgressFn, TrainRequest
 from services.storage.results import ResultStore
 from services.training import Tracker, TrainingService
@@ -95,6 +95,7 @@ class Studio:
         self.settings = settings = settings or Settings.from_env()
         if settings.hosted:
             installation_secret(settings)  # a lost secret stops here, not on each visitor's request
+            sweep_empty(settings)  # owner folders that calls which never wrote once left behind
         self.owner = owner
         self.datasets = DatasetStores(settings)
         self.providers = providers if providers is not None else default_providers(settings)

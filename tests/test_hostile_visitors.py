@@ -765,3 +765,48 @@ def test_a_megabyte_caption_is_refused_through_the_api(settings, tmp_path):
     assert after["caption"] == "TOK, a red cup"
     dataset_json = next(settings.data_dir.rglob("dataset.json"))
     assert dataset_json.stat().st_size < 10_000
+
+
+def test_calls_that_write_nothing_leave_no_owner_folder(settings):
+    """Each cookie-less or forged-cookie call is an owner of its own, and each once left an empty folder
+    (the Compare tab's history, read on load, made one): 20 calls, 20 orphans. A folder is now made by a
+    first write only, and empty ones left from before are swept when the app starts."""
+    from gradio_client.exceptions import AppError
+
+    from components.identity import VISITOR_COOKIE
+    from services.storage.owners import installation_secret
+    from tests.browser import launched
+
+    settings = settings.with_(hosted=True)
+    installation_secret(settings)
+    owners = settings.data_dir / "owners"
+    orphan = owners / ("0" * 32)
+    (orphan / "results").mkdir(parents=True)  # as the calls below once left them
+    kept = owners / ("1" * 32) / "datasets" / "mine" / "dataset.json"
+    kept.parent.mkdir(parents=True)
+    kept.write_text("{}")
+    with launched(settings) as (demo, url):
+        assert sorted(owners.iterdir()) == [kept.parents[2]]  # the empty one went, the other is untouched
+        loads = [f.api_name for f in demo.fns.values() if f.fn and f.fn.__name__ == "on_load" and not f.inputs]
+        assert loads, "the page's load events without inputs (the Compare tab's history among them)"
+        forged = Client(url, verbose=False, httpx_kwargs={"cookies": {VISITOR_COOKIE: "a" * 32 + "." + "b" * 32}})
+        cookieless = Client(url, verbose=False)
+        try:
+            for _ in range(5):
+                cookieless.cookies.clear()  # a client that keeps no cookie
+                for client in (forged, cookieless):
+                    for name in loads:
+                        client.predict(api_name=f"/{name}")
+                    assert client.predict(api_name="/list_datasets") == []
+                    assert client.predict(api_name="/list_jobs") == []
+                    try:
+                        client.predict("someone-elses", api_name="/describe_dataset")
+                    except AppError as exc:
+                        assert "was not found" in str(exc)
+            assert sorted(owners.iterdir()) == [kept.parents[2]]
+            cookieless.cookies.clear()
+            cookieless.predict("written", api_name="/create_dataset")  # the positive control: a write makes one
+            assert len(list(owners.iterdir())) == 2
+        finally:
+            forged.close()
+            cookieless.close()
