@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import re
 import secrets
+import tempfile
 from http.cookies import CookieError, SimpleCookie
+from typing import IO
 
 import gradio as gr
 from starlette.datastructures import Headers
@@ -20,6 +22,9 @@ COOKIE_MAX_AGE_S = 365 * 24 * 3600
 # Pages a Space is shown in: its own *.hf.space origin, inside huggingface.co's frame.
 SPACE_ORIGINS = re.compile(r"https://([a-z0-9-]+\.hf\.space|huggingface\.co)")
 _UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
+# A chunked upload is kept in memory up to this, then on disk; handed on in pieces of SPOOL_CHUNK.
+SPOOL_IN_MEMORY = 1 << 20
+SPOOL_CHUNK = 1 << 20
 
 
 def owner_for(request: gr.Request | None, settings: Settings) -> str:
@@ -89,14 +94,23 @@ def hf_token_of(request: gr.Request | None) -> Secret | None:
 
 
 def client_address(request: gr.Request | None, settings: Settings) -> str:
-    """The address a request came from, for the shared-key budget. On a Space the app sits behind
-    Hugging Face's proxy, which puts the visitor's address first in X-Forwarded-For."""
+    """The address a request came from, for the shared-key budget.
+
+    Each proxy appends the address it was reached from to X-Forwarded-For, after whatever the client
+    sent: only the right-most ``settings.proxy_hops`` entries were written by proxies the app trusts
+    (1 on a Space: Hugging Face's). The one furthest left of those is the client's; anything before it
+    is the client's own writing. A header with fewer entries did not come through the proxies: the
+    connection's own address is used then, as with no proxies at all."""
     if request is None:
         return ""
-    if settings.space_id:
-        forwarded = (request.headers.get("x-forwarded-for") or "").split(",")[0].strip()
-        if forwarded:
-            return forwarded
+    hops = settings.proxy_hops
+    if hops:
+        headers = request.headers
+        # Several X-Forwarded-For headers are one list, in order (RFC 9110), not just the first.
+        lines = headers.getlist("x-forwarded-for") if hasattr(headers, "getlist") else [headers.get("x-forwarded-for")]
+        entries = [e.strip() for line in lines if line for e in line.split(",") if e.strip()]
+        if len(entries) >= hops:
+            return entries[-hops]
     client = getattr(request, "client", None)
     return getattr(client, "host", "") or ""
 
@@ -141,7 +155,9 @@ class VisitorGate:
             refusal = self._upload_refusal(headers, known)
             if refusal is not None:
                 return await refusal(scope, receive, send)
-            receive = self._capped(receive, self.settings.max_upload_bytes)
+            if "content-length" not in headers or "transfer-encoding" in headers:
+                return await self._spooled_upload(scope, receive, send)
+            # Otherwise the server reads exactly Content-Length bytes, which _upload_refusal has capped.
         if known or headers.get("x-gradio-user") == "mcp":
             # Gradio's MCP server calls the app through one shared client with each assistant's own
             # headers: it identifies by the cookie it forwards. A cookie minted for that shared client
@@ -167,26 +183,36 @@ class VisitorGate:
         except ValueError:
             return PlainTextResponse("Bad Content-Length.", status_code=400)
         if length > self.settings.max_upload_bytes:
-            return PlainTextResponse(f"An upload may be at most {self.settings.max_upload_bytes // 2**20} MB.",
-                                     status_code=413)
+            return self._too_large()
         return None
 
-    @staticmethod
-    def _capped(receive, limit: int):
-        """``receive``, cut off (as a disconnect) once the body passes ``limit`` bytes, whatever the
-        headers said (chunked bodies have no Content-Length)."""
-        seen = 0
+    def _too_large(self) -> PlainTextResponse:
+        return PlainTextResponse(f"An upload may be at most {self.settings.max_upload_bytes // 2**20} MB.",
+                                 status_code=413)
 
-        async def capped():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    return {"type": "http.disconnect"}
-            return message
-
-        return capped
+    async def _spooled_upload(self, scope, receive, send) -> None:
+        """An upload with no Content-Length (sent chunked): read whole into a file of the gate's own, up
+        to ``max_upload_bytes``, then handed on with its length. Gradio writes a body to its upload folder
+        as it arrives and leaves there whatever a body cut short had sent (and answers 500): a body over
+        the cap is refused here with 413 before Gradio sees a byte of it. The spool has no name on disk,
+        so it is gone once closed, whatever happens."""
+        limit = self.settings.max_upload_bytes
+        with tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY) as spool:
+            size, more = 0, True
+            while more:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                body = message.get("body", b"")
+                size += len(body)
+                if size > limit:
+                    return await self._too_large()(scope, receive, send)
+                spool.write(body)
+                more = message.get("more_body", False)
+            spool.seek(0)
+            kept = [(k, v) for k, v in scope["headers"] if k not in (b"content-length", b"transfer-encoding")]
+            scope = {**scope, "headers": [*kept, (b"content-length", str(size).encode())]}
+            await self.app(scope, _replay(spool, size, receive), send)
 
     def _same_site(self, headers: Headers, scope) -> bool:
         origin = headers.get("origin")
@@ -201,6 +227,22 @@ class VisitorGate:
     def _set_cookie(token: str, https: bool) -> str:
         flags = "; Secure; SameSite=None; Partitioned" if https else "; SameSite=Lax"
         return f"{VISITOR_COOKIE}={token}; Path=/; Max-Age={COOKIE_MAX_AGE_S}; HttpOnly{flags}"
+
+
+def _replay(spool: IO[bytes], size: int, receive):
+    """A ``receive`` that gives the spooled body, then the connection's own messages (a disconnect)."""
+
+    given = False
+
+    async def replay():
+        nonlocal given
+        if given:
+            return await receive()
+        body = spool.read(SPOOL_CHUNK)
+        given = spool.tell() >= size
+        return {"type": "http.request", "body": body, "more_body": not given}
+
+    return replay
 
 
 def _cookie_from(headers: Headers) -> str:

@@ -431,8 +431,8 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
                   captioning_, checkpointing_, base_model_, memory_preset_, hardware_, seen_, key,
                   request: gr.Request = None, progress=gr.Progress()):
         owner = owner_for(request, settings)
-        provider = access.get(provider_key, owner, key, cost=1, address=client_address(request, settings),
-                              hf_token=hf_token_of(request))
+        provider, charge = access.resolve(provider_key, owner, key, cost=1, address=client_address(request, settings),
+                                          hf_token=hf_token_of(request))
         req = P.TrainRequest(
             name=name_ or "", mode=mode_, trigger_word=(trigger_ or "").strip(), iterations=int(iterations_),
             learning_rate=parse_learning_rate(lr_), lora_rank=int(rank_), finetune_type=type_,
@@ -449,7 +449,8 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
             progress(sent / total if total else 1.0, desc=f"Uploading dataset ({sent / 2**20:.1f} of {total / 2**20:.1f} MB)")
 
         try:
-            job = service.launch(owner, provider_key, dataset_, req, on_upload=uploaded, provider=provider)
+            job = service.launch(owner, provider_key, dataset_, req, on_upload=uploaded, provider=provider,
+                                 charge=charge)
         except ProviderError as exc:
             # The job row records the failure; show it in place, not only as a toast.
             feedback.warning(exc.user_message())

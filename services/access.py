@@ -106,6 +106,10 @@ class SharedKeyBudget:
             return min(self.visitor.remaining(owner), self.address.remaining(address), self.everyone.remaining(""))
 
 
+def _free() -> None:
+    """The charge of a call the app's owner does not pay for."""
+
+
 OWN_KEY_PROVIDERS = 256  # visitors' own-key (and own-token) providers kept open at once
 
 
@@ -145,12 +149,23 @@ class ProviderAccess:
 
     def get(self, provider_key: str, owner: str, session_key: Secret | None, *, cost: int = 0,
             address: str = "", hf_token: Secret | None = None) -> Provider:
-        """The provider to use; ``cost`` paid calls are charged to the shared-key budget.
+        """The provider to use; ``cost`` paid calls are charged to the shared-key budget at once.
 
         ``session_key``: the visitor's own key; ``hf_token``: their Hugging Face sign-in (hosted). A provider
         that takes them runs on the visitor's own account; one on a sign-in is the visitor's only when hosted.
         Without them the app-wide provider answers, and it says (``readiness``) what is needed: a sign-in
         never spends the Space owner's token."""
+        provider, charge = self.resolve(provider_key, owner, session_key, cost=cost, address=address,
+                                        hf_token=hf_token)
+        charge()
+        return provider
+
+    def resolve(self, provider_key: str, owner: str, session_key: Secret | None, *, cost: int = 0,
+                address: str = "", hf_token: Secret | None = None) -> tuple[Provider, Callable[[], None]]:
+        """The provider to use (as ``get``), and the charge of ``cost`` paid calls to the shared-key
+        budget, not yet made: a caller that checks a request after choosing its provider (a launch)
+        charges once the checks have passed, so a refused request costs the visitor nothing. The charge
+        raises RateLimitedError when the budget is spent; it is a no-op where the visitor pays."""
         if provider_key not in self.providers:
             raise InputError(f"Provider '{provider_key}' is not available in this app.",
                              hint=f"Pick one of: {', '.join(self.providers)}.")
@@ -158,10 +173,10 @@ class ProviderAccess:
         secret = {"own_key": session_key, "sign_in": hf_token}.get(credentials.kind)
         own = self.own_provider(provider_key, secret)
         if own is not None:
-            return own
+            return own, _free
         if credentials.shared_budget and self.settings.hosted and cost:
-            self.budget.charge(owner, address, cost)
-        return self.providers[provider_key]
+            return self.providers[provider_key], lambda: self.budget.charge(owner, address, cost)
+        return self.providers[provider_key], _free
 
     def for_caller(self, provider_key: str, caller: Caller, *, cost: int = 0) -> Provider:
         """``get`` for one caller: their own key or sign-in where the provider takes it, their budget otherwise."""

@@ -150,6 +150,11 @@ class Settings:
     shared_key_address_limit: int = 60
     # ...and for everyone together: the most the owner's key can spend in an hour.
     shared_key_hourly_cap: int = 300
+    # Proxies in front of the app that each append the address they were reached from to X-Forwarded-For:
+    # the client's address is the entry that many places from the right (what the client wrote itself is
+    # further left, and never trusted). None: 1 on a Space (Hugging Face's proxy), else 0 (the
+    # connection's own address).
+    trusted_proxies: int | None = None
     # Hosted: what one visitor may keep and queue on this server.
     visitor_max_datasets: int = 20
     visitor_max_bytes: int = 2 * 1024 * 1024 * 1024
@@ -191,6 +196,8 @@ class Settings:
             shared_key_address_limit=_int(env, "FLUX_STUDIO_SHARED_KEY_ADDRESS_LIMIT", d.shared_key_address_limit,
                                           minimum=0),
             shared_key_hourly_cap=_int(env, "FLUX_STUDIO_SHARED_KEY_HOURLY_CAP", d.shared_key_hourly_cap, minimum=0),
+            trusted_proxies=(_int(env, "FLUX_STUDIO_TRUSTED_PROXIES", 0)
+                             if env.get("FLUX_STUDIO_TRUSTED_PROXIES", "").strip() else None),
             visitor_max_datasets=_int(env, "FLUX_STUDIO_VISITOR_MAX_DATASETS", d.visitor_max_datasets, minimum=1),
             visitor_max_bytes=_int(env, "FLUX_STUDIO_VISITOR_MAX_MB", d.visitor_max_bytes // 2**20, minimum=1) * 2**20,
             visitor_max_local_jobs=_int(env, "FLUX_STUDIO_VISITOR_MAX_LOCAL_JOBS", d.visitor_max_local_jobs, minimum=1),
@@ -210,6 +217,13 @@ class Settings:
     def db_backup_path(self) -> Path | None:
         """The database's copy in the data dir, when the database itself lives elsewhere."""
         return self.data_dir / "jobs.sqlite3.backup" if self.db_dir else None
+
+    @property
+    def proxy_hops(self) -> int:
+        """How many X-Forwarded-For entries, from the right, trusted proxies wrote (see trusted_proxies)."""
+        if self.trusted_proxies is not None:
+            return self.trusted_proxies
+        return 1 if self.space_id else 0
 
     @property
     def datasets_dir(self) -> Path:

@@ -43,7 +43,7 @@ from services.errors import InputError, StudioError
 from services.targets import Target, authorize_target, find_target, ready_targets
 from services.storage.database import DatabaseBackup
 from services.storage.jobs import Job, JobStore
-from services.storage.owners import LOCAL_OWNER, installation_secret
+from services.storage.owners import LOCAL_OWNER, installation_secret, sweep_empty
 from services.providers.base import (PRESETS, GenerateRequest, Holder, Provider, ProgressFn, TrainChoices,
                                      TrainRequest)
 from services.storage.results import ResultStore
@@ -94,6 +94,7 @@ class Studio:
         self.settings = settings = settings or Settings.from_env()
         if settings.hosted:
             installation_secret(settings)  # a lost secret stops here, not on each visitor's request
+            sweep_empty(settings)  # owner folders that calls which never wrote once left behind
         self.owner = owner
         self.datasets = DatasetStores(settings)
         self.providers = providers if providers is not None else default_providers(settings)
@@ -346,9 +347,10 @@ class Studio:
             trigger_word = self.store(caller.owner).open(dataset_name).trigger_word or "TOK"
         provider_key = provider or self.default_provider
         request = self.train_request(name, provider=provider_key, mode=mode, trigger_word=trigger_word, **settings)
-        chosen = self.access.for_caller(provider_key, caller, cost=1)
+        chosen, charge = self.access.resolve(provider_key, caller.owner, caller.cometapi_key, cost=1,
+                                             address=caller.address, hf_token=caller.hf_token)
         job = self.training.launch(caller.owner, provider_key, dataset_name, request, on_upload=on_upload,
-                                   provider=chosen)
+                                   provider=chosen, charge=charge)
         return JobHandle(self, job, caller.owner)
 
     def list_jobs(self, owner: str | None = None, *, caller: Caller | None = None) -> list[Job]:

@@ -81,6 +81,7 @@ class TrainingService:
         # it went (a tracker would look them up by tag on every tick, and fail them after a while).
         self._uploading: set[str] = set()
         self._lock = threading.Lock()
+        self._launching = threading.Lock()
         # Provider key -> a problem worth a banner (e.g. the fine-tune endpoint is switched off).
         self.notices: dict[str, str] = {}
         # Job id -> the provider (with a visitor's own key) that launched it; memory only, by design.
@@ -105,11 +106,14 @@ class TrainingService:
         *,
         on_upload: ProgressFn | None = None,
         provider: Provider | None = None,
+        charge: Callable[[], None] | None = None,
     ) -> Job:
-        """Validate, export, record, submit. Returns the job, pending or failed.
+        """Validate, export, charge, record, submit. Returns the job, pending or failed.
 
         ``provider`` overrides the app-wide one (a hosted visitor's own key); it is kept in
-        memory only, to track this job for as long as the process lives.
+        memory only, to track this job for as long as the process lives. ``charge`` pays for the
+        submission (the shared key's budget, ``ProviderAccess.resolve``): made once every check has
+        passed, just before the job is recorded and sent, so a refused launch costs nothing.
         """
         request.validate()
         provider = provider or self.provider(provider_key)
@@ -119,10 +123,7 @@ class TrainingService:
         provider.check_request(request)  # provider-specific fields (the local engine's base model), before any job row
         if not dataset_name:
             raise InputError("No dataset is selected.", hint="Pick a saved dataset (make one on the Dataset tab).")
-        cap = self._max_active.get(provider.key)
-        if cap and sum(1 for j in self.jobs.active_jobs(owner) if j.provider == provider.key) >= cap:
-            raise InputError(f"You already have {cap} job(s) queued or running on {provider.label}, the most one "
-                             "visitor may have at once.", hint="Wait for one to finish, or cancel one, then launch.")
+        self._check_room(owner, provider)  # early, before the export: a refusal costs no work either
         store = self.datasets_for(owner)
         ds = store.open(dataset_name)
         limit = self._max_images.get(provider_key)
@@ -135,11 +136,17 @@ class TrainingService:
             )
         export = store.export_zip(ds.name)
         own_key = provider is not self.providers.get(provider.key)
-        job = self.jobs.create(
-            owner, provider.key, "finetune", request.name.strip(), ds.name, ds.content_hash(),
-            params={**request.record(), "images": len(ds.items), "zip_bytes": export.size_bytes,
-                    **({OWN_KEY: True} if own_key else {})},
-        )
+        # The count and the new row under one lock: launches at once (a script's burst) would each
+        # count the same jobs, and all fit.
+        with self._launching:
+            self._check_room(owner, provider)
+            if charge is not None:
+                charge()
+            job = self.jobs.create(
+                owner, provider.key, "finetune", request.name.strip(), ds.name, ds.content_hash(),
+                params={**request.record(), "images": len(ds.items), "zip_bytes": export.size_bytes,
+                        **({OWN_KEY: True} if own_key else {})},
+            )
         if own_key:
             self._job_providers[job.id] = provider
         self.jobs.update(owner, job.id, message=f"Uploading {export.size_bytes / 2**20:.1f} MB to {provider.label}…")
@@ -163,6 +170,13 @@ class TrainingService:
             owner, job.id, status="pending", remote_id=remote_id, progress=0.0,
             message=f"Submitted to {provider.label}; waiting for it to start.",
         )
+
+    def _check_room(self, owner: str, provider: Provider) -> None:
+        """Refuse a launch past ``max_active``: the jobs one owner may have queued or running there."""
+        cap = self._max_active.get(provider.key)
+        if cap and sum(1 for j in self.jobs.active_jobs(owner) if j.provider == provider.key) >= cap:
+            raise InputError(f"You already have {cap} job(s) queued or running on {provider.label}, the most one "
+                             "visitor may have at once.", hint="Wait for one to finish, or cancel one, then launch.")
 
     # ------------------------------------------------------------ tracking
 

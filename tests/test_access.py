@@ -131,3 +131,19 @@ def test_one_provider_per_visitor_key_reused_and_closed_past_the_cap(tmp_path, m
     assert first.closed and not made[1].closed and not made[2].closed
     access.close()
     assert all(p.closed for p in made)
+
+
+def test_resolve_chooses_the_provider_now_and_charges_only_when_asked(tmp_path):
+    """A launch picks its provider before it checks its form, and charges after: resolve's charge."""
+    settings = Settings(data_dir=tmp_path, hosted=True, cometapi_key=Secret("sk-owner"), shared_key_limit=1)
+    access = ProviderAccess(settings, {"cometapi": Named("shared")}, lambda k: Named("own"))
+    provider, charge = access.resolve("cometapi", "ann", None, cost=1, address="a")
+    assert provider.name == "shared" and access.budget.visitor.used("ann") == 0  # chosen, not yet charged
+    charge()
+    assert access.budget.visitor.used("ann") == 1
+    with pytest.raises(RateLimitedError):
+        access.resolve("cometapi", "ann", None, cost=1, address="a")[1]()
+    own, free = access.resolve("cometapi", "ann", Secret("sk-ann"), cost=1, address="a")
+    free()  # the visitor's own key: nothing to charge, however often
+    free()
+    assert own.name == "own" and access.budget.visitor.used("ann") == 1

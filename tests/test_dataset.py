@@ -551,3 +551,44 @@ def test_caption_files_in_every_common_encoding_read_as_written(store, tmp_path)
     captions = {Path(i.file).stem: i.caption for i in ds.items}
     assert captions == {"utf8": text, "bom": text, "latin1": text, "cp1252": text + " – 5€", "utf16": text,
                         "even": "café"}
+
+
+# ---------------------------------------------------------------- caption length
+
+
+def test_a_caption_past_the_cap_is_refused_by_name_and_nothing_is_saved(store, tmp_path):
+    """Captions of 1 to 100 MB were once taken through the API; every read of the dataset then took minutes."""
+    from services.storage.captions import MAX_CAPTION_CHARS
+
+    photos = fx.good_set(tmp_path / "g", count=2, size=(640, 640))
+    name = store.create("s").name
+    ds, _ = store.add_files(name, photos)
+    a, b = (i.file for i in ds.items)
+    store.set_captions(name, {a: "TOK, a mug", b: "TOK, a cup"})
+    longest = "x" * MAX_CAPTION_CHARS
+    with pytest.raises(InputError, match=rf"at most 3,000 characters; too long: {b} \(3,001 characters\)"):
+        store.set_captions(name, {a: "TOK, changed", b: longest + "y"})
+    assert [i.caption for i in store.open(name).items] == ["TOK, a mug", "TOK, a cup"]  # neither was saved
+    with pytest.raises(InputError, match="too long"):  # an edit to every caption is held to the same rule
+        store.map_captions(name, lambda c: add_affixes(c, "", " " + longest))
+    assert [i.caption for i in store.open(name).items] == ["TOK, a mug", "TOK, a cup"]
+    assert store.set_captions(name, {a: longest}).items[0].caption == longest  # the cap itself is allowed
+
+
+def test_an_imported_caption_past_the_cap_is_left_out_with_its_reason_and_its_image_kept(store, tmp_path):
+    from services.storage.captions import MAX_CAPTION_CHARS
+
+    long_text = "a photo of TOK " * (MAX_CAPTION_CHARS // 10)
+    shoot = tmp_path / "shoot.zip"
+    shoot.write_bytes(fx.zip_bytes({
+        "long.jpg": fx.jpeg_bytes(fx.photo(700, 700, seed=1)), "long.txt": long_text.encode(),
+        "short.jpg": fx.jpeg_bytes(fx.photo(700, 700, seed=2)), "short.txt": b"TOK on a bench"}))
+    (tmp_path / "loose.jpg").write_bytes(fx.jpeg_bytes(fx.photo(700, 700, seed=3)))
+    (tmp_path / "loose.txt").write_text(long_text)
+    ds, report = store.add_files(store.create("s").name, [shoot, tmp_path / "loose.jpg", tmp_path / "loose.txt"])
+    captions = {i.file: i.caption for i in ds.items}
+    assert captions == {"long.jpg": "", "short.jpg": "TOK on a bench", "loose.jpg": ""}  # every image kept
+    rejected = _messages(report, "rejected")
+    assert set(rejected) == {"shoot.zip:long.txt", "loose.txt"}
+    assert all(f"over the {MAX_CAPTION_CHARS:,} a caption may have" in m for m in rejected.values())
+    assert report.captions_paired == 1

@@ -456,3 +456,357 @@ def test_hugging_face_work_never_runs_on_the_owners_token_for_a_visitor(settings
         finally:
             visitor.close()
     assert hub.api.mock_calls == []  # not one call to the Hub, with any token
+
+
+def _local_engine(settings):
+    """The app's local engine on the tiny model, without samples or checkpoints (the fastest run)."""
+    import pytest
+
+    for extra in ("torch", "diffusers", "peft"):
+        pytest.importorskip(extra)
+    from services.providers.local.provider import LocalProvider
+
+    return {"local": LocalProvider(settings, steps_per_sample=0, checkpoint_every=0)}
+
+
+def test_a_visitors_local_job_is_tracked_to_ready_and_compared(settings, tmp_path):
+    """A hosted visitor's local job once read as 'no longer known' a tracking pass after its launch (its id,
+    which names the visitor's folder, outgrew the id check) while the engine trained it to the end."""
+    from gradio_client.exceptions import AppError
+    from PIL import Image
+
+    from tests.browser import launched
+
+    settings = settings.with_(hosted=True)
+    providers = _local_engine(settings)
+    photos = fx.good_set(tmp_path / "g", count=3, size=(640, 640))
+    with launched(settings, providers=providers) as (demo, url):
+        alice, bob = Client(url, verbose=False), Client(url, verbose=False)
+        try:
+            alice.predict("cup", [handle_file(str(p)) for p in photos], api_name="/add_images")
+            job = alice.predict("cup", "cup-v1", "local", "product", "CUPX", 100, api_name="/launch_finetune")
+            remote_id = job["finetune_id"]
+            assert remote_id.startswith("local-o") and len(remote_id) > 70  # the visitor's folder is in the id
+            # The signal: the run's own thread has ended; one tracking pass then records how it went.
+            assert providers["local"].join(remote_id, timeout=600), "the visitor's local job did not finish"
+            demo.studio.training.track_once()
+            seen = alice.predict("cup-v1", api_name="/get_job")
+            assert seen["status"] == "ready", seen
+            base, tuned, details = alice.predict("cup-v1", "a photo of CUPX cup", 3, 1.0, 128, 128,
+                                                 api_name="/compare")
+            with Image.open(base) as b, Image.open(tuned) as t:
+                assert b.size == t.size == (128, 128)
+            assert details["base"]["status"] == details["tuned"]["status"] == "ok"
+            try:  # her fine-tune is hers: Bob, pasting its id, gets nothing
+                bob.predict(remote_id, "a photo of CUPX cup", 3, 1.0, 128, 128, api_name="/compare")
+            except AppError as exc:
+                assert "not one of your fine-tunes" in str(exc)
+            else:
+                raise AssertionError("Bob generated with Alice's local fine-tune")
+        finally:
+            alice.close()
+            bob.close()
+
+
+def test_the_local_job_cap_holds_across_a_burst_of_launches(settings, tmp_path):
+    """One visitor once queued 8 local jobs past a cap of 2: each read as finished a tracking pass after
+    its launch, so none counted. A tracking pass runs between launches here, as the app's tracker would."""
+    from gradio_client.exceptions import AppError
+
+    from tests.browser import launched
+
+    settings = settings.with_(hosted=True, visitor_max_local_jobs=2)
+    photos = fx.good_set(tmp_path / "g", count=3, size=(640, 640))
+    with launched(settings, providers=_local_engine(settings)) as (demo, url):
+        alice, bob = Client(url, verbose=False), Client(url, verbose=False)
+        try:
+            for client in (alice, bob):
+                client.predict("cup", [handle_file(str(p)) for p in photos], api_name="/add_images")
+            accepted, refused = [], []
+            for n in range(5):
+                try:
+                    accepted.append(alice.predict("cup", f"cup-{n}", "local", "product", "", 1000,
+                                                  api_name="/launch_finetune"))
+                except AppError as exc:
+                    refused.append(str(exc))
+                demo.studio.training.track_once()
+            statuses = [j["status"] for j in alice.predict(api_name="/list_jobs")]
+            # The cap is per visitor: Bob still may launch.
+            bobs = bob.predict("cup", "bobs", "local", "product", "", 1000, api_name="/launch_finetune")
+        finally:
+            alice.close()
+            bob.close()
+    assert [j["name"] for j in accepted] == ["cup-0", "cup-1"] and len(refused) == 3
+    assert all("already have 2 job(s) queued or running" in r for r in refused), refused
+    assert len(statuses) == 2 and set(statuses) <= {"pending", "running"}, statuses  # neither read as failed
+    assert bobs["status"] == "pending"
+
+
+def test_a_visitors_local_job_id_is_one_the_engine_finds_again(settings, tmp_path):
+    """The id a job gets names the visitor's folder; the check that finds it takes every id made
+    (without torch: the folders are plain files)."""
+    import uuid
+
+    from services.providers.local.folders import JobFolders
+
+    folders = JobFolders(settings.with_(hosted=True))
+    zip_path = fx.training_zip(tmp_path / "ds.zip")
+    made = [folders.new_id(uuid.uuid4().hex, "visitor-" + "a" * 32), folders.new_id("x" * 64, "hf-someone"),
+            folders.new_id(uuid.uuid4().hex, "local"), folders.new_id("", "visitor-b")]
+    for remote_id in made:
+        folders.create(remote_id, zip_path, {}, {"state": "pending", "tag": remote_id[-8:]})
+        assert folders.existing(remote_id) == folders.folder(remote_id)
+        assert folders.read_state(remote_id)["state"] == "pending"
+    assert sorted(folders.ids()) == sorted(made)
+    assert folders.folder(made[0]).parent.parent.parent.name == "owners"  # a visitor's job is in their folder
+    assert folders.folder(made[2]).parent == settings.data_dir / "local_jobs"
+
+
+def test_launches_at_once_cannot_pass_the_cap_together(settings, fake_cometapi, tmp_path):
+    """A script's burst of launches at once: each counted the same jobs before any was recorded, and all
+    fit. A barrier holds every launch after its own count would have been made, before any records."""
+    import threading
+
+    from services.config import Secret
+    from services.errors import InputError
+    from services.providers.base import TrainRequest
+    from services.providers.cometapi.provider import CometAPIProvider
+    from services.storage.datasets import DatasetStore, DatasetStores
+    from services.storage.jobs import JobStore
+    from services.training import TrainingService
+    from tests.conftest import FAKE_COMETAPI_KEY
+
+    fake_cometapi.finetune_pending_polls = 10**6
+    settings = settings.with_(hosted=True, cometapi_base_url=fake_cometapi.url, cometapi_key=Secret(FAKE_COMETAPI_KEY))
+    stores = DatasetStores(settings)
+    name = stores("visitor-x").create("mug").name
+    stores("visitor-x").add_files(name, fx.good_set(tmp_path / "g", count=3, size=(640, 640)))
+    service = TrainingService(JobStore.from_settings(settings), {"cometapi": CometAPIProvider.from_settings(settings)},
+                              stores, max_active={"cometapi": 2})
+    burst = 5
+    together = threading.Barrier(burst, timeout=60)
+    exported = DatasetStore.export_zip
+
+    def export_then_wait(store, dataset):
+        result = exported(store, dataset)
+        together.wait()
+        return result
+
+    outcomes: list[str] = []
+
+    def launch(n: int) -> None:
+        request = TrainRequest(name=f"mug-{n}", mode="product", trigger_word="MUG", iterations=300)
+        try:
+            outcomes.append(service.launch("visitor-x", "cometapi", name, request).status)
+        except InputError as exc:
+            outcomes.append(exc.message)
+
+    DatasetStore.export_zip = export_then_wait
+    try:
+        threads = [threading.Thread(target=launch, args=(n,), name=f"test-burst-{n}") for n in range(burst)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    finally:
+        DatasetStore.export_zip = exported
+        service.close()
+    refused = [o for o in outcomes if o != "pending"]
+    assert len(outcomes) == burst and outcomes.count("pending") == 2, outcomes
+    assert all("already have 2 job(s)" in o for o in refused), outcomes
+    assert len(fake_cometapi.requests("/flux/v1/finetune")) == 2
+    assert len(service.jobs.active_jobs("visitor-x")) == 2
+
+
+def test_a_refused_launch_charges_nothing_to_the_shared_key(settings, fake_cometapi, tmp_path):
+    """Three launches refused for a learning rate that is not a number once used up a visitor's hour on
+    the shared key, and not one request had reached the service. The form is checked first; only what
+    is sent is charged: through the Train tab and through Studio alike."""
+    from gradio_client.exceptions import AppError
+
+    from services.config import Secret
+    from services.errors import InputError
+    from tests.browser import launched
+    from tests.conftest import FAKE_COMETAPI_KEY
+
+    settings = settings.with_(hosted=True, cometapi_base_url=fake_cometapi.url, cometapi_key=Secret(FAKE_COMETAPI_KEY),
+                              shared_key_limit=3, shared_key_address_limit=100)
+    fake_cometapi.finetune_pending_polls = 10**6
+    photos = fx.good_set(tmp_path / "g", count=3, size=(640, 640))
+    form = ["cometapi", "cup", "product", "CUPX", "cup-v1", 300, "", 16, "lora", "quality", True, "auto", "", "", ""]
+    refusals = []
+    with launched(settings) as (demo, url):
+        visitor = Client(url, verbose=False)
+        try:
+            visitor.predict("cup", [handle_file(str(p)) for p in photos], api_name="/add_images")
+            owner = client_owner(settings, visitor)
+            for field, bad in ((6, "not-a-number"), (6, "not-a-number"), (6, "not-a-number"), (3, "two words")):
+                try:
+                    visitor.predict(*form[:field], bad, *form[field + 1:], api_name="/on_launch")
+                except AppError as exc:
+                    refusals.append(str(exc))
+            try:  # Studio's launch (the API's and notebooks'): an empty dataset is refused, uncharged
+                demo.studio.dataset("empty", owner=owner)
+                demo.studio.launch("empty", "nothing", provider="cometapi", owner=owner, address="127.0.0.1")
+            except InputError as exc:
+                refusals.append(exc.message)
+            used_by_refusals = demo.studio.access.budget.visitor.used(owner)
+            launched_ok = visitor.predict(*form, api_name="/on_launch")[0]
+            used_after = demo.studio.access.budget.visitor.used(owner)
+        finally:
+            visitor.close()
+    assert [r for r in refusals if "is not a number" in r] == refusals[:3], refusals
+    assert "need fixing" in refusals[3] and "has no images" in refusals[4], refusals
+    assert used_by_refusals == 0 and used_after == 1
+    assert "Launched" in launched_ok and len(fake_cometapi.requests("/flux/v1/finetune")) == 1
+
+
+def test_made_up_forwarded_addresses_cannot_pass_the_per_address_limit(settings, fake_cometapi, monkeypatch):
+    """On a Space, five visitors who each wrote a made-up X-Forwarded-For got 15 paid calls past a
+    per-address limit of 9: the first entry, which the client writes, was taken as their address. The
+    header arrives here as Hugging Face's proxy passes it on: the client's own entries, then the address
+    the proxy saw, appended. The app runs as on a Space (its sign-in button and all; nobody signs in)."""
+    from gradio import oauth
+    from gradio_client.exceptions import AppError
+
+    from services.config import Secret
+    from services.storage.jobs import JobStore
+    from tests.conftest import FAKE_COMETAPI_KEY
+
+    # Outside a Space, Gradio serves the sign-in button's routes with the machine's own HF login: a stand-in.
+    monkeypatch.setattr(oauth, "_get_mocked_oauth_info", lambda: {"access_token": "unused", "userinfo": {}})
+    settings = settings.with_(hosted=True, space_id="someone/studio", cometapi_base_url=fake_cometapi.url,
+                              cometapi_key=Secret(FAKE_COMETAPI_KEY), shared_key_limit=10,
+                              shared_key_address_limit=6, shared_key_hourly_cap=100)
+    fake_cometapi.pending_polls = 0
+    finetune = fake_cometapi.add_finetune()
+    fields = ["a photo of TOK", 5, 1.0, 1024, 768]
+    refusals: list[str] = []
+    with running_app(settings) as url:
+        forgers = [Client(url, verbose=False, headers={"x-forwarded-for": f"203.0.113.{n}, 10.{n}.0.1, 198.51.100.7"})
+                   for n in range(5)]  # one network (198.51.100.7), five made-up addresses before it
+        try:
+            jobs = JobStore.from_settings(settings)
+            for client in forgers:
+                owner = client_owner(settings, client)
+                job = jobs.create(owner, "cometapi", "finetune", "mine", "ds", "h", {})
+                jobs.update(owner, job.id, remote_id=finetune, status="ready", result={"finetune_id": finetune})
+            jobs.close()
+            for client in forgers:  # each compare is 2 paid calls
+                try:
+                    client.predict(finetune, *fields, api_name="/compare")
+                except AppError as exc:
+                    refusals.append(str(exc))
+        finally:
+            for client in forgers:
+                client.close()
+    generations = len(fake_cometapi.requests("/flux/v1/flux-pro-1.1-ultra")) + len(
+        fake_cometapi.requests("/flux/v1/flux-pro-1.1-ultra-finetuned"))
+    assert generations == 6 and len(refusals) == 2, refusals
+    assert all("from your network" in r for r in refusals)
+
+
+def _multipart(boundary: str, name: str, chunks, chunk_count: int):
+    """A multipart upload body of one file, streamed: httpx sends an iterator without a length chunked."""
+    yield (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{name}\"\r\n"
+           "Content-Type: application/octet-stream\r\n\r\n").encode()
+    for _ in range(chunk_count):
+        yield chunks
+    yield f"\r\n--{boundary}--\r\n".encode()
+
+
+def test_an_over_size_upload_sent_chunked_is_refused_and_leaves_no_file(settings, tmp_path, monkeypatch):
+    """With no Content-Length to refuse it by, an over-size upload once answered 500 and left its partial
+    file in Gradio's upload folder: four tries left 200 MiB there."""
+    uploads = tmp_path / "gradio-uploads"  # this test's own, so that what is left in it is this test's
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(uploads))
+    settings = settings.with_(hosted=True, max_upload_bytes=2 * 2**20)
+    boundary = "studio-test-boundary"
+    headers = {"content-type": f"multipart/form-data; boundary={boundary}"}
+    chunk = bytes(range(256)) * 256  # 64 KiB
+    with running_app(settings) as url, httpx.Client(timeout=60) as http:
+        upload = url.rstrip("/") + "/gradio_api/upload"
+        http.get(url)  # a visitor
+        small = http.post(upload, content=_multipart(boundary, "small.bin", chunk, 16), headers=headers)  # 1 MiB
+        assert small.status_code == 200, small.text  # the positive control: a chunked upload within the cap
+        assert Path(small.json()[0]).read_bytes() == chunk * 16
+        before = {p for p in uploads.rglob("*") if p.is_file()}
+        for _ in range(3):
+            big = http.post(upload, content=_multipart(boundary, "big.bin", chunk, 48), headers=headers)  # 3 MiB
+            assert big.status_code == 413 and "at most 2 MB" in big.text, (big.status_code, big.text)
+        left = {p for p in uploads.rglob("*") if p.is_file()} - before
+        assert left == set(), left
+        # The app still takes uploads after the refusals.
+        assert http.post(upload, content=_multipart(boundary, "again.bin", chunk, 2), headers=headers).status_code == 200
+
+
+def test_a_megabyte_caption_is_refused_through_the_api(settings, tmp_path):
+    """Captions of 1, 20 and 100 MB were taken through the API: dataset.json grew to 100 MiB, and reading it
+    slowed every visitor. Refused with the reason; what was saved stays."""
+    from gradio_client.exceptions import AppError
+
+    settings = settings.with_(hosted=True)
+    photo = fx.good_set(tmp_path / "g", count=1, size=(640, 640))[0]
+    with running_app(settings) as url:
+        visitor = Client(url, verbose=False)
+        try:
+            visitor.predict("cup", [handle_file(str(photo))], api_name="/add_images")
+            [item] = visitor.predict("cup", api_name="/describe_dataset")["items"]
+            visitor.predict("cup", {item["file"]: "TOK, a red cup"}, api_name="/set_captions")
+            try:
+                visitor.predict("cup", {item["file"]: "TOK " * 2**18}, api_name="/set_captions")  # 1 MiB
+            except AppError as exc:
+                assert "A caption may have at most 3,000 characters" in str(exc)
+            else:
+                raise AssertionError("a 1 MiB caption was saved")
+            [after] = visitor.predict("cup", api_name="/describe_dataset")["items"]
+        finally:
+            visitor.close()
+    assert after["caption"] == "TOK, a red cup"
+    dataset_json = next(settings.data_dir.rglob("dataset.json"))
+    assert dataset_json.stat().st_size < 10_000
+
+
+def test_calls_that_write_nothing_leave_no_owner_folder(settings):
+    """Each cookie-less or forged-cookie call is an owner of its own, and each once left an empty folder
+    (the Compare tab's history, read on load, made one): 20 calls, 20 orphans. A folder is now made by a
+    first write only, and empty ones left from before are swept when the app starts."""
+    from gradio_client.exceptions import AppError
+
+    from components.identity import VISITOR_COOKIE
+    from services.storage.owners import installation_secret
+    from tests.browser import launched
+
+    settings = settings.with_(hosted=True)
+    installation_secret(settings)
+    owners = settings.data_dir / "owners"
+    orphan = owners / ("0" * 32)
+    (orphan / "results").mkdir(parents=True)  # as the calls below once left them
+    kept = owners / ("1" * 32) / "datasets" / "mine" / "dataset.json"
+    kept.parent.mkdir(parents=True)
+    kept.write_text("{}")
+    with launched(settings) as (demo, url):
+        assert sorted(owners.iterdir()) == [kept.parents[2]]  # the empty one went, the other is untouched
+        loads = [f.api_name for f in demo.fns.values() if f.fn and f.fn.__name__ == "on_load" and not f.inputs]
+        assert loads, "the page's load events without inputs (the Compare tab's history among them)"
+        forged = Client(url, verbose=False, httpx_kwargs={"cookies": {VISITOR_COOKIE: "a" * 32 + "." + "b" * 32}})
+        cookieless = Client(url, verbose=False)
+        try:
+            for _ in range(5):
+                cookieless.cookies.clear()  # a client that keeps no cookie
+                for client in (forged, cookieless):
+                    for name in loads:
+                        client.predict(api_name=f"/{name}")
+                    assert client.predict(api_name="/list_datasets") == []
+                    assert client.predict(api_name="/list_jobs") == []
+                    try:
+                        client.predict("someone-elses", api_name="/describe_dataset")
+                    except AppError as exc:
+                        assert "was not found" in str(exc)
+            assert sorted(owners.iterdir()) == [kept.parents[2]]
+            cookieless.cookies.clear()
+            cookieless.predict("written", api_name="/create_dataset")  # the positive control: a write makes one
+            assert len(list(owners.iterdir())) == 2
+        finally:
+            forged.close()
+            cookieless.close()

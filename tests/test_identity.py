@@ -51,3 +51,43 @@ def test_a_hugging_face_sign_in_is_the_owner_until_it_expires(tmp_path):
     token = visitors.mint(hosted)
     expired = owner_for(signed_in(time.time() - 1, cookie=token), hosted)
     assert expired == owner_for(gr.Request(cookies={VISITOR_COOKIE: token}), hosted)  # back to the browser's
+
+
+def test_the_client_address_is_the_one_the_trusted_proxies_saw_never_what_the_client_wrote(tmp_path):
+    from starlette.requests import Request
+
+    from components.identity import client_address
+
+    def request(*forwarded: str, peer: str = "10.9.9.9") -> gr.Request:
+        headers = [(b"x-forwarded-for", value.encode()) for value in forwarded]
+        return gr.Request(request=Request({"type": "http", "headers": headers, "client": (peer, 5000)}))
+
+    space = Settings(data_dir=tmp_path, hosted=True, space_id="someone/studio")
+    assert space.proxy_hops == 1  # a Space: Hugging Face's proxy appends the address it saw
+    assert client_address(request("6.6.6.6, 7.7.7.7, 198.51.100.7"), space) == "198.51.100.7"
+    assert client_address(request("198.51.100.7"), space) == "198.51.100.7"
+    # Two headers are one list: the proxy's entry is the last of all of them, not the first header's.
+    assert client_address(request("6.6.6.6", "198.51.100.7"), space) == "198.51.100.7"
+    assert client_address(request(), space) == "10.9.9.9"  # not through the proxy: the connection's own
+
+    elsewhere = Settings(data_dir=tmp_path, hosted=True)
+    assert elsewhere.proxy_hops == 0  # nothing in front: the header is the client's writing only
+    assert client_address(request("6.6.6.6"), elsewhere) == "10.9.9.9"
+    two = elsewhere.with_(trusted_proxies=2)  # a load balancer, then a reverse proxy
+    assert client_address(request("6.6.6.6, 198.51.100.7, 10.0.0.3"), two) == "198.51.100.7"
+    assert client_address(request("10.0.0.3"), two) == "10.9.9.9"  # too few entries: not through both
+    assert client_address(request("6.6.6.6"), space.with_(trusted_proxies=0)) == "10.9.9.9"
+    assert client_address(None, space) == ""
+
+
+def test_trusted_proxies_come_from_the_environment_with_a_default_for_spaces():
+    import pytest
+
+    from services.errors import ConfigError
+
+    assert Settings.from_env({}).proxy_hops == 0
+    assert Settings.from_env({"SPACE_ID": "someone/studio"}).proxy_hops == 1
+    assert Settings.from_env({"SPACE_ID": "someone/studio", "FLUX_STUDIO_TRUSTED_PROXIES": "2"}).proxy_hops == 2
+    assert Settings.from_env({"FLUX_STUDIO_TRUSTED_PROXIES": "0", "SPACE_ID": "a/b"}).proxy_hops == 0
+    with pytest.raises(ConfigError, match="FLUX_STUDIO_TRUSTED_PROXIES must be at least 0"):
+        Settings.from_env({"FLUX_STUDIO_TRUSTED_PROXIES": "-1"})

@@ -48,3 +48,23 @@ def test_the_app_refuses_to_start_without_its_secret(settings, tmp_path):
     assert out.returncode == 1
     assert "The owner secret" in out.stderr and "Restore the file" in out.stderr
     assert "Traceback" not in out.stderr and not (data / SECRET_FILE).exists()
+
+
+def test_the_sweep_removes_owner_folders_with_no_file_and_nothing_else(settings, tmp_path):
+    import os
+
+    from services.storage.owners import sweep_empty
+
+    owners = settings.data_dir / "owners"
+    assert sweep_empty(settings) == 0  # no owners folder yet: nothing to do
+    (owners / "empty" / "results").mkdir(parents=True)
+    (owners / "deep" / "datasets" / "a" / "images").mkdir(parents=True)
+    (owners / "used" / "datasets" / "a").mkdir(parents=True)
+    (owners / "used" / "datasets" / "a" / "dataset.json").write_text("{}")
+    (owners / "used" / "results").mkdir()  # an empty folder inside an owner's that has files: theirs, kept
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    os.symlink(outside, owners / "link")  # never followed, never removed
+    assert sweep_empty(settings) == 2
+    assert sorted(p.name for p in owners.iterdir()) == ["link", "used"]
+    assert (owners / "used" / "results").is_dir() and outside.is_dir()

@@ -6,6 +6,11 @@ import re
 from services.errors import InputError
 
 _TRIGGER_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,39}$")
+# The most characters a caption may have, wherever it comes from (the table, the API, an imported
+# .txt, an edit to every caption). The text encoders read a few hundred tokens (FLUX's T5: 512, some
+# 2,000 characters of English); far past that a caption is a mistake, and a megabyte of one made
+# every read of its dataset slow for everyone.
+MAX_CAPTION_CHARS = 3000
 
 
 # ---------------------------------------------------------------- the trigger word
@@ -26,6 +31,25 @@ def validate_trigger_word(word: str) -> str:
             hint="Use 1-40 letters, digits, _ or -, no spaces (for example TOK or my_dog).",
         )
     return word
+
+
+# ---------------------------------------------------------------- caption length
+
+
+def caption_too_long(caption: str) -> str:
+    """Why ``caption`` can't be kept ("" when it can)."""
+    if len(caption) > MAX_CAPTION_CHARS:
+        return f"{len(caption):,} characters, over the {MAX_CAPTION_CHARS:,} a caption may have"
+    return ""
+
+
+def check_caption_lengths(captions: dict[str, str]) -> None:
+    """Refuse captions (file name -> text) of which any is too long, naming them: InputError."""
+    long = [f"{file} ({len(text):,} characters)" for file, text in captions.items() if caption_too_long(text)]
+    if long:
+        shown = ", ".join(long[:3]) + (f" and {len(long) - 3} more" if len(long) > 3 else "")
+        raise InputError(f"A caption may have at most {MAX_CAPTION_CHARS:,} characters; too long: {shown}. "
+                         "Nothing was saved.", hint="Shorten the caption, then save it again.")
 
 
 # ---------------------------------------------------------------- caption edits

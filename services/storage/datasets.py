@@ -27,7 +27,7 @@ from pathlib import Path
 from services.config import Settings
 from services.errors import DatasetError, InputError
 from services.storage import atomic
-from services.storage.captions import contains_trigger, validate_trigger_word
+from services.storage.captions import check_caption_lengths, contains_trigger, validate_trigger_word
 from services.storage.images import Prepared, sha256_of
 from services.storage.uploads import (
     Collected,
@@ -361,22 +361,25 @@ class DatasetStore:
     # -- editing
 
     def set_captions(self, name: str, captions: dict[str, str]) -> Dataset:
-        """Save captions by file name; names not in the dataset are ignored."""
+        """Save captions by file name; names not in the dataset are ignored. One too long: none is saved."""
         with self._lock:
             ds = self.open(name)
-            for item in ds.items:
-                if item.file in captions:
-                    item.caption = " ".join(str(captions[item.file] or "").split())
-            self._write(ds)
-            return ds
+            new = {i.file: " ".join(str(captions[i.file] or "").split()) for i in ds.items if i.file in captions}
+            return self._save_captions(ds, new)
 
     def map_captions(self, name: str, fn: Callable[[str], str]) -> Dataset:
+        """Apply an edit to every caption; one it would make too long: none is changed."""
         with self._lock:
             ds = self.open(name)
-            for item in ds.items:
-                item.caption = fn(item.caption)
-            self._write(ds)
-            return ds
+            return self._save_captions(ds, {i.file: fn(i.caption) for i in ds.items})
+
+    def _save_captions(self, ds: Dataset, captions: dict[str, str]) -> Dataset:
+        check_caption_lengths(captions)
+        for item in ds.items:
+            if item.file in captions:
+                item.caption = captions[item.file]
+        self._write(ds)
+        return ds
 
     def set_trigger_word(self, name: str, word: str) -> Dataset:
         word = validate_trigger_word(word)

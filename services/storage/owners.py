@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import secrets
 import threading
 from pathlib import Path
@@ -74,3 +75,24 @@ def owner_dir(settings: Settings, owner: str) -> Path:
         return settings.data_dir
     token = hmac.new(installation_secret(settings), owner.encode("utf-8"), hashlib.sha256).hexdigest()[:32]
     return settings.data_dir / "owners" / token
+
+
+def sweep_empty(settings: Settings) -> int:
+    """Remove the owner folders that hold no file (left by calls that never wrote: a cookie-less call is
+    an owner of its own); how many went. Only empty folders are removed (rmdir), so a file is never
+    lost, and it runs before the app serves anyone, so no first write races it."""
+    owners = settings.data_dir / "owners"
+    if not owners.is_dir():
+        return 0
+    removed = 0
+    for folder in owners.iterdir():
+        if not folder.is_dir() or folder.is_symlink() or any(not p.is_dir() for p in folder.rglob("*")):
+            continue
+        try:
+            for sub in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+                os.rmdir(sub)  # deepest first: each is empty by the time it is removed
+            os.rmdir(folder)
+        except OSError:  # not ours to remove after all (permissions): it stays, as it was
+            continue
+        removed += 1
+    return removed

@@ -60,8 +60,13 @@ class ResultStore:
         self._clock = clock
         self._lock = threading.Lock()
 
+    def _dir(self, owner: str) -> Path:
+        return owner_dir(self.settings, owner) / "results"
+
     def out_dir(self, owner: str) -> Path:
-        path = owner_dir(self.settings, owner) / "results"
+        """Where ``owner``'s images are written, made for a write only: reading makes no folder (every
+        cookie-less call is an owner of its own, and each once left an empty folder behind)."""
+        path = self._dir(owner)
         path.mkdir(parents=True, exist_ok=True)
         return path
 
@@ -94,7 +99,7 @@ class ResultStore:
         return records
 
     def _import_legacy(self, owner: str) -> None:
-        path = self.out_dir(owner) / INDEX
+        path = self._dir(owner) / INDEX
         if not path.exists():
             return
         with self._lock:
@@ -114,7 +119,7 @@ class ResultStore:
     def path_for(self, owner: str, record: ResultRecord) -> Path | None:
         if not record.file:
             return None
-        base = self.out_dir(owner).resolve()
+        base = self._dir(owner).resolve()
         path = (base / record.file).resolve()
         if not path.is_relative_to(base):  # a hand-edited record must not reach outside
             return None

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from services.config import THREAD_PREFIX, Settings
+from services.storage.captions import caption_too_long
 from services.storage.images import Prepared, Source, prepare_image
 
 ProgressFn = Callable[[int, int, str], None]
@@ -112,6 +113,17 @@ class Collected:
     rejected: list[FileMessage] = field(default_factory=list)
     skipped: list[FileMessage] = field(default_factory=list)
 
+    def add_caption(self, key: tuple[str, str], label: str, text: str) -> None:
+        """A caption file's text, paired by ``key`` (group, stem); one too long is refused with its reason
+        (its image is still added, uncaptioned)."""
+        too_long = caption_too_long(text)
+        if too_long:
+            self.rejected.append(FileMessage(label, f"the caption is {too_long}; left out (its image is added "
+                                                    "without it): shorten it, then type it in the captions table"))
+            return
+        self.captions[key] = text
+        self.caption_sources[key] = label
+
 
 def collect(paths: Sequence[Path], original_names: Sequence[str], settings: Settings,
             unzip_dir: Path) -> Collected:
@@ -136,8 +148,7 @@ def collect(paths: Sequence[Path], original_names: Sequence[str], settings: Sett
             if size > MAX_CAPTION_BYTES:
                 out.rejected.append(FileMessage(shown, f"caption file is too large ({size:,} bytes)"))
                 continue
-            out.captions[("upload|", stem)] = _read_caption(path.read_bytes())
-            out.caption_sources[("upload|", stem)] = shown
+            out.add_caption(("upload|", stem), shown, _read_caption(path.read_bytes()))
             continue
         if size == 0:
             out.rejected.append(FileMessage(shown, "empty file (0 bytes)"))
@@ -213,8 +224,7 @@ def _collect_zip(path: Path, shown: str, size: int, settings: Settings, out: Col
                 return
             inflated += written
             if is_caption:
-                out.captions[(group, pure.stem)] = _read_caption(dest.read_bytes())
-                out.caption_sources[(group, pure.stem)] = label
+                out.add_caption((group, pure.stem), label, _read_caption(dest.read_bytes()))
                 dest.unlink()
                 continue
             out.candidates.append(Candidate(Source(label, str(dest)), group, pure.stem))

@@ -33,11 +33,14 @@ from services.storage import atomic
 from services.storage.owners import LOCAL_OWNER, owner_dir
 
 LOSSES_FILE = "losses.csv"
-_TAG_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_ID_RE = re.compile(r"^local-[A-Za-z0-9_-]{1,64}$")
-# A hosted visitor's job: its id carries the visitor's folder token, so the folder is found from
-# the id alone: <data_dir>/owners/<token>/local_jobs/<id>. Checked before _ID_RE.
-_OWNED_ID_RE = re.compile(r"^local-o([0-9a-f]{32})-[A-Za-z0-9_-]{1,64}$")
+# A job's id is ``local-<tag>``, or ``local-o<owner token>-<tag>`` for a hosted visitor's job: the token
+# is the name of the visitor's folder, so the folder is found from the id alone
+# (<data_dir>/owners/<token>/local_jobs/<id>). ``new_id`` makes ids from these same pieces and
+# ``_ID_RE`` checks them, so every id made is one that is found again (a visitor's id once outgrew
+# the check, and each of their jobs read as unknown while it trained).
+_TAG = r"[A-Za-z0-9_-]{1,64}"
+_TAG_RE = re.compile(_TAG)
+_ID_RE = re.compile(rf"local-(?:o(?P<owner>[0-9a-f]{{32}})-)?{_TAG}")
 
 LossPoints = Iterable[tuple[int, float]]
 
@@ -93,21 +96,21 @@ class JobFolders:
 
     def new_id(self, tag: str, owner: str | None) -> str:
         """A new job's id: ``local-<tag>``, or ``local-o<owner folder>-<tag>`` for a hosted visitor's."""
-        suffix = tag if tag and _TAG_RE.match(tag) else uuid.uuid4().hex[:16]
+        suffix = tag if tag and _TAG_RE.fullmatch(tag) else uuid.uuid4().hex[:16]
         if owner and owner != LOCAL_OWNER:
             return f"local-o{owner_dir(self.settings, owner).name}-{suffix}"
         return f"local-{suffix}"
 
     def folder(self, remote_id: str) -> Path:
         """Where a job's folder is (or goes): the local owner's jobs folder, or a visitor's own."""
-        owned = _OWNED_ID_RE.match(remote_id)
-        if owned:
-            return Path(self.settings.data_dir) / "owners" / owned.group(1) / "local_jobs" / remote_id
+        valid = _ID_RE.fullmatch(remote_id or "")
+        if valid and valid["owner"]:
+            return Path(self.settings.data_dir) / "owners" / valid["owner"] / "local_jobs" / remote_id
         return self.root / remote_id
 
     def existing(self, remote_id: str) -> Path:
         """The folder of a job that exists (TaskNotFoundError otherwise)."""
-        if not remote_id or not _ID_RE.match(remote_id):
+        if not remote_id or not _ID_RE.fullmatch(remote_id):
             raise TaskNotFoundError(f"{remote_id!r} is not a local job id.")
         job = self.folder(remote_id)
         if not (job / "state.json").is_file():
@@ -122,7 +125,7 @@ class JobFolders:
         roots = [self.root, *Path(self.settings.data_dir).glob("owners/*/local_jobs")]
         jobs = []
         for d in (d for root in roots if root.is_dir() for d in root.iterdir()):
-            if d.is_dir() and _ID_RE.match(d.name) and (d / "state.json").is_file():
+            if d.is_dir() and _ID_RE.fullmatch(d.name) and self.folder(d.name) == d and (d / "state.json").is_file():
                 try:
                     created = float(json.loads((d / "state.json").read_text()).get("created_at") or 0)
                 except (OSError, ValueError):
