@@ -11,8 +11,8 @@ from PIL import Image
 
 from services.config import Settings
 from services.storage.captions import add_affixes, find_replace, trigger_first, validate_trigger_word
-from services.storage.datasets import DatasetStore, dataset_warnings
-from services.storage.uploads import safe_name
+from services.storage.datasets import REPORT_FILES, DatasetStore, dataset_warnings
+from services.storage.uploads import MAX_NAME_LEN, safe_name
 from services.errors import DatasetError, InputError
 from services.storage.images import target_size
 from tests import imagefactory as fx
@@ -364,6 +364,33 @@ def test_dataset_names_cannot_escape(store):
 def test_create_never_overwrites(store):
     assert store.create("a").name == "a"
     assert store.create("a").name == "a-2"
+
+
+def test_create_numbers_a_longest_name_within_the_limit(store):
+    """A taken 64-character name is numbered by shortening it, not by growing past the limit
+    (that made '…-2 is not a valid dataset name')."""
+    longest = "a" * MAX_NAME_LEN
+    assert store.create(longest).name == longest
+    second, third = store.create(longest).name, store.create(longest + " and more").name
+    assert (second, third) == ("a" * (MAX_NAME_LEN - 2) + "-2", "a" * (MAX_NAME_LEN - 2) + "-3")
+    assert [store.open(n).name for n in (second, third)] == [second, third]
+
+
+def test_import_report_names_a_few_files_and_counts_the_rest(store, tmp_path):
+    """A zip of many long names: the report names the first REPORT_FILES, shortened, and counts the
+    others, instead of echoing every name (12 MB for a zip of 5,000)."""
+    z = tmp_path / "long.zip"
+    names = [f"{i:03d}_" + "n" * 2000 + ".jpg" for i in range(300)]
+    with zipfile.ZipFile(z, "w") as zf:
+        for name in names:
+            zf.writestr(name, b"")  # empty: each one is rejected, with its name
+    _, report = store.add_files(store.create("s").name, [z])
+    assert len(report.rejected) == 300  # the record keeps every file
+    lines = report.lines()
+    assert len(lines) == 1 + REPORT_FILES + 1
+    assert lines[1].startswith("Rejected long.zip:000_nnn") and lines[1].endswith("nnn.jpg: empty file (0 bytes)")
+    assert lines[-1] == f"…and {300 - REPORT_FILES} more file(s) rejected, skipped or noted."
+    assert sum(map(len, lines)) < 20 * 1024
 
 
 def test_remove_image(store, tmp_path):
