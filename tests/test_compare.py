@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from components import compare_tab
 from services import compare as cmp
 from services.providers.cometapi.client import CometAPIClient
 from services.providers.cometapi.provider import CometAPIProvider
+from services.providers.local.provider import LocalProvider
 from services.config import Secret
 from services.errors import InputError
 from services.providers.base import GenerateRequest
@@ -89,6 +91,39 @@ def test_moderated_tuned_image_keeps_the_base_image(settings, fake_cometapi, res
     assert "safety" in pair.tuned.error.lower() or "moderat" in pair.tuned.error.lower()
     recorded = results.list(OWNER)
     assert {r.status for r in recorded} == {"moderated"} and len(recorded) == 2
+
+
+def test_a_failed_base_image_shows_its_reason_in_its_panel_at_the_tuned_images_size(settings, fake_cometapi,
+                                                                                  results):
+    """The base panel was left empty (a placeholder of another height), its reason only in the text
+    below: it now holds the reason, drawn at the size of the tuned image, and both panels name the
+    fine-tune's provider."""
+    fake_cometapi.pending_polls = 0
+    finetune = fake_cometapi.add_finetune()
+    fake_cometapi.fail_next("/flux/v1/flux-pro-1.1-ultra", 422, json={"detail": [
+        {"loc": ["body", "prompt"], "msg": "base prompt refused"}]})
+    provider = _provider(fake_cometapi)
+    pair = cmp.compare_pair(provider, _req(), finetune_id=finetune, tuned_model=ULTRA,
+                            out_dir=results.out_dir(OWNER), owner=OWNER, results=results)
+    assert pair.base.status == "error" and pair.tuned.status == "ok"
+    base, tuned = compare_tab.pair_panels(pair, provider, _req())
+    assert base["label"] == "Base model · CometAPI · error" and tuned["label"] == "Fine-tune · CometAPI"
+    with Image.open(pair.tuned.path) as im:
+        assert base["value"].size == im.size
+    assert len(set(base["value"].getdata())) > 2  # drawn on, not a blank tile
+    assert Path(tuned["value"]).read_bytes() == pair.tuned.path.read_bytes()
+    both_failed = cmp.PairResult(pair.group_id, pair.base, pair.base, 0.0)
+    assert compare_tab.pair_panels(both_failed, provider, _req(width=512, height=384))[1]["value"].size == (512, 384)
+
+
+def test_the_tuned_model_choice_and_the_panels_follow_the_fine_tunes_provider(settings):
+    """A local fine-tune was shown under 'Tuned model (CometAPI)': the choice shows only where the
+    provider offers several models, and the panels name the provider."""
+    choice, base, tuned = compare_tab.provider_views(LocalProvider(settings))
+    assert (choice["visible"], base["label"], tuned["label"]) == (False, "Base model · Local engine",
+                                                                  "Fine-tune · Local engine")
+    choice, _, tuned = compare_tab.provider_views(CometAPIProvider(lambda: None, has_key=True))
+    assert choice["visible"] and tuned["label"] == "Fine-tune · CometAPI"
 
 
 def test_grid_fills_every_cell_and_isolates_failures(settings, fake_cometapi, results):
