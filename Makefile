@@ -43,6 +43,7 @@ bench: $(VENV)/.deps-dev
 	$(PY) -m benchmarks.local_train
 	$(PY) -m benchmarks.local_train_gpu
 	$(PY) -m benchmarks.results_history
+	$(PY) -m benchmarks.load
 
 deploy: $(VENV)/.deps-app
 	$(PY) -m tools.deploy $(ARGS)

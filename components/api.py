@@ -8,8 +8,13 @@ Endpoints that take or give files use hidden components, so Gradio checks upload
 results from its cache as it does for the pages.
 """
 
+from typing import Any
+
 import gradio as gr
+from gradio import processing_utils
 from gradio.context import get_blocks_context
+from gradio.data_classes import FileData, GradioRootModel
+from gradio_client import utils as client_utils
 
 from components.callers import caller_for
 from components.feedback import shows_errors
@@ -30,6 +35,64 @@ PUBLIC_API = frozenset({
     "launch_finetune", "list_jobs", "get_job", "cancel_job",
     "compare", "grid",
 })
+
+
+class FilesOrLinks(GradioRootModel):
+    """What a file list may carry: uploaded files, or the links an MCP assistant sends."""
+    root: list[FileData | str]
+
+
+def _inlined(schema: Any, defs: dict | None = None) -> Any:
+    """``schema`` with every ``#/$defs/...`` reference replaced by its definition."""
+    defs = {**(defs or {}), **(schema.get("$defs", {}) if isinstance(schema, dict) else {})}
+    if isinstance(schema, dict):
+        if "$ref" in schema:
+            return _inlined(defs[schema["$ref"].rsplit("/", 1)[-1]], defs)
+        return {k: _inlined(v, defs) for k, v in schema.items() if k != "$defs"}
+    if isinstance(schema, list):
+        return [_inlined(v, defs) for v in schema]
+    return schema
+
+
+def file_list(label: str) -> gr.File:
+    """A multiple-file input that an MCP assistant can fill as well as a script.
+
+    Gradio 6.31 turns a file list's schema into MCP's with the items' ``$ref`` left pointing at a
+    ``$defs`` it has moved, so every call failed validation (``PointerToNowhere``); and it turns an
+    assistant's link into a file only for a top-level file parameter, so a list's items arrive as
+    the strings sent. Here the schema has no references, and a string is fetched as Gradio fetches a
+    single file parameter's: an http(s) URL through its SSRF-checked download (never this machine or
+    its network), a ``data:`` URI into the cache. Any other string (a path on this machine) is refused.
+    The component is adjusted rather than subclassed: Gradio writes a ``.pyi`` stub beside the source
+    of every component subclass when it is imported.
+    """
+    files = gr.File(label=label, file_count="multiple", type="filepath")
+    files.data_model = FilesOrLinks
+
+    def api_info_as_input() -> dict[str, Any]:
+        return {"type": "array", "title": "ListFiles", "items": _inlined(FileData.model_json_schema())}
+
+    def preprocess(payload: FilesOrLinks | None) -> list[str] | None:
+        if payload is None:
+            return None
+        return [files._process_single_file(f if isinstance(f, FileData) else FileData(path=fetch(f)))
+                for f in payload.root]
+
+    def fetch(link: str) -> str:
+        try:
+            if link.startswith("data:"):
+                return processing_utils.save_base64_to_cache(link, files.GRADIO_CACHE)
+            if client_utils.is_http_url_like(link):
+                return processing_utils.ssrf_protected_download(link, files.GRADIO_CACHE)
+        except Exception as exc:  # the fetch's own reason: a refused address, a 404, bad base64
+            raise gr.Error(f"Could not fetch {link[:200]!r}: {exc}. Send a public http(s) URL or a data: URI.",
+                           print_exception=False) from exc
+        raise gr.Error(f"{link[:200]!r} is not a file: send an uploaded file, a public http(s) URL or a data: URI.",
+                       print_exception=False)
+
+    files.api_info_as_input = api_info_as_input
+    files.preprocess = preprocess
+    return files
 
 
 def dataset_summary(ds: Dataset) -> dict:
@@ -85,7 +148,7 @@ def build(studio: Studio) -> None:
 
         Args:
             dataset: the dataset's name
-            files: the files to add
+            files: the files to add (an assistant sends each as a public http(s) URL or a data: URI)
         Returns:
             the dataset, and the import report: one line per file added, rejected or skipped with why
         """
@@ -301,7 +364,7 @@ def build(studio: Studio) -> None:
     # Files in or out: hidden components, so uploads are checked and results served from the cache.
     with gr.Column(visible=False):
         dataset_in = gr.Textbox(label="dataset")
-        files_in = gr.File(label="files", file_count="multiple", type="filepath")
+        files_in = file_list("files")
         summary_out = gr.JSON(label="dataset")
         zip_out = gr.File(label="zip")
         finetune_in = gr.Textbox(label="finetune")

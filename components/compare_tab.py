@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
+from PIL import Image
 
 from components import feedback
 from components.feedback import plain, shows_errors
@@ -20,7 +21,7 @@ from services.config import THREAD_PREFIX, Settings
 from services.errors import InputError
 from services.targets import Target, authorize_target, guess_provider, ready_targets
 from services.storage.jobs import JobStore
-from services.providers.base import ASPECT_RATIOS, OUTPUT_FORMATS, GenerateRequest
+from services.providers.base import ASPECT_RATIOS, OUTPUT_FORMATS, GenerateRequest, Provider
 from services.storage.results import ResultStore
 
 TUNED_MODELS = list(BASE_FOR)  # flux-pro-1.1-ultra-finetuned, flux-pro-finetuned
@@ -54,6 +55,31 @@ def parse_target(choice: str | None, pasted: str, provider_keys: list[str]) -> T
         raise InputError("No fine-tune is selected.", hint="Pick a ready fine-tune, or paste a fine-tune id.")
     provider_key, finetune_id = choice.split("|", 1)
     return Target(provider_key, finetune_id)
+
+
+def provider_views(provider: Provider | None) -> tuple[dict, dict, dict]:
+    """What names or depends on the fine-tune's provider: the tuned-model choice (shown where the
+    provider offers several models), and the base and fine-tune panels' labels."""
+    if provider is None:
+        return gr.update(), gr.update(), gr.update()
+    return (gr.update(visible=provider.picks_tuned_model), gr.update(label=f"Base model · {provider.label}"),
+            gr.update(label=f"Fine-tune · {provider.label}"))
+
+
+def pair_panels(pair: "cmp.PairResult", provider: Provider, request: GenerateRequest) -> tuple[dict, dict]:
+    """The two panels after a comparison. A failed image is replaced by its reason, drawn at the size of
+    the image beside it (the request's, if both failed), so the panels keep one height."""
+    def view(cell: "cmp.CellResult", other: "cmp.CellResult", what: str) -> dict:
+        label = f"{what} · {provider.label}"
+        if cell.status == "ok" and cell.path:
+            return gr.update(value=servable(cell.path), label=label)
+        size = (request.width, request.height)
+        if other.status == "ok" and other.path:
+            with Image.open(other.path) as im:
+                size = im.size
+        return gr.update(value=cmp.failure_card(cell, size), label=f"{label} · {cell.status}")
+
+    return view(pair.base, pair.tuned, "Base model"), view(pair.tuned, pair.base, "Fine-tune")
 
 
 def cell_caption(cell: "cmp.CellResult") -> str:
@@ -148,9 +174,10 @@ def build(access: ProviderAccess, jobs: JobStore, results: ResultStore, settings
     def on_pick(choice: str | None, request: gr.Request = None):
         owner = owner_for(request, settings)
         target = next((t for t in ready_targets(jobs, owner) if f"{t.provider_key}|{t.finetune_id}" == choice), None)
+        views = provider_views(access.providers.get(target.provider_key) if target else None)
         if target and target.trigger:
-            return gr.update(info=f"Use the trigger word “{target.trigger}” so the fine-tune knows what to draw.")
-        return gr.update()
+            return gr.update(info=f"Use the trigger word “{target.trigger}” so the fine-tune knows what to draw."), *views
+        return gr.update(), *views
 
     def own_target(target: Target, owner: str, key, request) -> Target:
         """The target if this visitor may use it; their own credentials are their CometAPI key or, for
@@ -193,7 +220,7 @@ def build(access: ProviderAccess, jobs: JobStore, results: ResultStore, settings
         if fixed and abs(req.strength - 1.0) > 1e-9:
             info += f"\n\n*{plain(fixed)} The tuned image is at strength 1, not {req.strength:g}.*"
         info += budget_note(target, key, owner, request)
-        return servable(result.base.path), servable(result.tuned.path), info, history_items(results, owner)
+        return *pair_panels(result, provider, req), info, history_items(results, owner)
 
     @shows_errors
     def on_grid(choice, pasted_, model_, key, prompts_, strengths_, include_base_, prompt_, seed_, strength_,
@@ -278,7 +305,7 @@ def build(access: ProviderAccess, jobs: JobStore, results: ResultStore, settings
         return servable(cmp.contact_sheet(grid_result, results.contact_sheet_path(owner, grid_result.group_id)))
 
     fields = [prompt, seed, strength, aspect, width, height, steps, guidance, safety, fmt]
-    finetune.change(on_pick, [finetune], [prompt])
+    finetune.change(on_pick, [finetune], [prompt, tuned_model, base_img, tuned_img])
     dice.click(lambda: cmp.random_seed(), None, [seed])
     go.click(on_compare, [finetune, pasted, tuned_model, session_key, *fields], [base_img, tuned_img, pair_info, history],
              concurrency_limit=8)

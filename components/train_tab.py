@@ -94,7 +94,7 @@ def job_markdown(job: Job | None, now: float | None = None) -> str:
         lines.append(f"**Latest:** {plain(job.message)}")
     if job.error:
         lines.append(f"**Error:** {plain(job.error)}")
-    if job.eta_s:
+    if job.eta_s and job.is_active:  # a finished job's last estimate is no longer news
         lines.append(f"**ETA:** {fmt_elapsed(job.eta_s)}")
     lines.append(f"**Elapsed:** {fmt_elapsed((job.finished_at or now) - job.created_at)}")
     lines.append(f"**Provider:** {job.provider}" + (f", id `{job.remote_id}`" if job.remote_id else ""))
@@ -104,6 +104,17 @@ def job_markdown(job: Job | None, now: float | None = None) -> str:
     params = {k: v for k, v in job.params.items() if v not in (None, "")}
     lines.append("**Settings:** " + ", ".join(f"{k}={plain(v)}" for k, v in params.items()))
     return "\n\n".join(lines)
+
+
+def job_controls(provider: Provider | None, selected: bool = True) -> tuple[dict, dict, dict]:
+    """Visibility of what only some providers offer, for the selected job: its loss plot and samples
+    (``reports_steps``), Resume (``can_resume``) and publishing (``can_publish``). With no job
+    selected, all show: they say what the app can do."""
+    if not selected:
+        return gr.update(visible=True), gr.update(visible=True), gr.update(visible=True)
+    offers = (provider is not None and provider.reports_steps, provider is not None and provider.can_resume,
+              provider is not None and provider.can_publish)
+    return tuple(gr.update(visible=bool(flag)) for flag in offers)
 
 
 def keep_polling(jobs: list[Job], now: float | None = None) -> bool:
@@ -326,7 +337,7 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
     jobs = gr.Dataframe(value=jobs_frame([]), headers=JOB_COLUMNS, interactive=False, elem_id="train-jobs",
                         label="History (click a row for details; click a header to sort)")
     detail = gr.Markdown(job_markdown(None), elem_id="train-job-detail")
-    with gr.Row():
+    with gr.Row() as progress_row:
         loss_plot = gr.LinePlot(None, x="step", y="loss", color="series", title="Training loss", height=240,
                                 color_map={RAW: "#c7d2fe", SMOOTHED: "#4338ca"}, color_title="",
                                 elem_id="train-loss", scale=1)
@@ -336,7 +347,7 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
         resume = gr.Button("Resume from last checkpoint", size="sm", elem_id="train-resume")
         cancel = gr.Button("Cancel", size="sm", elem_id="train-cancel")
         delete = gr.Button("Delete selected job", variant="stop", size="sm", elem_id="train-delete")
-    with gr.Accordion("Publish a local LoRA to the Hugging Face Hub", open=False, elem_id="train-publish-box"):
+    with gr.Accordion("Publish a local LoRA to the Hugging Face Hub", open=False, elem_id="train-publish-box") as publish_box:
         with gr.Row():
             repo_id = gr.Textbox(label="Repository", placeholder="your-name/my-flux-lora", elem_id="train-publish-repo")
             hf_token = gr.Textbox(label="Hugging Face token (write access)", type="password",
@@ -480,23 +491,24 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
                 elif j.status == "failed":
                     feedback.warning(f"Fine-tune '{j.name}' failed: {j.error}")
         current = next((j for j in owned if j.id == selected_), None)
-        plot, gallery = progress_views(owner, current)
         return (
             jobs_frame(owned),
             queue_markdown(service, owner, owned),
             job_markdown(current) if current else gr.update(),
-            plot,
-            gallery,
+            *progress_views(owner, current),
             gr.Timer(active=keep_polling(owned)),
             {j.id: j.status for j in owned},
             banner_markdown(service, provider_key, key, settings, calls_left(owner, request), signed_in(request)),
         )
 
     def progress_views(owner: str, job: Job | None):
+        """The selected job's plot and samples, and what applies to it: (plot, gallery, progress row,
+        Resume, publish box)."""
+        controls = job_controls(service.providers.get(job.provider) if job else None, selected=job is not None)
         if job is None:
-            return gr.update(), gr.update()
+            return gr.update(), gr.update(), *controls
         events = service.jobs.events(owner, job.id, "step")
-        return loss_plot_value(events), servable_items(sample_items(events))
+        return loss_plot_value(events), servable_items(sample_items(events)), *controls
 
     def on_select(table: pd.DataFrame, evt: gr.SelectData, request: gr.Request = None):
         owner = owner_for(request, settings)
@@ -578,9 +590,9 @@ def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore],
         concurrency_limit=4,
     )
     timer.tick(on_tick, [selected, seen, provider, session_key],
-               [jobs, queue, detail, loss_plot, samples, timer, seen, banner],
+               [jobs, queue, detail, loss_plot, samples, progress_row, resume, publish_box, timer, seen, banner],
                concurrency_limit=None, show_progress="hidden")
-    jobs.select(on_select, [jobs], [selected, detail, loss_plot, samples])
+    jobs.select(on_select, [jobs], [selected, detail, loss_plot, samples, progress_row, resume, publish_box])
     resume.click(on_resume, [selected], [jobs, detail, timer])
     cancel.click(on_cancel, [selected], [jobs, detail])
     delete.click(on_delete, [selected], [jobs, detail, selected],

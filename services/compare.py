@@ -288,6 +288,28 @@ def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int, max_lines: int
     return lines
 
 
+def _draw_failure(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], result: CellResult, size: int) -> None:
+    """A failed cell in ``box`` (x, y, width, height): what went wrong and why, with ``size`` px titles."""
+    x, y, w, h = box
+    small, line = round(size * 13 / 16), round(size * 18 / 16)
+    draw.rectangle((x, y, x + w, y + h), fill="#eeeeee", outline="#cc3333", width=max(2, size // 8))
+    title = "moderated" if result.status == "moderated" else "error"
+    draw.text((x + size // 2, y + size // 2), title, fill="#cc3333", font=_font(size))
+    top = y + round(size * 34 / 16)
+    for i, text in enumerate(_wrap(draw, result.error or "no details", _font(small), w - size,
+                                   max_lines=max(1, (h - top + y - size // 2) // line))):
+        draw.text((x + size // 2, top + i * line), text, fill="black", font=_font(small))
+
+
+def failure_card(result: CellResult, size: tuple[int, int]) -> Image.Image:
+    """A failed cell drawn as an image of ``size``, to stand where its image would: the reason in place,
+    at the size of the image beside it."""
+    width, height = max(64, size[0]), max(64, size[1])
+    card = Image.new("RGB", (width, height), "white")
+    _draw_failure(ImageDraw.Draw(card), (0, 0, width - 1, height - 1), result, max(16, min(width, height) // 16))
+    return card
+
+
 def contact_sheet(grid: GridResult, path: Path, *, cell: int = 256, label_width: int = 220) -> Path:
     """One labelled PNG: a header row of column names, a prompt label per row, errors in place."""
     pad, header = 8, 36
@@ -313,11 +335,7 @@ def contact_sheet(grid: GridResult, path: Path, *, cell: int = 256, label_width:
                 draw.text((x + 4, y + cell - 18), f"seed {result.seed}", fill="white", font=small,
                           stroke_width=2, stroke_fill="black")
             else:
-                draw.rectangle((x, y, x + cell, y + cell), fill="#eeeeee", outline="#cc3333", width=2)
-                title = "moderated" if result.status == "moderated" else "error"
-                draw.text((x + 8, y + 8), title, fill="#cc3333", font=font)
-                for i, line in enumerate(_wrap(draw, result.error or "no details", small, cell - 16, max_lines=max(1, (cell - 44) // 18))):
-                    draw.text((x + 8, y + 34 + i * 18), line, fill="black", font=small)
+                _draw_failure(draw, (x, y, cell, cell), result, 16)
     with atomic.replacing(path) as tmp:
         sheet.save(tmp, "PNG", optimize=False)
     return path

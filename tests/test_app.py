@@ -283,3 +283,26 @@ def test_with_mcp_on_the_tools_are_the_api_with_their_parameters(settings):
     assert tools["get_job"]["inputSchema"]["properties"]["job"]["type"] == "string"
     assert set(tools["compare"]["inputSchema"]["properties"]) == {"finetune", "prompt", "seed", "strength", "width",
                                                                   "height"}
+
+
+def test_an_assistant_adds_images_over_mcp(settings, tmp_path):
+    """add_images over MCP: the file list's schema resolves (it failed every call with
+    ``PointerToNowhere: '/$defs/FileData'``), a data: URI becomes an image of the dataset, and a
+    string that would make the server read this machine is refused: a loopback link, a bare path."""
+    import base64
+
+    from tests.test_hostile_visitors import _mcp_calls
+
+    photo = fx.good_set(tmp_path / "g", count=1, size=(640, 640))[0]
+    data_uri = "data:image/jpeg;base64," + base64.b64encode(photo.read_bytes()).decode()
+    with running_app(settings.with_(mcp=True)) as url:
+        added, loopback, bare, described = _mcp_calls(url, [
+            ("add_images", {"dataset": "cup", "files": [data_uri]}),
+            ("add_images", {"dataset": "cup", "files": [f"{url}gradio_api/file={photo}"]}),
+            ("add_images", {"dataset": "cup", "files": [str(photo)]}),
+            ("describe_dataset", {"dataset": "cup"})])
+    assert added == (False, "{'name': 'cup', 'images': 1, 'captioned': 0, 'trigger_word': '', "
+                            "'report': ['Added 1 image(s).']}")
+    assert loopback[0] and "Could not fetch" in loopback[1] and "public http(s) URL" in loopback[1]
+    assert bare[0] and "is not a file" in bare[1]
+    assert not described[0] and "'images': 1," in described[1]

@@ -71,3 +71,31 @@ def test_pair_grid_and_history_after_restart(settings, fake_cometapi):
             history = page.locator("#compare-history img")
             history.nth(4).wait_for(timeout=15_000)
             assert history.count() == 5
+
+
+def test_a_failed_base_image_keeps_its_panel_with_the_reason(settings, fake_cometapi):
+    """When the base image fails, its panel shows the reason, as tall as the tuned image's panel, and
+    both panels name the fine-tune's provider."""
+    settings = settings.with_(cometapi_base_url=fake_cometapi.url, cometapi_key=Secret(FAKE_COMETAPI_KEY))
+    fake_cometapi.pending_polls = 0
+    finetune = fake_cometapi.add_finetune(trigger_word="MUG")
+    _ready_job(settings, finetune)
+    fake_cometapi.fail_next("/flux/v1/flux-pro-1.1-ultra", 422, json={"detail": [
+        {"loc": ["body", "prompt"], "msg": "base prompt refused"}]})
+    with chromium() as browser, running_app(settings) as url:
+        page = browser.new_page()
+        _open_compare(page, url)
+        expect(page.locator("#compare-finetune input")).to_have_value(re.compile("mug-v1"), timeout=10_000)
+        page.locator("#compare-tuned").get_by_text("Fine-tune · CometAPI").wait_for(timeout=10_000)
+        page.locator("#compare-prompt textarea").fill("a photo of MUG")
+        page.click("#compare-go")
+        page.locator("#compare-pair-info").get_by_text("base prompt refused").wait_for(timeout=30_000)
+        base, tuned = page.locator("#compare-base img"), page.locator("#compare-tuned img")
+        base.wait_for(timeout=10_000)
+        tuned.wait_for(timeout=10_000)
+        assert "Base model · CometAPI · error" in page.locator("#compare-base").inner_text()
+        expect(base).to_have_js_property("complete", True)
+        expect(tuned).to_have_js_property("complete", True)
+        assert (base.evaluate("i => [i.naturalWidth, i.naturalHeight]")
+                == tuned.evaluate("i => [i.naturalWidth, i.naturalHeight]"))
+        assert base.bounding_box()["height"] == pytest.approx(tuned.bounding_box()["height"], abs=1)

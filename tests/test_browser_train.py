@@ -184,3 +184,27 @@ def test_a_failed_publish_clears_the_token_box(settings):
             timeout=15_000)
         expect(box).to_have_value("")
         assert token not in page.content()
+
+
+def test_a_selected_job_shows_only_the_controls_its_provider_offers(settings, fake_cometapi):
+    """A CometAPI job reports no loss or samples and can't be resumed or published from here: picking
+    it hides the plot, the gallery, Resume and the publish box; picking a local job shows them again."""
+    settings = settings.with_(cometapi_base_url=fake_cometapi.url, cometapi_key=Secret(FAKE_COMETAPI_KEY))
+    jobs = JobStore.from_settings(settings)
+    for provider, name in (("cometapi", "mug-hosted"), ("local", "mug-local")):
+        job = jobs.create("local", provider, "finetune", name, "mug", "h", {"trigger_word": "MUG"})
+        jobs.update("local", job.id, remote_id=f"{provider}-1", status="ready", result={"finetune_id": f"{provider}-1"})
+    jobs.close()
+    controls = ("#train-loss", "#train-samples", "#train-resume", "#train-publish-box")
+    with chromium() as browser, running_app(settings) as url:
+        page = browser.new_page()
+        _open_train_tab(page, url)
+        cells = page.locator("#train-jobs [role=gridcell]")
+        for name, visible in (("mug-hosted", False), ("mug-local", True), ("mug-hosted", False)):
+            cells.filter(has_text=name).first.click()
+            page.locator("#train-job-detail").get_by_text(name).wait_for(timeout=15_000)
+            for control in controls:
+                if visible:
+                    expect(page.locator(control)).to_be_visible(timeout=15_000)
+                else:
+                    expect(page.locator(control)).to_be_hidden(timeout=15_000)

@@ -602,10 +602,31 @@ def test_unknown_model_is_unavailable_not_finetune(client, fake_cometapi):
     assert "COMETAPI_BASE_URL" in str(info.value) and "Local engine" not in str(info.value)
 
 
-def test_html_on_a_2xx_generation_route(client, fake_cometapi):
-    fake_cometapi.fail_next("/flux/v1/flux-dev", 200, text="<html><body>Welcome</body></html>")
-    with pytest.raises(EndpointUnavailableError, match="web page instead of JSON"):
+@pytest.mark.parametrize("status", [200, 404])
+def test_a_web_page_on_a_generation_route_is_passing_until_it_repeats(client, fake_cometapi, status):
+    """A gateway's one-off web page is not a retired model: the next call works. Only a page
+    answered twice in a row says the model may be gone."""
+    fake_cometapi.fail_next("/flux/v1/flux-dev", status, text="<html><body>Welcome</body></html>")
+    with pytest.raises(ServerError, match="with a web page.*passing fault") as once:
         client.images.generate("flux-dev", prompt="x")
+    assert "retired" not in str(once.value) and "may have reached CometAPI" in str(once.value)
+    assert client.images.generate("flux-dev", prompt="x")  # the next call works
+    fake_cometapi.fail_next("/flux/v1/flux-dev", status, text="<html><body>Welcome</body></html>", times=2)
+    with pytest.raises(ServerError):
+        client.images.generate("flux-dev", prompt="x")
+    with pytest.raises(EndpointUnavailableError, match="web page") as twice:
+        client.images.generate("flux-dev", prompt="x")
+    assert "may have retired this model" in str(twice.value)
+    assert len(fake_cometapi.requests("/flux/v1/flux-dev")) == 4  # a paid POST is never re-sent by itself
+
+
+def test_a_poll_answered_by_a_passing_web_page_asks_again(client, fake_cometapi):
+    task = client.images.generate("flux-dev", prompt="x")
+    fake_cometapi.fail_next(RESULT, 200, text="<html><body>Welcome</body></html>")
+    assert client.tasks.wait(task).is_ready
+    fake_cometapi.fail_next(RESULT, 200, text="<html><body>Welcome</body></html>", times=2)
+    with pytest.raises(EndpointUnavailableError, match="may have retired"):
+        client.tasks.get(task)
 
 
 def test_unknown_finetune_id_is_task_not_found(client, fake_cometapi):

@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from components import compare_tab
 from services import compare as cmp
 from services.providers.cometapi.client import CometAPIClient
 from services.providers.cometapi.provider import CometAPIProvider
+from services.providers.local.provider import LocalProvider
 from services.config import Secret
 from services.errors import InputError
 from services.providers.base import GenerateRequest
@@ -67,16 +69,33 @@ def test_flux_pro_finetuned_compares_against_flux_pro(settings, fake_cometapi, r
     assert sent.json["steps"] == 30 and sent.json["guidance"] == 3.0 and "aspect_ratio" not in sent.json
 
 
+class _Meeting:
+    """A provider whose generations wait for each other at a barrier before going on to the real one:
+    two that run one after the other never meet, and the first fails when the barrier gives up."""
+
+    def __init__(self, inner, parties: int) -> None:
+        self._inner = inner
+        self.barrier = threading.Barrier(parties, timeout=60)  # a failure's bound, never reached when they meet
+
+    def generate(self, request, out_dir, *, finetune=None, model=None):
+        self.barrier.wait()
+        return self._inner.generate(request, out_dir, finetune=finetune, model=model)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
 def test_pair_runs_concurrently(settings, fake_cometapi, results):
+    """Base and tuned are generated at once: both calls are inside the provider together."""
     fake_cometapi.pending_polls = 0
-    fake_cometapi.set_latency("/flux/v1/flux-pro-1.1-ultra", 0.6)
-    fake_cometapi.set_latency("/flux/v1/flux-pro-1.1-ultra-finetuned", 0.9)
     finetune = fake_cometapi.add_finetune()
-    pair = cmp.compare_pair(_provider(fake_cometapi), _req(), finetune_id=finetune, tuned_model=ULTRA,
+    meeting = _Meeting(_provider(fake_cometapi), parties=2)
+    pair = cmp.compare_pair(meeting, _req(), finetune_id=finetune, tuned_model=ULTRA,
                             out_dir=results.out_dir(OWNER), owner=OWNER, results=results)
-    assert pair.base.latency_s >= 0.6 and pair.tuned.latency_s >= 0.9
-    # Serially it would take at least 1.5 s.
-    assert pair.wall_s < pair.base.latency_s + pair.tuned.latency_s - 0.3
+    assert (pair.base.status, pair.tuned.status) == ("ok", "ok"), (pair.base.error, pair.tuned.error)
+    assert not meeting.barrier.broken
+    assert len(fake_cometapi.requests("/flux/v1/flux-pro-1.1-ultra")) == 1
+    assert len(fake_cometapi.requests("/flux/v1/flux-pro-1.1-ultra-finetuned")) == 1
 
 
 def test_moderated_tuned_image_keeps_the_base_image(settings, fake_cometapi, results):
@@ -89,6 +108,39 @@ def test_moderated_tuned_image_keeps_the_base_image(settings, fake_cometapi, res
     assert "safety" in pair.tuned.error.lower() or "moderat" in pair.tuned.error.lower()
     recorded = results.list(OWNER)
     assert {r.status for r in recorded} == {"moderated"} and len(recorded) == 2
+
+
+def test_a_failed_base_image_shows_its_reason_in_its_panel_at_the_tuned_images_size(settings, fake_cometapi,
+                                                                                  results):
+    """The base panel was left empty (a placeholder of another height), its reason only in the text
+    below: it now holds the reason, drawn at the size of the tuned image, and both panels name the
+    fine-tune's provider."""
+    fake_cometapi.pending_polls = 0
+    finetune = fake_cometapi.add_finetune()
+    fake_cometapi.fail_next("/flux/v1/flux-pro-1.1-ultra", 422, json={"detail": [
+        {"loc": ["body", "prompt"], "msg": "base prompt refused"}]})
+    provider = _provider(fake_cometapi)
+    pair = cmp.compare_pair(provider, _req(), finetune_id=finetune, tuned_model=ULTRA,
+                            out_dir=results.out_dir(OWNER), owner=OWNER, results=results)
+    assert pair.base.status == "error" and pair.tuned.status == "ok"
+    base, tuned = compare_tab.pair_panels(pair, provider, _req())
+    assert base["label"] == "Base model · CometAPI · error" and tuned["label"] == "Fine-tune · CometAPI"
+    with Image.open(pair.tuned.path) as im:
+        assert base["value"].size == im.size
+    assert len(set(base["value"].getdata())) > 2  # drawn on, not a blank tile
+    assert Path(tuned["value"]).read_bytes() == pair.tuned.path.read_bytes()
+    both_failed = cmp.PairResult(pair.group_id, pair.base, pair.base, 0.0)
+    assert compare_tab.pair_panels(both_failed, provider, _req(width=512, height=384))[1]["value"].size == (512, 384)
+
+
+def test_the_tuned_model_choice_and_the_panels_follow_the_fine_tunes_provider(settings):
+    """A local fine-tune was shown under 'Tuned model (CometAPI)': the choice shows only where the
+    provider offers several models, and the panels name the provider."""
+    choice, base, tuned = compare_tab.provider_views(LocalProvider(settings))
+    assert (choice["visible"], base["label"], tuned["label"]) == (False, "Base model · Local engine",
+                                                                  "Fine-tune · Local engine")
+    choice, _, tuned = compare_tab.provider_views(CometAPIProvider(lambda: None, has_key=True))
+    assert choice["visible"] and tuned["label"] == "Fine-tune · CometAPI"
 
 
 def test_grid_fills_every_cell_and_isolates_failures(settings, fake_cometapi, results):

@@ -1,10 +1,9 @@
-"""20 visitors at once on the hosted app: everyone's work completes, each sees only their own,
-and a cheap call stays quick while generation queues (loopback app + fake CometAPI only)."""
+"""20 visitors at once on the hosted app: everyone's work completes, each sees only their own, and a
+cheap call is answered while generation is held up (loopback app + fake CometAPI only). How fast it
+all is belongs to benchmarks/load.py, as ratios against a quiet app in the same run."""
 from __future__ import annotations
 
-import statistics
 import threading
-import time
 from pathlib import Path
 
 from gradio_client import Client
@@ -12,7 +11,7 @@ from gradio_client import Client
 from services.config import Secret
 from services.storage.jobs import JobStore
 from services.storage.results import ResultStore
-from tests.browser import client_owner, running_app
+from tests.browser import client_owner, launched
 from tests.conftest import FAKE_COMETAPI_KEY
 
 SESSIONS = 20
@@ -21,26 +20,22 @@ SESSIONS = 20
 def test_twenty_sessions_stay_responsive_and_isolated(settings, fake_cometapi):
     settings = settings.with_(cometapi_base_url=fake_cometapi.url, cometapi_key=Secret(FAKE_COMETAPI_KEY),
                               hosted=True, shared_key_limit=10)
-    fake_cometapi.pending_polls = 0
-    # Each image takes the "service" 0.5 s to render.
-    fake_cometapi.set_latency("/flux/v1/flux-pro-1.1-ultra", 0.5)
-    fake_cometapi.set_latency("/flux/v1/flux-pro-1.1-ultra-finetuned", 0.5)
+    # Every render stays pending at the service until the test lets it finish.
+    fake_cometapi.pending_polls = 10**6
     finetune = fake_cometapi.add_finetune()
     fields = ["a photo of TOK", 5, 1.0, 1024, 768]
 
-    with running_app(settings) as url:
+    with launched(settings) as (demo, url):
+        at_once = next(fn.concurrency_limit for fn in demo.fns.values() if fn.api_name == "compare")
         clients = [Client(url, verbose=False) for _ in range(SESSIONS + 1)]
         probe_client, visitors = clients[0], clients[1:]
         jobs = JobStore.from_settings(settings)
         owners = [client_owner(settings, client) for client in visitors]
-        for client in visitors:  # each compares a ready fine-tune of their own (a pasted id must be theirs)
-            owner = client_owner(settings, client)
+        for owner in owners:  # each compares a ready fine-tune of their own (a pasted id must be theirs)
             job = jobs.create(owner, "cometapi", "finetune", "mine", "ds", "h", {})
             jobs.update(owner, job.id, remote_id=finetune, status="ready", result={"finetune_id": finetune})
         jobs.close()
         outcomes: dict[int, object] = {}
-        probe_latencies: list[float] = []
-        stop = threading.Event()
 
         def visit(i: int, client: Client) -> None:
             try:
@@ -49,28 +44,27 @@ def test_twenty_sessions_stay_responsive_and_isolated(settings, fake_cometapi):
             except Exception as exc:  # recorded and asserted below
                 outcomes[i] = exc
 
-        def probe() -> None:
-            while not stop.is_set():
-                t0 = time.monotonic()
-                probe_client.predict(api_name="/list_jobs")
-                probe_latencies.append(time.monotonic() - t0)
-                stop.wait(0.1)
-
+        threads = [threading.Thread(target=visit, args=(i, c)) for i, c in enumerate(visitors)]
         try:
-            prober = threading.Thread(target=probe, daemon=True)
-            prober.start()
-            started = time.monotonic()
-            threads = [threading.Thread(target=visit, args=(i, c)) for i, c in enumerate(visitors)]
             for t in threads:
                 t.start()
+            # As many compares as the app runs at once are rendering (base and tuned each), all held...
+            assert fake_cometapi.wait_for_tasks(1 + 2 * at_once, timeout=120)  # 1: the seeded fine-tune
+            # ...and a cheap call is answered meanwhile, not queued behind them.
+            assert probe_client.submit(api_name="/list_jobs").result(timeout=120) == []  # bound: a hang, not speed
+            assert outcomes == {}  # nothing could finish before it: every render is still held
+            fake_cometapi.pending_polls = 0  # renders from now on finish at once; those held, at their next poll
+            for task_id in fake_cometapi.task_ids():
+                fake_cometapi.release(task_id)
             for t in threads:
-                t.join(timeout=120)
-            wall = time.monotonic() - started
-            stop.set()
-            prober.join(timeout=10)
+                t.join(timeout=300)  # a hang's bound, not a speed limit
         finally:
+            fake_cometapi.pending_polls = 0
+            for task_id in fake_cometapi.task_ids():
+                fake_cometapi.release(task_id)
             for c in clients:
                 c.close()
+    assert not any(t.is_alive() for t in threads)
 
     failures = {i: o for i, o in outcomes.items() if isinstance(o, Exception)}
     assert not failures and len(outcomes) == SESSIONS
@@ -83,9 +77,3 @@ def test_twenty_sessions_stay_responsive_and_isolated(settings, fake_cometapi):
         assert len(names) == 2 and not names & seen
         seen |= names
     assert len(fake_cometapi.requests("/flux/v1/flux-pro-1.1-ultra")) == SESSIONS
-    # 40 renders of 0.5 s, 8 compares at a time: about 3 s; a serial queue would need 20 s (plus overhead).
-    assert wall < 30, wall
-    assert len(probe_latencies) >= 5
-    p95 = statistics.quantiles(probe_latencies, n=20)[-1]
-    print(f"load: {SESSIONS} sessions, wall {wall:.2f}s, /list_jobs p95 {p95 * 1000:.0f} ms over {len(probe_latencies)} calls")
-    assert p95 < 3.0, (p95, probe_latencies)  # generous: app, fake and 21 clients share 2 cores and one GIL

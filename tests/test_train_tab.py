@@ -1,8 +1,11 @@
 """Pure helpers of the Train tab: the loss plot's data, the samples gallery, polling, the engine line."""
 from __future__ import annotations
 
-from components.train_tab import (LINGER_SECONDS, RAW, SMOOTHED, keep_polling, loss_frame, queue_markdown,
-                                  sample_items)
+from components.train_tab import (LINGER_SECONDS, RAW, SMOOTHED, job_controls, job_markdown, keep_polling,
+                                  loss_frame, queue_markdown, sample_items)
+from services.providers.cometapi.provider import CometAPIProvider
+from services.providers.huggingface.provider import HuggingFaceProvider
+from services.providers.local.provider import LocalProvider
 from services.storage.jobs import Job, JobStore
 from services.providers.base import Holder, ProviderBase
 from services.training import TrainingService
@@ -89,3 +92,27 @@ def test_the_engine_line_names_the_job_that_holds_the_engine_only_to_its_owner(t
     engine.holder = None
     assert queue_markdown(service, "ann", []) == "No jobs yet. Local engine: idle."
     jobs.close()
+
+
+def test_only_a_moving_job_shows_an_eta(tmp_path):
+    jobs = JobStore(tmp_path / "jobs.sqlite3")
+    job = jobs.create("ann", "local", "finetune", "cup-v1", "cup", "h", {})
+    running = jobs.update("ann", job.id, status="running", progress=0.99, eta_s=1.0)
+    assert "**ETA:** 0:01" in job_markdown(running)
+    ready = jobs.update("ann", job.id, status="ready", progress=1.0)  # the last estimate stays on the record
+    assert ready.eta_s == 1.0 and "ETA" not in job_markdown(ready)
+    jobs.close()
+
+
+def test_the_selected_jobs_controls_are_what_its_provider_offers(settings):
+    """Plot and samples, Resume, Publish: shown for a job whose provider offers them, hidden for one
+    whose provider doesn't (a CometAPI job had an empty plot, an empty gallery, and Resume and Publish
+    buttons that could only fail); all shown while no job is selected."""
+    def shown(updates):
+        return tuple(u["visible"] for u in updates)
+
+    assert shown(job_controls(CometAPIProvider(lambda: None, has_key=True))) == (False, False, False)
+    assert shown(job_controls(HuggingFaceProvider(settings))) == (True, True, False)
+    assert shown(job_controls(LocalProvider(settings))) == (True, True, True)
+    assert shown(job_controls(None)) == (False, False, False)  # a provider this app no longer has
+    assert shown(job_controls(None, selected=False)) == (True, True, True)

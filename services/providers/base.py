@@ -313,6 +313,8 @@ class Provider(Protocol):
     queues_training: bool = False  # trains one job at a time here: ``training_now`` names the one training
     model_label: str = ""  # the model it runs, for the Train tab's banner ("": nothing to add)
     picks_hardware: bool = False  # trains on hardware picked per job, at a price: ``hardware_options``, ``estimate``
+    reports_steps: bool = False  # reports loss and sample images while it trains (the Train tab's plot and gallery)
+    picks_tuned_model: bool = False  # generates with a fine-tune on one of several models, picked per comparison
 
     def check_request(self, request: TrainRequest) -> None:
         """Refuse a request's provider-specific fields (InputError) before any job is recorded."""

@@ -30,6 +30,7 @@ from services.storage import atomic
 from services.storage.captions import check_caption_lengths, contains_trigger, validate_trigger_word
 from services.storage.images import Prepared, sha256_of
 from services.storage.uploads import (
+    MAX_NAME_LEN,
     Collected,
     FileMessage,
     ProgressFn,
@@ -96,6 +97,9 @@ class Dataset:
         }
 
 
+REPORT_FILES = 50  # files an import report names; the others are counted, so the report stays small
+
+
 @dataclass
 class ImportReport:
     added: list[DatasetItem] = field(default_factory=list)
@@ -105,11 +109,20 @@ class ImportReport:
     captions_paired: int = 0
 
     def lines(self) -> list[str]:
+        """A summary, then one line per file left out or worth a note: the first ``REPORT_FILES``,
+        and how many more (a zip of thousands of long names would otherwise echo every one)."""
         out = [f"Added {len(self.added)} image(s)" + (f", {self.captions_paired} with captions." if self.captions_paired else ".")]
-        out += [f"Rejected {m.source}: {m.message}" for m in self.rejected]
-        out += [f"Skipped {m.source}: {m.message}" for m in self.skipped]
-        out += [f"Note {m.source}: {m.message}" for m in self.notes]
+        files = ([("Rejected", m) for m in self.rejected] + [("Skipped", m) for m in self.skipped]
+                 + [("Note", m) for m in self.notes])
+        out += [f"{kind} {_shortened(m.source)}: {m.message}" for kind, m in files[:REPORT_FILES]]
+        if len(files) > REPORT_FILES:
+            out.append(f"…and {len(files) - REPORT_FILES} more file(s) rejected, skipped or noted.")
         return out
+
+
+def _shortened(source: str, keep: int = 4 * MAX_NAME_LEN) -> str:
+    """A name as a report quotes it: a zip entry's name may run to 64 KiB."""
+    return source if len(source) <= keep else f"{source[:keep // 2]}…{source[-keep // 2:]}"
 
 
 @dataclass(frozen=True)
@@ -228,8 +241,9 @@ class DatasetStore:
                 raise InputError(f"You have {cap} datasets, the most one visitor may keep here.",
                                  hint="Delete one you no longer need (Delete dataset, on the Dataset tab) first.")
             candidate, n = base, 2
-            while self.exists(candidate):
-                candidate, n = f"{base}-{n}", n + 1
+            while self.exists(candidate):  # the suffix fits within the longest valid name
+                suffix = f"-{n}"
+                candidate, n = safe_name(base[:MAX_NAME_LEN - len(suffix)], fallback="dataset") + suffix, n + 1
             now = self._clock()
             ds = Dataset(name=candidate, path=self._dir(candidate), created_at=now, updated_at=now)
             ds.images_dir.mkdir(parents=True, exist_ok=True)

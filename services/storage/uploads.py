@@ -40,7 +40,10 @@ def human_mb(n: int) -> str:
 # ---------------------------------------------------------------- names
 
 
-def safe_name(raw: str, *, fallback: str = "image", max_len: int = 64) -> str:
+MAX_NAME_LEN = 64  # a file or dataset name, as safe_name makes it
+
+
+def safe_name(raw: str, *, fallback: str = "image", max_len: int = MAX_NAME_LEN) -> str:
     """ASCII, filesystem- and zip-safe version of a user-supplied name.
 
     Accents are folded (``café`` → ``cafe``); anything else outside ``[A-Za-z0-9._-]``

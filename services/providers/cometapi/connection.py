@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -89,6 +90,9 @@ class Connection:
         self._backoff_base = backoff_base
         self._backoff_cap = backoff_cap
         self._max_retry_after = max_retry_after
+        # Routes whose last answer was a web page: one is a passing fault, two in a row are not.
+        self._pages: set[tuple[str, str]] = set()
+        self._pages_lock = threading.Lock()
         # No auth in the default headers on purpose: see the module notes.
         self._http = httpx.Client(
             transport=http_transport,
@@ -139,19 +143,40 @@ class Connection:
         body iterator per attempt (a streamed upload). ``not_found``: the message for an
         id-specific 404."""
         url = self.base_url + path
-        response = self._send(
-            method, url, idempotent=idempotent, params=params, json_body=json_body,
-            content_factory=content_factory, headers=headers, timeout=timeout,
-            error_for=lambda r: errors.api_error(r, method, path, idempotent=idempotent, not_found=not_found,
-                                                 clean=self.clean),
-        )
-        if not response.content.strip():
-            return {}
-        data = errors.json_or_none(response)
-        if data is None:  # HTML or garbage on a 2xx: a proxy or a landing page, not the API
+
+        def error_for(r: httpx.Response) -> ProviderError:
+            return errors.api_error(r, method, path, idempotent=idempotent, not_found=not_found, clean=self.clean,
+                                    page_repeated=self._page_repeated(method, path, r))
+
+        while True:
+            response = self._send(method, url, idempotent=idempotent, params=params, json_body=json_body,
+                                  content_factory=content_factory, headers=headers, timeout=timeout,
+                                  error_for=error_for)
+            repeated = self._page_repeated(method, path, response)
+            if not response.content.strip():
+                return {}
+            data = errors.json_or_none(response)
+            if data is not None:
+                return data
+            # HTML or garbage on a 2xx: a proxy or a landing page, not the API
             what = "a web page" if errors.is_html(response) else "a response that is not JSON"
-            raise errors.unavailable(method, path, f"HTTP {response.status_code} with {what} instead of JSON")
-        return data
+            error = errors.unavailable(method, path, f"HTTP {response.status_code} with {what} instead of JSON",
+                                       page_repeated=repeated or not errors.is_html(response), idempotent=idempotent)
+            if not (idempotent and error.retryable):
+                raise error
+            # A read answered by a passing page: ask once more (a second page is not passing).
+
+    def _page_repeated(self, method: str, path: str, response: httpx.Response) -> bool:
+        """Whether ``response``, an answer to ``method path``, is a web page following another
+        from the same route; remembers whether this one was."""
+        route = (method, path)
+        with self._pages_lock:
+            repeated = route in self._pages
+            if errors.is_html(response):
+                self._pages.add(route)
+            else:
+                self._pages.discard(route)
+        return repeated
 
     def open_link(self, url: str) -> httpx.Response:
         """A result link's 2xx response with its body unread (the caller reads and closes it).

@@ -159,12 +159,24 @@ def transport_error(exc: httpx.TransportError, url: str, *, idempotent: bool) ->
 # --------------------------------------------------------------------------- API answers
 
 
-def unavailable(method: str, path: str, why: str) -> EndpointUnavailableError:
+def unavailable(method: str, path: str, why: str, *, page_repeated: bool = True,
+                idempotent: bool = True) -> ProviderError:
+    """The error for an answer that shows ``path`` is not served.
+
+    A web page instead of the API (``page_repeated`` False: the route's previous answer was not a
+    web page too) is most often a passing fault of the service's gateway: the next call works. Only
+    a repeated page says a model route may be gone. Fine-tune routes say so at once: CometAPI lists
+    fine-tuning as unavailable, and its hint already says to try again later."""
     if "finetune" in path.rsplit("/", 1)[-1]:
         return EndpointUnavailableError(
             f"CometAPI answered as if the fine-tuning endpoint {method} {path} does not exist or is "
             f"switched off ({why}).",
             hint=_FINETUNE_UNAVAILABLE_HINT,
+        )
+    if not page_repeated:
+        return ServerError(
+            f"CometAPI answered {method} {path} with {why}, most likely a passing fault of its gateway.",
+            hint="Wait a moment and try again." if idempotent else f"Try again. {MAYBE_RECEIVED_HINT}",
         )
     return EndpointUnavailableError(
         f"CometAPI answered as if {method} {path} does not exist or is unavailable ({why}).",
@@ -175,9 +187,10 @@ def unavailable(method: str, path: str, why: str) -> EndpointUnavailableError:
 
 def api_error(
     response: httpx.Response, method: str, path: str, *, idempotent: bool, not_found: str | None,
-    clean: Callable[[str], str],
+    clean: Callable[[str], str], page_repeated: bool = True,
 ) -> ProviderError:
-    """The error for a non-2xx API answer. ``not_found``: the message for an id-specific 404."""
+    """The error for a non-2xx API answer. ``not_found``: the message for an id-specific 404;
+    ``page_repeated``: the route's previous answer was a web page too (see ``unavailable``)."""
     status = response.status_code
     body = json_or_none(response)
     message, param, code = _server_text(body)
@@ -234,7 +247,10 @@ def api_error(
         specific = message or (str(body.get("status") or "") if isinstance(body, dict) else "")
         if not_found and not is_html(response) and specific and not _GENERIC_NOT_FOUND.match(specific):
             return TaskNotFoundError(not_found, hint="It may have expired, been deleted, or belong to another key; refresh the list.")
-        return unavailable(method, path, "HTTP 404" + (" with a web page" if is_html(response) else ""))
+        if is_html(response):
+            return unavailable(method, path, "HTTP 404 with a web page", page_repeated=page_repeated,
+                               idempotent=idempotent)
+        return unavailable(method, path, "HTTP 404")
     if status == 405:
         return unavailable(method, path, "HTTP 405 method not allowed")
     if status >= 500 and code == "invalid_request":

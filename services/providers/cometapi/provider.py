@@ -27,6 +27,7 @@ class CometAPIProvider(ProviderBase):
     key = "cometapi"
     label = "CometAPI"
     max_images = 20
+    picks_tuned_model = True
 
     def __init__(self, client_factory: Callable[[], CometAPIClient], *, has_key: bool) -> None:
         self._client_factory = client_factory

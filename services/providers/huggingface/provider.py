@@ -66,6 +66,7 @@ class HuggingFaceProvider(ProviderBase):
     max_images = 50
     can_resume = True
     picks_hardware = True
+    reports_steps = True
 
     def __init__(self, settings: Settings, *, token: Secret | None = None, api=None,
                  inference_factory: InferenceFactory | None = None,

@@ -41,6 +41,7 @@ class LocalProvider(ProviderBase):
     can_publish = True
     picks_base_model = True
     queues_training = True
+    reports_steps = True
 
     def __init__(self, settings: Settings, *, model: str | None = None, steps_per_sample: int | None = None,
                  checkpoint_every: int | None = None, resolution: int | None = None,
