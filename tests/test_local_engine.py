@@ -667,7 +667,8 @@ def test_the_sample_keeps_the_latents_in_the_vaes_dtype_whatever_the_transformer
 
     monkeypatch.setattr(trainer.transformer, "forward", forward)
     path = trainer.sample(1)
-    assert Image.open(path).size == trainer.sample_size()
+    with Image.open(path) as image:
+        assert image.size == trainer.sample_size()
 
 
 @pytest.mark.parametrize("family", ["flux1", "flux2"])
