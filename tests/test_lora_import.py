@@ -302,3 +302,48 @@ def test_export_refuses_an_unknown_format_and_what_is_not_the_callers(studio, tr
         studio.export_lora(job_id, "kohya")
     with pytest.raises(InputError, match="No job|not one of your|was not found|is not"):
         studio.export_lora(job_id, "comfyui", caller=Caller("someone-else"))
+
+
+# --------------------------------------------------------------------------- the HTTP / MCP API
+
+
+def test_the_api_exports_a_fine_tune_and_imports_and_compares_a_lora(settings, tmp_path, monkeypatch):
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    from services.storage.jobs import JobStore
+    from tests.browser import running_app
+
+    local = LocalProvider(settings, steps_per_sample=30, checkpoint_every=30)
+    request = TrainRequest(name="cup-v1", mode="product", trigger_word="TOK", iterations=30, learning_rate=1e-2,
+                           lora_rank=16, options=LocalOptions())
+    remote_id = local.submit(training_zip(tmp_path / "ds.zip"), request, tag="apijob")
+    assert local.join(remote_id, 120) and local.status(remote_id).state == "ready"
+    local.close()
+    jobs = JobStore.from_settings(settings)
+    job = jobs.create(LOCAL_OWNER, "local", "finetune", "cup-v1", "cups", "h", request.record())
+    jobs.update(LOCAL_OWNER, job.id, remote_id=remote_id, status="ready", result={"finetune_id": remote_id})
+    jobs.close()
+    pickle = tmp_path / "lora.ckpt"
+    pickle.write_bytes(b"\x80\x04anything")
+
+    with running_app(settings) as url:
+        client = Client(url, verbose=False)
+        try:
+            exported = Path(client.predict("cup-v1", "comfyui", api_name="/export_lora"))
+            assert exported.name == "TOK-flux1-comfyui.safetensors"
+            assert all(k.startswith("lora_unet_") for k in load_file(str(exported)))
+            imported = client.predict(handle_file(str(exported)), "", "from comfy", "", api_name="/import_lora")
+            assert (imported["name"], imported["family"], imported["layout"]) == ("from comfy", "FLUX.1", "kohya")
+            assert client.predict(api_name="/list_loras") == [imported]
+            base, tuned, details = client.predict(imported["id"], PROMPT, SEED, 0.7, 64, 64, api_name="/compare")
+            assert details["tuned"]["status"] == "ok" and Path(base).is_file() and Path(tuned).is_file()
+            for args, says in (((handle_file(str(pickle)), "", "", ""), "never loaded"),
+                               ((None, "", "", ""), "No LoRA was given"),
+                               ((handle_file(str(exported)), "alice/x", "", ""), "Both a file and a repo")):
+                with pytest.raises(AppError, match=says):
+                    client.predict(*args, api_name="/import_lora")
+            with pytest.raises(AppError, match="kohya is not in the list of choices"):
+                client.predict("cup-v1", "kohya", api_name="/export_lora")
+        finally:
+            client.close()
