@@ -8,7 +8,7 @@ Endpoints that take or give files use hidden components, so Gradio checks upload
 results from its cache as it does for the pages.
 """
 
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
 import gradio as gr
 from gradio import processing_utils
@@ -21,11 +21,10 @@ from components.feedback import shows_errors
 from components.identity import owner_for
 from components.serving import servable
 from services import compare as cmp
-from services.engine.lora_formats import EXPORT_FORMATS
 from services.storage.datasets import Dataset, dataset_warnings
 from services.errors import InputError
 from services.storage.jobs import Job
-from services.providers.base import ImportedLora, Mode
+from services.providers.base import ExportFormat, ImportedLora, Mode
 from services.studio import Studio
 
 # The endpoints on the API page and the MCP server. Every other event is the page's own plumbing
@@ -36,9 +35,6 @@ PUBLIC_API = frozenset({
     "launch_finetune", "list_jobs", "get_job", "cancel_job",
     "compare", "grid", "export_lora", "import_lora", "list_loras",
 })
-
-ExportFormat = Literal["comfyui", "diffusers"]  # typed API parameter: lora_formats.EXPORT_FORMATS
-assert set(get_args(ExportFormat)) == set(EXPORT_FORMATS)  # noqa: S101  the type and the engine agree
 
 
 class FilesOrLinks(GradioRootModel):

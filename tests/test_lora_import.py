@@ -298,6 +298,11 @@ def test_a_render_that_fails_leaves_the_pipeline_as_it_was(studio, trained, tmp_
 
 def test_export_refuses_an_unknown_format_and_what_is_not_the_callers(studio, trained):
     _, job_id, _ = trained
+    from typing import get_args
+
+    from services.providers.base import ExportFormat
+
+    assert set(get_args(ExportFormat)) == set(lf.EXPORT_FORMATS)  # the API's type and the engine agree
     with pytest.raises(InputError, match="no export format 'kohya'"):
         studio.export_lora(job_id, "kohya")
     with pytest.raises(InputError, match="No job|not one of your|was not found|is not"):

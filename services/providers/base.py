@@ -16,6 +16,8 @@ from services.errors import InputError
 from services.storage.captions import is_trigger_word
 
 Mode = Literal["character", "product", "style", "general"]  # typed API parameters (components/api.py)
+# What ``Studio.export_lora`` writes: services.engine.lora_formats.EXPORT_FORMATS, as a typed API parameter.
+ExportFormat = Literal["comfyui", "diffusers"]
 MODES: tuple[str, ...] = get_args(Mode)
 FINETUNE_TYPES = ("lora", "full")
 PRIORITIES = ("speed", "quality", "high_res_only")
