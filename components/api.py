@@ -8,7 +8,7 @@ Endpoints that take or give files use hidden components, so Gradio checks upload
 results from its cache as it does for the pages.
 """
 
-from typing import Any
+from typing import Any, get_args
 
 import gradio as gr
 from gradio import processing_utils
@@ -24,7 +24,7 @@ from services import compare as cmp
 from services.storage.datasets import Dataset, dataset_warnings
 from services.errors import InputError
 from services.storage.jobs import Job
-from services.providers.base import Mode
+from services.providers.base import ExportFormat, ImportedLora, Mode
 from services.studio import Studio
 
 # The endpoints on the API page and the MCP server. Every other event is the page's own plumbing
@@ -33,7 +33,7 @@ PUBLIC_API = frozenset({
     "list_datasets", "create_dataset", "add_images", "describe_dataset", "set_trigger_word", "set_captions",
     "auto_caption", "export_zip", "delete_dataset",
     "launch_finetune", "list_jobs", "get_job", "cancel_job",
-    "compare", "grid",
+    "compare", "grid", "export_lora", "import_lora", "list_loras",
 })
 
 
@@ -98,6 +98,12 @@ def file_list(label: str) -> gr.File:
 def dataset_summary(ds: Dataset) -> dict:
     captioned = sum(1 for i in ds.items if i.caption.strip())
     return {"name": ds.name, "images": len(ds.items), "captioned": captioned, "trigger_word": ds.trigger_word}
+
+
+def lora_summary(lora: ImportedLora) -> dict:
+    return {"id": lora.id, "name": lora.name, "family": lora.family_label, "base_model": lora.base_model,
+            "base_model_label": lora.base_model_label, "layout": lora.layout, "rank": lora.rank,
+            "source": lora.source, "trigger_word": lora.trigger_word}
 
 
 def job_summary(job: Job) -> dict:
@@ -355,8 +361,64 @@ def build(studio: Studio) -> None:
         return servable(sheet), {"columns": result.result.columns, "prompts": result.result.prompts,
                                  "failed": result.failed, "cells": cells}
 
+    # ------------------------------------------------------------ LoRA files in and out
+
+    @shows_errors
+    def export_lora(finetune: str, format: ExportFormat = "comfyui", request: gr.Request = None) -> str:
+        """Your ready fine-tune's LoRA as a .safetensors file for the tool you render in. Made once, then reused.
+
+        Args:
+            finetune: the fine-tune: one of your ready jobs' name or id, or a LoRA you imported (a Hugging Face
+                job's LoRA once you have imported its repo)
+            format: "comfyui": for FLUX.1 the kohya lora_unet_* keys ComfyUI and Forge load, for FLUX.2 [klein]
+                the original BFL diffusion_model.* keys ComfyUI and BFL's LoRA inference take; "diffusers": the
+                diffusers / PEFT keys load_lora_weights reads. Every file is at scale 1: a strength means the
+                same in every tool
+        Returns:
+            the LoRA file, with the base model, trigger word, rank and steps in its metadata
+        """
+        return servable(studio.export_lora(finetune, format, caller=caller(request)))
+
+    @shows_errors
+    def import_lora(file: str | None, repo: str = "", name: str = "", base_model: str = "",
+                    request: gr.Request = None) -> dict:
+        """Import a FLUX.1 or FLUX.2 [klein] LoRA made elsewhere, so that compare and grid render it on the local
+        engine against a base model of its family (base vs tuned, strength sweeps), as a fine-tune made here.
+
+        Args:
+            file: the LoRA's .safetensors file (diffusers, kohya / FluxGym / musubi or ComfyUI / BFL keys; pickles
+                such as .ckpt/.pt/.bin are refused unread); leave empty to fetch `repo` instead
+            repo: a Hugging Face model repo, owner/name, holding the LoRA (a Hugging Face job's repo too); on a
+                hosted app it is fetched with your own Hugging Face sign-in only
+            name: a name to find it by (empty: the file's or the repo's)
+            base_model: the local engine's base model to render it on, of the LoRA's family (empty: the app's
+                model if it is of that family, else one of that family)
+        Returns:
+            the imported LoRA: id (give it to compare or grid as the finetune), name, family, base_model,
+            layout (diffusers, kohya or bfl), rank, source
+        """
+        who = caller(request)
+        if file and (repo or "").strip():
+            raise InputError("Both a file and a repo were given.", hint="Send one of them.")
+        if file:
+            lora = studio.import_lora_file(file, name=name, base_model=base_model or None, caller=who)
+        elif (repo or "").strip():
+            lora = studio.import_lora_repo(repo, name=name, base_model=base_model or None, caller=who)
+        else:
+            raise InputError("No LoRA was given.", hint="Send its .safetensors file, or a Hub repo (owner/name).")
+        return lora_summary(lora)
+
+    @shows_errors
+    def list_loras(request: gr.Request) -> list[dict]:
+        """List the LoRAs you imported, newest first (compare and grid take their ids).
+
+        Returns:
+            each imported LoRA's id, name, family, base_model, layout, rank and source
+        """
+        return [lora_summary(lora) for lora in studio.imported_loras(caller=caller(request))]
+
     for fn in (list_datasets, create_dataset, describe_dataset, set_trigger_word, set_captions, delete_dataset,
-               get_job, cancel_job):
+               get_job, cancel_job, list_loras):
         gr.api(fn, api_name=fn.__name__)
     gr.api(launch_finetune, api_name="launch_finetune", concurrency_limit=4)  # exports and uploads a zip
     gr.api(list_jobs, api_name="list_jobs", concurrency_limit=None)  # cheap: never waits behind generation
@@ -381,12 +443,22 @@ def build(studio: Studio) -> None:
         strengths_in = gr.Textbox(label="strengths", value="0.6, 0.9, 1.2")
         include_base_in = gr.Checkbox(label="include_base", value=True)
         sheet_out = gr.Image(label="contact_sheet", type="filepath")
+        format_in = gr.Dropdown(label="format", choices=list(get_args(ExportFormat)), value="comfyui")
+        lora_file_out = gr.File(label="lora")
+        lora_file_in = gr.File(label="file", file_count="single", type="filepath")
+        repo_in = gr.Textbox(label="repo")
+        lora_name_in = gr.Textbox(label="name")
+        base_model_in = gr.Textbox(label="base_model")
+        lora_out = gr.JSON(label="lora")
     gr.on([], add_images, [dataset_in, files_in], [summary_out], api_name="add_images", concurrency_limit=2)
     gr.on([], export_zip, [dataset_in], [zip_out], api_name="export_zip")
     gr.on([], compare, [finetune_in, prompt_in, seed_in, strength_in, width_in, height_in],
           [base_out, tuned_out, details_out], api_name="compare", concurrency_limit=8)
     gr.on([], grid, [finetune_in, prompts_in, strengths_in, include_base_in, seed_in, width_in, height_in],
           [sheet_out, details_out], api_name="grid", concurrency_limit=4)
+    gr.on([], export_lora, [finetune_in, format_in], [lora_file_out], api_name="export_lora", concurrency_limit=2)
+    gr.on([], import_lora, [lora_file_in, repo_in, lora_name_in, base_model_in], [lora_out], api_name="import_lora",
+          concurrency_limit=2)  # a copy and a read of up to lora_formats.MAX_LORA_BYTES; a Hub download
     registered = {fn.api_name for fn in get_blocks_context().fns.values()}
     assert PUBLIC_API <= registered, PUBLIC_API - registered  # noqa: S101  the list and the code agree
 

@@ -40,12 +40,12 @@ from services.config import Secret, Settings
 from services.storage.datasets import Dataset, DatasetStore, DatasetStores, ExportResult, ImportReport
 from services.storage.captions import add_affixes, find_replace, trigger_first
 from services.errors import InputError, StudioError
-from services.targets import Target, authorize_target, find_target, ready_targets
+from services.targets import Target, authorize_target, find_target, imported_target, ready_targets
 from services.storage.database import DatabaseBackup
 from services.storage.jobs import Job, JobStore
 from services.storage.owners import LOCAL_OWNER, installation_secret, sweep_empty
-from services.providers.base import (PRESETS, GenerateRequest, Holder, Provider, ProgressFn, TrainChoices,
-                                     TrainRequest)
+from services.providers.base import (PRESETS, GenerateRequest, Holder, ImportedLora, Provider, ProgressFn,
+                                     TrainChoices, TrainRequest)
 from services.storage.results import ResultStore
 from services.training import Tracker, TrainingService
 
@@ -415,26 +415,30 @@ class Studio:
     # ------------------------------------------------------------ comparing
 
     def ready_finetunes(self, caller: Caller | None = None) -> list[Target]:
-        """The caller's ready fine-tunes, newest first (the Compare tab's picker)."""
-        return ready_targets(self.jobs, self.caller(caller).owner)
+        """The caller's ready fine-tunes, newest first, then their imported LoRAs (``Target.imported``),
+        newest first: the Compare tab's picker."""
+        owner = self.caller(caller).owner
+        return ready_targets(self.jobs, owner, self._imported_targets(owner))
 
-    def target(self, finetune: "str | JobHandle", owner: str | None = None, key: Secret | None = None, *,
-               caller: Caller | None = None) -> Target:
-        """The fine-tune to generate with, if the caller may: one of theirs by job id, fine-tune id or name,
-        or (hosted) an id from elsewhere on a provider that takes their own key or sign-in, with them."""
+    def target(self, finetune: "str | JobHandle | ImportedLora", owner: str | None = None, key: Secret | None = None,
+               *, caller: Caller | None = None) -> Target:
+        """The fine-tune to generate with, if the caller may: one of theirs (or an imported LoRA of theirs)
+        by job id, fine-tune id or name, or (hosted) an id from elsewhere on a provider that takes their own
+        key or sign-in, with them."""
         caller = self.caller(caller, owner, key)
-        if isinstance(finetune, JobHandle):
+        if isinstance(finetune, (JobHandle, ImportedLora)):
             finetune = finetune.id
-        found = find_target(str(finetune), self.jobs, caller.owner, list(self.providers))
-        if not found.job_id:
+        imported = self._imported_targets(caller.owner)
+        found = find_target(str(finetune), self.jobs, caller.owner, list(self.providers), imported)
+        if not found.job_id and not found.imported:
             job = next((j for j in self.jobs.list(caller.owner) if finetune in (j.id, j.name, j.remote_id)), None)
             if job is not None:  # one of theirs, not ready: say so rather than "not one of yours"
                 raise InputError(f"Fine-tune '{job.name}' is {job.status}, not ready.",
                                  hint="Wait until it is ready, then compare.")
         own = caller.secret_for(registry.credentials(found.provider_key)) is not None
-        return authorize_target(found, self.jobs, caller.owner, self.settings, own)
+        return authorize_target(found, self.jobs, caller.owner, self.settings, own, imported)
 
-    def compare(self, finetune: "str | JobHandle", prompt: str, *, seed: int = 42, strength: float = 1.0,
+    def compare(self, finetune: "str | JobHandle | ImportedLora", prompt: str, *, seed: int = 42, strength: float = 1.0,
                 width: int = 1024, height: int = 768, aspect_ratio: str = "1:1", steps: int | None = None,
                 guidance: float | None = None, safety_tolerance: int = 2, output_format: str = "jpeg",
                 tuned_model: str | None = None, owner: str | None = None, key: Secret | None = None,
@@ -456,7 +460,7 @@ class Studio:
                           strength_fixed=provider.strength_fixed(target.finetune_id),
                           calls_left=self.calls_left(target.provider_key, caller))
 
-    def grid(self, finetune: "str | JobHandle", prompts: Sequence[str], strengths: Sequence[float] = (0.6, 0.9, 1.2),
+    def grid(self, finetune: "str | JobHandle | ImportedLora", prompts: Sequence[str], strengths: Sequence[float] = (0.6, 0.9, 1.2),
              *, include_base: bool = True, seed: int = 42, width: int = 1024, height: int = 768,
              aspect_ratio: str = "1:1", steps: int | None = None, guidance: float | None = None,
              safety_tolerance: int = 2, output_format: str = "jpeg", tuned_model: str | None = None,
@@ -482,6 +486,119 @@ class Studio:
                               results=self.results, cancel=cancel)
         return Grid(result, self.results.contact_sheet_path(caller.owner, result.group_id),
                     calls_left=self.calls_left(target.provider_key, caller))
+
+    # ------------------------------------------------------------ LoRA files in and out
+
+    def export_lora(self, finetune: "str | JobHandle | ImportedLora", format: str = "comfyui", *,
+                    caller: Caller | None = None) -> Path:
+        """A ready fine-tune of the caller's own (or an imported LoRA) as a file for another tool: ``format``
+        "comfyui" (FLUX.1: kohya ``lora_unet_*`` keys for ComfyUI and Forge; FLUX.2 [klein]: BFL
+        ``diffusion_model.*`` keys for ComfyUI and BFL's inference) or "diffusers" (PEFT keys, with the base
+        model and trigger word in its metadata). Written once beside the LoRA (a local job's output folder,
+        whose model card then lists it) and reused. A Hugging Face job's LoRA is exported once it is on this
+        machine: import its repo first (``import_lora``)."""
+        from services.engine.lora_formats import EXPORT_FORMATS
+
+        caller = self.caller(caller)
+        if format not in EXPORT_FORMATS:
+            raise InputError(f"There is no export format {str(format)[:40]!r}.",
+                             hint=f"Pick one of {', '.join(EXPORT_FORMATS)}.")
+        target = self.target(finetune, caller=caller)
+        if not (target.job_id or target.imported):
+            raise InputError(f"{target.finetune_id[:80]} is not one of your fine-tunes.",
+                             hint="Export one of your ready fine-tunes (or a LoRA you imported).")
+        provider = self.providers.get(target.provider_key)
+        if provider is not None and provider.can_export:
+            return provider.export_lora(target.finetune_id, format)
+        copy = next((lora for lora in self.imported_loras(caller=caller) if lora.source == target.finetune_id), None)
+        if copy is not None:  # trained elsewhere, and its LoRA was imported here
+            return self._lora_keeper().export_lora(copy.id, format)
+        where = provider.label if provider is not None else target.provider_key
+        raise InputError(f"'{target.name or target.finetune_id[:80]}' was trained on {where}; its LoRA is in "
+                         f"{target.finetune_id[:80]}, not on this machine.",
+                         hint=f"Import it first (Compare tab, or studio.import_lora({target.finetune_id[:80]!r})), "
+                              "then export it.")
+
+    def import_lora(self, source: "str | Path", *, name: str = "", base_model: str | None = None,
+                    filename: str | None = None, caller: Caller | None = None,
+                    on_progress: ProgressFn | None = None) -> ImportedLora:
+        """Make a LoRA from elsewhere something Compare renders (base vs tuned, grids, strength sweeps on the
+        local engine): ``source`` is a ``.safetensors`` file on this machine (diffusers, kohya / FluxGym /
+        musubi or ComfyUI / BFL keys), or a Hub model repo ``owner/name`` holding one (a Hugging Face job's
+        too; see ``import_lora_repo``). See ``import_lora_file`` for the checks and the base model."""
+        path = Path(str(source)).expanduser()
+        if isinstance(source, Path) or path.is_file():
+            return self.import_lora_file(path, name=name, base_model=base_model, caller=caller)
+        return self.import_lora_repo(str(source), name=name, base_model=base_model, filename=filename,
+                                     caller=caller, on_progress=on_progress)
+
+    def import_lora_file(self, path: "str | Path", *, name: str = "", base_model: str | None = None,
+                         caller: Caller | None = None) -> ImportedLora:
+        """Keep the LoRA file ``path`` for the caller, checked first (only ``.safetensors``, never a pickle;
+        at most ``lora_formats.MAX_LORA_BYTES``; its header says it is a FLUX.1 or FLUX.2 [klein] LoRA; every
+        layer fits the base model), each refusal saying why. ``base_model``: a local engine base model of the
+        LoRA's family; empty: ``FLUX_LOCAL_MODEL`` if it is of that family, else (where that is the tiny test
+        model) the tiny model of the LoRA's family, else the family's default (not hosted)."""
+        caller = self.caller(caller)
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"There is no file {path.name or path}.", hint="Pick the LoRA's .safetensors file.")
+        keeper = self._lora_keeper()
+        return keeper.import_lora(path, owner=caller.owner, name=name, base_model=base_model, source=path.name)
+
+    def import_lora_repo(self, repo_id: str, *, name: str = "", base_model: str | None = None,
+                         filename: str | None = None, caller: Caller | None = None,
+                         on_progress: ProgressFn | None = None) -> ImportedLora:
+        """Download the LoRA of the Hub model repo ``repo_id`` (``filename``, else its
+        pytorch_lora_weights.safetensors, else its only top-level .safetensors) into the Hugging Face cache,
+        with progress as ``on_progress(done, total)`` bytes, and keep it as ``import_lora_file`` does. It is
+        fetched with the caller's own Hugging Face sign-in (a gated or private repo needs one that can see
+        it); not hosted, without one, with HF_TOKEN. Hosted, never on the app's account: a visitor must sign in."""
+        from services.engine import lora_formats
+
+        caller = self.caller(caller)
+        token = caller.hf_token
+        if not token:
+            if self.settings.hosted:
+                raise InputError("Importing a LoRA from the Hugging Face Hub needs your own Hugging Face sign-in.",
+                                 hint="Sign in with Hugging Face at the top of the page, or upload the "
+                                      ".safetensors file instead.")
+            token = self.settings.hf_token or None
+        keeper = self._lora_keeper()
+        path = lora_formats.download_lora(repo_id, token=token, on_progress=on_progress, filename=filename or None)
+        repo_id = repo_id.strip()
+        return keeper.import_lora(path, owner=caller.owner, name=name or repo_id.rsplit("/", 1)[-1],
+                                  base_model=base_model, source=repo_id)
+
+    def imported_loras(self, *, caller: Caller | None = None) -> list[ImportedLora]:
+        """The caller's imported LoRAs, newest first."""
+        owner = self.caller(caller).owner
+        return [lora for p in self.providers.values() if p.imports_loras for lora in p.imported_loras(owner)]
+
+    def delete_imported(self, lora: "str | ImportedLora", *, caller: Caller | None = None) -> None:
+        """Forget one of the caller's imported LoRAs (by id or name) and remove its files."""
+        ref = lora.id if isinstance(lora, ImportedLora) else str(lora or "").strip()
+        mine = self.imported_loras(caller=caller)
+        found = next((x for x in mine if x.id == ref), None) or next((x for x in mine if x.name == ref), None)
+        if found is None:
+            raise InputError(f"No imported LoRA of yours is called or numbered '{ref[:60]}'.",
+                             hint="List your imported LoRAs to see their names and ids.")
+        self._lora_keeper().delete_imported(found.id)
+
+    def _lora_keeper(self) -> Provider:
+        """The provider that renders imported LoRAs (the local engine)."""
+        keeper = next((p for p in self.providers.values() if p.imports_loras), None)
+        if keeper is None:
+            raise InputError("Rendering a LoRA made elsewhere needs the local engine, which this app does not run.",
+                             hint="Run the studio with the local engine (requirements-local.txt).")
+        ready, why = keeper.readiness()
+        if not ready:
+            raise InputError(f"{keeper.label} can't render imported LoRAs yet. {why}")
+        return keeper
+
+    def _imported_targets(self, owner: str) -> list[Target]:
+        return [imported_target(key, lora) for key, p in self.providers.items() if p.imports_loras
+                for lora in p.imported_loras(owner)]
 
     @staticmethod
     def generate_request(prompt: str, *, seed: int, strength: float, width: int, height: int, aspect_ratio: str,

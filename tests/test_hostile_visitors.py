@@ -810,3 +810,59 @@ def test_calls_that_write_nothing_leave_no_owner_folder(settings):
         finally:
             forged.close()
             cookieless.close()
+
+
+def test_imported_loras_are_each_visitors_own_and_bad_files_are_refused_before_loading(settings, tmp_path,
+                                                                                       monkeypatch):
+    """Alice imports a LoRA file; Bob can neither render, export nor list it. A visitor without a Hugging Face
+    sign-in can't make the server fetch a Hub repo (the Hub is never asked). An oversize file and a pickle
+    are refused before anything is read, and nothing of them is kept."""
+    import pytest
+
+    pytest.importorskip("diffusers")
+    torch = pytest.importorskip("torch")
+    import huggingface_hub
+    from gradio_client.exceptions import AppError
+
+    from services.engine import lora_formats as lf
+    from tests.test_lora_formats import make_lora
+
+    settings = settings.with_(hosted=True)
+    lora = make_lora("flux1", tmp_path / "made")
+    pickle = tmp_path / "lora.pt"
+    pickle.write_bytes(b"\x80\x04anything")
+    hub_asked = []
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda *a, **kw: hub_asked.append(kw) or None)
+
+    def never(*args, **kwargs):
+        raise AssertionError("a pickle was unpickled")
+
+    monkeypatch.setattr(torch, "load", never)
+    with running_app(settings) as url:
+        alice, bob, anonymous = (Client(url, verbose=False) for _ in range(3))
+        try:
+            mine = alice.predict(handle_file(str(lora)), "", "alices", "", api_name="/import_lora")
+            fields = ["a photo of TOK", 5, 0.7, 64, 64]
+            _, tuned, details = alice.predict(mine["id"], *fields, api_name="/compare")
+            assert details["tuned"]["status"] == "ok" and Path(tuned).is_file()
+            for call in (lambda: bob.predict(mine["id"], *fields, api_name="/compare"),
+                         lambda: bob.predict(mine["id"], "comfyui", api_name="/export_lora")):
+                with pytest.raises(AppError, match="is not one of your fine-tunes"):
+                    call()
+            assert bob.predict(api_name="/list_loras") == []
+            assert [x["id"] for x in alice.predict(api_name="/list_loras")] == [mine["id"]]
+
+            with pytest.raises(AppError, match="needs your own Hugging Face sign-in"):
+                anonymous.predict(None, "alice/private-lora", "", "", api_name="/import_lora")
+            assert hub_asked == []
+            with pytest.raises(AppError, match="is a pickle file, which can run code"):
+                anonymous.predict(handle_file(str(pickle)), "", "", "", api_name="/import_lora")
+            monkeypatch.setattr(lf, "MAX_LORA_BYTES", lora.stat().st_size - 1)
+            with pytest.raises(AppError, match="accepted up to"):
+                anonymous.predict(handle_file(str(lora)), "", "", "", api_name="/import_lora")
+            assert anonymous.predict(api_name="/list_loras") == []
+        finally:
+            for client in (alice, bob, anonymous):
+                client.close()
+    kept = sorted(p.name for p in settings.data_dir.rglob("lora.safetensors"))
+    assert kept == ["lora.safetensors"]  # Alice's one import: nothing of the refused files

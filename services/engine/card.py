@@ -3,6 +3,7 @@ and the names of the LoRA's files (the trainer's, and the exports ``lora_formats
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 from services.errors import InputError
 from services.engine.config import TrainConfig
@@ -83,8 +84,11 @@ def model_card(cfg: TrainConfig, image_count: int, samples: list[str], losses: l
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n" + "\n".join(body)))
 
 
-def files_section(family: str, trigger_word: str) -> list[str]:
-    """The card's "which file is for which tool" table (the exports are made by ``lora_formats``)."""
+def files_section(family: str, trigger_word: str, exported: Sequence[str] | None = None) -> list[str]:
+    """The card's "which file is for which tool" table (the exports are made by ``lora_formats``).
+
+    ``exported``: the export formats written beside the LoRA so far, each listed as a file of the folder;
+    None (a fresh training's card) lists the ComfyUI file as one made on demand."""
     from services.engine import models
 
     comfy = export_filename(COMFYUI, family, trigger_word)
@@ -94,6 +98,18 @@ def files_section(family: str, trigger_word: str) -> list[str]:
     else:
         comfy_keys = "kohya keys (`lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight` + `.alpha`)"
         comfy_tools = "ComfyUI (*LoraLoaderModelOnly*, from `models/loras`), Forge and kohya's tools"
+    rows = {
+        DIFFUSERS: f"| `{export_filename(DIFFUSERS, family, trigger_word)}` | diffusers / PEFT, with the base model and "
+                   "trigger word in its metadata | diffusers `load_lora_weights` |",
+        COMFYUI: f"| `{comfy}` | {comfy_keys}, q/k/v fused | {comfy_tools} |",
+    }
+    shown = [COMFYUI] if exported is None else [f for f in (DIFFUSERS, COMFYUI) if f in exported]
+    if exported is None:
+        note = (f"The `{comfy}` file is made on demand (Train tab, or the Python API's `export_lora`). Both hold the "
+                "same weights exactly, at scale 1 (alpha = rank), so a strength means the same in every tool.")
+    else:
+        note = ("Every file holds the same weights exactly, at scale 1 (alpha = rank), so a strength means the same "
+                "in every tool. Other formats are made on demand (Train tab, or the Python API's `export_lora`).")
     return [
         "## Files",
         "",
@@ -101,9 +117,18 @@ def files_section(family: str, trigger_word: str) -> list[str]:
         "|---|---|---|",
         f"| `{LORA_FILE}` | diffusers / PEFT (`transformer.…lora_A.weight`) | diffusers `load_lora_weights`, "
         "FLUX Finetune Studio's Compare |",
-        f"| `{comfy}` | {comfy_keys}, q/k/v fused | {comfy_tools} |",
+        *[rows[f] for f in shown],
         "",
-        f"The `{comfy}` file is made on demand (Train tab, or the Python API's `export_lora`). Both hold the "
-        "same weights exactly, at scale 1 (alpha = rank), so a strength means the same in every tool.",
+        note,
         "",
     ]
+
+
+def with_files(card: str, family: str, trigger_word: str, exported: Sequence[str]) -> str:
+    """``card`` (a model card's text) with its Files section listing the exports written (``files_section``);
+    a card without one gets it at the end."""
+    section = "\n".join(files_section(family, trigger_word, exported)) + "\n"
+    match = re.search(r"^## Files\n.*?(?=^## |\Z)", card, flags=re.MULTILINE | re.DOTALL)
+    if match is None:
+        return card.rstrip("\n") + "\n\n" + section
+    return card[:match.start()] + section + card[match.end():]

@@ -34,6 +34,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 from services.config import APP_NAME, APP_VERSION, Secret
 from services.errors import InputError
@@ -622,14 +623,13 @@ def export_lora(src: Path, dest_dir: Path, fmt: str, info: ExportInfo) -> Path:
     src = Path(src)
     layout = LAYOUTS[fmt][info.family]
     dest = Path(dest_dir) / export_filename(fmt, info.family, info.trigger_word)
-    if layout == "diffusers":  # the file as it is (dtype, PEFT config), with the metadata added
-        read_lora(src, family=info.family)  # the same checks as any LoRA
+    source, modules = read_lora(src, family=info.family)  # the same checks as any LoRA
+    if layout == "diffusers" and source.layout == "diffusers":  # the file as it is (dtype, PEFT config)
         tensors = load_file(str(src))
         _, metadata = read_header(src)
         metadata = {**metadata, **export_metadata(info, layout, alpha="as lora_adapter_metadata says")}
-    else:
-        _, modules = read_lora(src, family=info.family)
-        dtype = next(iter(load_file(str(src)).values())).dtype
+    else:  # another layout, or an imported kohya / BFL file brought to diffusers' names
+        dtype = next(v for k, v in load_file(str(src)).items() if not k.endswith(".alpha")).dtype
         tensors = {k: v if k.endswith(".alpha") else v.to(dtype)
                    for k, v in to_layout(modules, info.family, layout).items()}
         metadata = export_metadata(info, layout, alpha="each module's rank (scale 1)")
@@ -655,6 +655,19 @@ def check_against(modules: dict, pipe) -> None:
             raise InputError(f"The LoRA's {rest} is {down.shape[1]} -> {up.shape[0]}; this model's layer is "
                              f"{layer.in_features} -> {layer.out_features}.",
                              hint="It was made for another model size: pick the base model it was trained on.")
+
+
+def check_against_config(modules: dict, transformer_config: Path) -> None:
+    """``check_against`` without loading the model: its transformer is built empty (on torch's meta device,
+    no memory) from its ``config.json``. Text-encoder modules are left to the load, which checks them."""
+    import diffusers
+    import torch
+
+    config = json.loads(Path(transformer_config).read_text(encoding="utf-8"))
+    with torch.device("meta"):
+        transformer = getattr(diffusers, config["_class_name"]).from_config(config)
+    check_against({k: v for k, v in modules.items() if k.startswith("transformer.")},
+                  SimpleNamespace(transformer=transformer))
 
 
 def adapters_of(pipe) -> set[str]:

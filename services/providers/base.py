@@ -16,6 +16,8 @@ from services.errors import InputError
 from services.storage.captions import is_trigger_word
 
 Mode = Literal["character", "product", "style", "general"]  # typed API parameters (components/api.py)
+# What ``Studio.export_lora`` writes: services.engine.lora_formats.EXPORT_FORMATS, as a typed API parameter.
+ExportFormat = Literal["comfyui", "diffusers"]
 MODES: tuple[str, ...] = get_args(Mode)
 FINETUNE_TYPES = ("lora", "full")
 PRIORITIES = ("speed", "quality", "high_res_only")
@@ -181,6 +183,24 @@ class GeneratedImage:
 
 
 @dataclass(frozen=True)
+class ImportedLora:
+    """A LoRA file made elsewhere (another trainer, the Hub, a Hugging Face job), kept for one owner so that
+    Compare renders it against a base model of its family like a fine-tune made here."""
+
+    id: str  # its fine-tune id (``Target.finetune_id``)
+    name: str
+    family: str  # services.engine.models.FLUX1 / FLUX2
+    family_label: str  # "FLUX.1", "FLUX.2 [klein]"
+    base_model: str  # the base model spec it is rendered on
+    base_model_label: str
+    layout: str  # the file's key layout: "diffusers", "kohya" or "bfl"
+    rank: int
+    source: str  # the file name it came as, or the Hub repo (``owner/name``)
+    trigger_word: str = ""  # from the file's metadata, when it says
+    created_at: float = 0.0
+
+
+@dataclass(frozen=True)
 class HardwareOption:
     """A machine a provider can train on (Hugging Face Jobs' flavours), with its price, shown before launch."""
 
@@ -315,6 +335,8 @@ class Provider(Protocol):
     picks_hardware: bool = False  # trains on hardware picked per job, at a price: ``hardware_options``, ``estimate``
     reports_steps: bool = False  # reports loss and sample images while it trains (the Train tab's plot and gallery)
     picks_tuned_model: bool = False  # generates with a fine-tune on one of several models, picked per comparison
+    can_export: bool = False  # ``export_lora`` writes a ready fine-tune's LoRA for other tools (ComfyUI, diffusers)
+    imports_loras: bool = False  # renders LoRA files made elsewhere: ``import_lora``, ``imported_loras``
 
     def check_request(self, request: TrainRequest) -> None:
         """Refuse a request's provider-specific fields (InputError) before any job is recorded."""
@@ -326,6 +348,26 @@ class Provider(Protocol):
     def publish(self, remote_id: str, repo_id: str, token: Secret, private: bool = True) -> str:
         """Upload a finished fine-tune to a Hub model repo; returns its URL (``can_publish``)."""
         raise InputError(f"{self.label} fine-tunes can't be published from here.")
+
+    def export_lora(self, finetune_id: str, fmt: str) -> Path:
+        """The fine-tune's LoRA as a file in ``fmt`` (``services.engine.lora_formats.EXPORT_FORMATS``), written
+        once beside its output and reused (``can_export``)."""
+        raise InputError(f"{self.label} fine-tunes can't be exported from here.")
+
+    def import_lora(self, path: Path, *, owner: str, name: str = "", base_model: str | None = None,
+                    source: str = "") -> ImportedLora:
+        """Check the LoRA file ``path`` and keep a copy for ``owner``, to render on a base model of its family
+        (``imports_loras``); ``base_model`` (a spec) settles which one, else it follows from the family."""
+        raise InputError(f"{self.label} can't render LoRA files made elsewhere.",
+                         hint="Import it on the local engine.")
+
+    def imported_loras(self, owner: str) -> list[ImportedLora]:
+        """``owner``'s imported LoRAs, newest first (``imports_loras``)."""
+        return []
+
+    def delete_imported(self, lora_id: str) -> None:
+        """Forget an imported LoRA and remove its files (``imports_loras``)."""
+        raise InputError(f"{self.label} keeps no imported LoRAs.")
 
     def model_choices(self) -> list[tuple[str, str]]:
         """(label, value) pairs for the Train tab's base-model picker (``picks_base_model``)."""

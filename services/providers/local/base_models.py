@@ -68,12 +68,59 @@ class BaseModels:
         """The spec of the request's base model, if this engine offers it (InputError otherwise).
         Hosted, a visitor may not make the server download another multi-GB model: only the configured
         one (or a tiny test model)."""
-        spec = models.check_choice(LocalOptions.of(request).base_model, self.model)
+        return self.check_model(LocalOptions.of(request).base_model)
+
+    def check_model(self, choice: str | None, doing: str = "trains") -> str:
+        """The spec of a picked base model (None: the configured one), if this engine offers it; hosted,
+        only the configured one or a tiny test model (never another multi-GB download for a visitor)."""
+        spec = models.check_choice(choice, self.model)
         configured = models.default_choice(self.model)
         if self.settings.hosted and spec != configured and not models.resolve(spec).tiny:
-            raise InputError(f"This hosted app trains on {models.resolve(configured).label} only.",
+            raise InputError(f"This hosted app {doing} on {models.resolve(configured).label} only.",
                              hint="Run the studio on your own machine to pick another base model.")
         return spec
+
+    def for_lora(self, families: tuple[str, ...], choice: str | None = None) -> str:
+        """The base model an imported LoRA for one of ``families`` renders on: ``choice`` if given (of its
+        family); else the configured one (``FLUX_LOCAL_MODEL``) if it is of that family; else, where the
+        configured one is a tiny test model, the tiny model of the LoRA's family; else (not hosted) the
+        registry's default of the family (``models.FAMILY_DEFAULTS``, downloaded on first use)."""
+        from services.engine.lora_formats import FAMILY_LABELS
+
+        wanted = " or ".join(FAMILY_LABELS[f] for f in families)
+        if (choice or "").strip():
+            spec = self.check_model(choice, "renders")
+            base = models.resolve(spec)
+            if base.family not in families:
+                raise InputError(f"The LoRA is for {wanted}; {base.label} is a {FAMILY_LABELS[base.family]} model.",
+                                 hint="Pick a base model of the LoRA's family, or leave it empty to have it picked.")
+            return spec
+        configured = models.default_choice(self.model)
+        base = models.resolve(configured)
+        if base.family in families:
+            return configured
+        family = families[0]
+        if base.tiny:
+            return models.TINY_FLUX1 if family == models.FLUX1 else models.TINY_FLUX2
+        if self.settings.hosted:
+            raise InputError(f"The LoRA is for {wanted}; this hosted app renders with {base.label} only.",
+                             hint=f"Import a {FAMILY_LABELS[base.family]} LoRA.")
+        return models.FAMILY_DEFAULTS[family].key
+
+    def transformer_config(self, spec: str) -> Path | None:
+        """The base model's transformer/config.json where it is on this machine (a tiny model is built for
+        it; a Hub model only if its download is in the HF cache already); None otherwise."""
+        base = models.resolve(spec)
+        if base.tiny or base.path:
+            found = Path(self.folder(spec)) / "transformer" / "config.json"
+            return found if found.is_file() else None
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(base.repo_id, "transformer/config.json")
+        except (ImportError, OSError, ValueError):  # a cache problem: the load checks it instead
+            return None
+        return Path(cached) if isinstance(cached, str) else None
 
     def memory_plan(self, request: TrainRequest):
         """The memory preset, its estimated peak and the GPU, for the Train tab and the launch check;

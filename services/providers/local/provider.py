@@ -13,15 +13,18 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+import threading
 from pathlib import Path
 
 from services.config import Secret, Settings
 from services.errors import EngineUnavailableError, InputError, ProviderError, StudioError
-from services.providers.base import (GeneratedImage, GenerateRequest, Holder, ProgressFn, ProviderBase, ProviderInfo,
-                                     TrainRequest, TrainStatus)
+from services.providers.base import (GeneratedImage, GenerateRequest, Holder, ImportedLora, ProgressFn, ProviderBase,
+                                     ProviderInfo, TrainRequest, TrainStatus)
 from services.providers.local.base_models import BaseModels, LocalOptions
 from services.engine import memory, models
+from services.storage import atomic
 from services.providers.local.folders import JobFolders
+from services.providers.local.imports import LoraImports, is_import_id
 from services.providers.local.queue import GPU, SLOT, GpuBusyError, GpuGate, TrainingSlot
 from services.providers.local.worker import CLOSE_WAIT_S, DELETE_WAIT_S, Worker
 
@@ -31,6 +34,16 @@ REQUIRED_MODULES = ("torch", "diffusers", "transformers", "peft", "safetensors")
 INSTALL_HINT = ("The local engine needs torch and diffusers: run `pip install -r requirements-local.txt` "
                 "(make run does it).")
 WAITING = "Waiting for the running local job"
+README = "README.md"  # the model card beside a job's LoRA
+
+_EXPORT_LOCKS: dict[str, threading.Lock] = {}
+_EXPORT_LOCKS_LOCK = threading.Lock()
+
+
+def _export_lock(dest: Path) -> threading.Lock:
+    """One lock an export file: two requests for it write it once, the second reuses it."""
+    with _EXPORT_LOCKS_LOCK:
+        return _EXPORT_LOCKS.setdefault(str(dest.resolve()), threading.Lock())
 
 
 class LocalProvider(ProviderBase):
@@ -42,6 +55,8 @@ class LocalProvider(ProviderBase):
     picks_base_model = True
     queues_training = True
     reports_steps = True
+    can_export = True
+    imports_loras = True
 
     def __init__(self, settings: Settings, *, model: str | None = None, steps_per_sample: int | None = None,
                  checkpoint_every: int | None = None, resolution: int | None = None,
@@ -53,6 +68,7 @@ class LocalProvider(ProviderBase):
         self.gpu = gpu or GPU
         self.base_models = BaseModels(settings, model, resolution=resolution, device=device)
         self.folders = JobFolders(settings)
+        self.imports = LoraImports(settings)
         self.worker = Worker(self.folders, self.base_models, slot=slot or SLOT, gpu=self.gpu)
 
     # ------------------------------------------------------------ base models
@@ -89,8 +105,11 @@ class LocalProvider(ProviderBase):
         return self.base_models.memory_plan(request)
 
     def base_model_of(self, finetune_id: str) -> str | None:
-        """The base model a local fine-tune was trained on (what its Compare base image must use)."""
+        """The base model a local fine-tune was trained on, or an imported LoRA renders on (what its Compare
+        base image must use)."""
         try:
+            if is_import_id(finetune_id):
+                return self.imports.get(finetune_id).base_model
             return self.folders.read_state(finetune_id).get("model", self.model)
         except StudioError:
             return None
@@ -243,7 +262,10 @@ class LocalProvider(ProviderBase):
         if not request.prompt or not request.prompt.strip():
             raise InputError("Type a prompt first.")
         lora = None
-        if finetune:
+        if finetune and is_import_id(finetune):
+            lora = self.imports.lora_path(finetune)
+            base = model if model is not None else self.imports.get(finetune).base_model
+        elif finetune:
             st = self.status(finetune)
             if st.state != "ready":
                 raise InputError(f"The local fine-tune {finetune} is {st.state}, not ready.",
@@ -279,6 +301,87 @@ class LocalProvider(ProviderBase):
         return GeneratedImage(path=path, model="local tuned" if finetune else "local base", seed=request.seed,
                               latency_s=params.pop("latency_s"), params=params)
 
+    # ------------------------------------------------------------ LoRA files in and out
+
+    def export_lora(self, finetune_id: str, fmt: str) -> Path:
+        """A ready job's LoRA (or an imported one) in ``fmt``, written once beside it (the job's output
+        folder, where its model card then lists it) and reused until the LoRA changes."""
+        from services.engine import lora_formats as lf
+        from services.engine.card import export_filename, with_files
+        from services.engine.config import config_from_json, resolve_family
+
+        if fmt not in lf.EXPORT_FORMATS:
+            raise InputError(f"There is no export format {fmt!r}.", hint=f"Pick one of {', '.join(lf.EXPORT_FORMATS)}.")
+        if is_import_id(finetune_id):
+            record = self.imports.get(finetune_id)
+            src, dest_dir = self.imports.lora_path(finetune_id), self.imports.export_dir(finetune_id)
+            base = models.resolve(record.base_model)
+            info = lf.ExportInfo(family=record.family, base_model=base.repo_id or base.label,
+                                 trigger_word=record.trigger_word, rank=record.rank)
+        else:
+            st = self.status(finetune_id)
+            if st.state != "ready":
+                raise InputError(f"The local fine-tune {finetune_id} is {st.state}; only finished ones can be "
+                                 "exported.", hint="Wait until it is ready.")
+            src = self.folders.lora_path(finetune_id)
+            dest_dir = src.parent
+            cfg = config_from_json(self.folders.read_config(finetune_id))
+            cfg.family = resolve_family(cfg)
+            info = lf.ExportInfo.from_config(cfg)
+        dest = dest_dir / export_filename(fmt, info.family, info.trigger_word)
+        with _export_lock(dest):
+            if dest.is_file() and dest.stat().st_mtime_ns >= src.stat().st_mtime_ns:
+                return dest
+            lf.export_lora(src, dest_dir, fmt, info)
+            card = dest_dir / README
+            if card.is_file():  # the card lists the files the folder holds now
+                written = [f for f in lf.EXPORT_FORMATS
+                           if (dest_dir / export_filename(f, info.family, info.trigger_word)).is_file()]
+                atomic.write_text(card, with_files(card.read_text(encoding="utf-8"), info.family,
+                                                   info.trigger_word, written))
+        return dest
+
+    def import_lora(self, path: Path, *, owner: str, name: str = "", base_model: str | None = None,
+                    source: str = "") -> ImportedLora:
+        """Keep a LoRA file made elsewhere for ``owner``. Checked before a byte is copied (its name: never a
+        pickle; the size cap; its header: a FLUX LoRA, which family) and again, whole, on the copy (every
+        weight read, each layer's shape against the base model's transformer, built empty from its config),
+        so a file that can't be rendered is refused here with why, never half-way through a Compare."""
+        from services.engine import lora_formats as lf
+
+        path = Path(path)
+        self._require_ready()
+        # The header only (suffix, size cap, pickle, cut short, a FLUX LoRA of which family): nothing is loaded yet.
+        families = lf.inspect_lora(path, max_bytes=lf.MAX_LORA_BYTES).families
+        spec = self.base_models.for_lora(families, base_model)
+        base = models.resolve(spec)
+
+        def check(copy: Path) -> ImportedLora:
+            info, modules = lf.read_lora(copy, family=base.family, max_bytes=lf.MAX_LORA_BYTES)
+            config = self.base_models.transformer_config(spec)
+            if config is not None:  # else (a Hub model not downloaded yet) the first render checks it
+                lf.check_against_config(modules, config)
+            label = lf.FAMILY_LABELS[base.family]
+            return ImportedLora(id="", name=(name or "").strip()[:100] or path.stem[:100], family=base.family,
+                                family_label=label, base_model=spec, base_model_label=base.label,
+                                layout=info.layout, rank=info.rank, source=(source or path.name)[:300],
+                                trigger_word=str(info.metadata.get("trigger_word", ""))[:40])
+
+        return self.imports.add(owner, path, check, max_bytes=lf.MAX_LORA_BYTES)
+
+    def imported_loras(self, owner: str) -> list[ImportedLora]:
+        return self.imports.list(owner)
+
+    def delete_imported(self, lora_id: str) -> None:
+        self.imports.existing(lora_id)
+        try:
+            from services.engine import infer
+        except ImportError:  # the engine is not installed: no adapter can be loaded
+            infer = None
+        if infer is not None:
+            infer.drop_adapter(lora_id)
+        self.imports.remove(lora_id)
+
     def publish(self, remote_id: str, repo_id: str, token: Secret, private: bool = True) -> str:
         """Upload the finished LoRA (weights, model card, samples) to a Hub model repo; returns its URL."""
         st = self.status(remote_id)
@@ -292,8 +395,9 @@ class LocalProvider(ProviderBase):
 
 
 def is_finetune_id(ref: str) -> bool:
-    """Local runs are named "local-…" (``folders.JobFolders.new_id``)."""
-    return ref.startswith("local-")
+    """Local runs are named "local-…" (``folders.JobFolders.new_id``), imported LoRAs "lora-…"
+    (``imports.LoraImports.new_id``)."""
+    return ref.startswith("local-") or is_import_id(ref)
 
 
 INFO = ProviderInfo(
