@@ -8,6 +8,7 @@ import gradio as gr
 import pytest
 
 from components.compare_tab import ComparePage
+from components.dataset_tab import DatasetPage
 from components.train_tab import TrainPage, jobs_frame
 from services.config import Secret
 from services.studio import Studio
@@ -127,3 +128,17 @@ def test_a_grid_streams_its_cells_from_the_compare_page(studio, pages, fake_come
     assert sheet.endswith(".png")
     with pytest.raises(gr.Error, match="no grid yet"):
         compare.on_sheet(None)
+
+
+def test_the_dataset_page_names_a_new_dataset_after_an_uploaded_zip(studio, tmp_path):
+    """With no dataset picked, an upload makes one, named after the zip; a second of that name is another."""
+    with gr.Blocks():
+        page = DatasetPage(studio, gr.State(None))
+    upload = fx.training_zip(tmp_path / "cups.zip", count=2)
+    picker, cleared, report, gallery, table, warnings, trigger, *_ = page.on_add([str(upload)], None, Progress())
+    assert picker["value"] == "cups" and picker["choices"] == ["cups"] and cleared is None
+    assert "2" in report and len(gallery) == 2 and len(table) == 2
+    again = page.on_add([str(upload)], None, Progress())[0]
+    assert again["value"] == "cups-2" and sorted(studio.list_datasets()) == ["cups", "cups-2"]
+    gallery, table, warnings, trigger = page.on_trigger_first("CUPX", "cups", None)
+    assert trigger == "CUPX" and all(c.startswith("CUPX") for c in table["caption"])
