@@ -22,11 +22,9 @@ from pathlib import Path
 import gradio as gr
 from gradio import utils as gr_utils
 from starlette.middleware import Middleware
-from PIL import Image
 
 from components import api, compare_tab, dataset_tab, session_panel, train_tab
 from components.identity import VisitorGate
-from services.storage import atomic
 from services.config import Settings
 from services.errors import ConfigError
 from services.providers.base import Provider
@@ -71,29 +69,20 @@ def create_app(
     if studio is None:
         studio = Studio(settings, providers=providers, track_interval=track_interval, background=False)
     settings = studio.settings
-    default_provider = studio.default_provider
     # Gradio copies every served file into its cache; sweep copies older than a day, hourly.
     with StudioBlocks(title=TITLE, analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
         gr.Markdown(f"# {TITLE}\nTurn a folder of photos into your own fine-tuned FLUX model, and see what it learned.")
-        session_key = session_panel.build(
-            settings, on_key=lambda owner, key: studio.training.adopt(owner, studio.access.own(key)))
+        session_key = session_panel.build(settings, on_key=studio.adopt)
         with gr.Tabs():
+            # Each page fills itself in for the visitor on load (and when its tab is opened: a dataset made a
+            # moment ago, or a fine-tune that became ready while the person was elsewhere, shows up there).
             with gr.Tab("1 · Dataset", id="dataset"):
-                data = dataset_tab.build(studio.datasets, settings, studio.captioner, session_key)
+                dataset_tab.build(studio, session_key, demo)
             with gr.Tab("2 · Train", id="train") as train_page:
-                train = train_tab.build(studio.training, studio.datasets, settings, default_provider, studio.access,
-                                        session_key)
+                train_tab.build(studio, session_key, demo, train_page)
             with gr.Tab("3 · Compare", id="compare") as compare_page:
-                compare = compare_tab.build(studio.access, studio.jobs, studio.results, settings,
-                                            placeholder_image(settings), session_key)
+                compare_tab.build(studio, studio.placeholder_tile(), session_key, demo, compare_page)
         api.build(studio)
-        demo.load(data.refresh, [data.dataset], [data.dataset], show_progress="hidden")
-        # Also on opening a tab: a dataset made a moment ago, or a fine-tune that became ready
-        # while the person was elsewhere, shows up there.
-        gr.on([demo.load, train_page.select], train.on_load, [train.provider, train.dataset, session_key],
-              [train.banner, train.dataset, train.jobs, train.queue, train.timer, train.seen], show_progress="hidden")
-        gr.on([demo.load, compare_page.select], compare.on_load, None, [compare.finetune, compare.history],
-              show_progress="hidden")
     for fn in demo.fns.values():
         if fn.api_name not in api.PUBLIC_API:
             fn.api_visibility = "undocumented"  # the page's own events: callable by the page, not listed
@@ -103,15 +92,6 @@ def create_app(
     demo.studio = studio
     demo.owns_studio = owns_studio
     return demo
-
-
-def placeholder_image(settings: Settings) -> Path:
-    """A light grey tile shown in grid cells that are still rendering (served from the data dir)."""
-    path = settings.data_dir / ".assets" / "pending.png"
-    if not path.exists():
-        with atomic.replacing(path) as tmp:
-            Image.new("RGB", (64, 64), (236, 236, 240)).save(tmp, "PNG")
-    return path
 
 
 def launch_options(settings: Settings) -> dict:

@@ -16,16 +16,12 @@ from gradio.context import get_blocks_context
 from gradio.data_classes import FileData, GradioRootModel
 from gradio_client import utils as client_utils
 
-from components.callers import caller_for
 from components.feedback import shows_errors
-from components.identity import owner_for
+from components.identity import caller_for, owner_for
 from components.serving import servable
-from services import compare as cmp
-from services.storage.datasets import Dataset, dataset_warnings
 from services.errors import InputError
-from services.storage.jobs import Job
 from services.providers.base import ExportFormat, ImportedLora, Mode
-from services.studio import Studio
+from services.studio import STRENGTH_RANGE, CellResult, Dataset, Job, Studio, dataset_warnings, parse_strengths
 
 # The endpoints on the API page and the MCP server. Every other event is the page's own plumbing
 # (ticks, picks, cell edits): callable by the page, not listed.
@@ -352,7 +348,7 @@ def build(studio: Studio) -> None:
         Returns:
             the contact sheet (PNG), and each cell's details
         """
-        values = cmp.parse_strengths(strengths)
+        values = parse_strengths(strengths)
         result = studio.grid(finetune, (prompts or "").splitlines(), values, include_base=include_base, seed=seed,
                              width=width, height=height, caller=caller(request))
         sheet = result.save_contact_sheet()
@@ -432,8 +428,8 @@ def build(studio: Studio) -> None:
         finetune_in = gr.Textbox(label="finetune")
         prompt_in = gr.Textbox(label="prompt")
         seed_in = gr.Number(label="seed", value=42, precision=0, minimum=0, maximum=2**31 - 1)
-        strength_in = gr.Number(label="strength", value=1.0, minimum=cmp.STRENGTH_RANGE[0],
-                                maximum=cmp.STRENGTH_RANGE[1])
+        strength_in = gr.Number(label="strength", value=1.0, minimum=STRENGTH_RANGE[0],
+                                maximum=STRENGTH_RANGE[1])
         width_in = gr.Number(label="width", value=1024, precision=0, minimum=64, maximum=2048)
         height_in = gr.Number(label="height", value=768, precision=0, minimum=64, maximum=2048)
         base_out = gr.Image(label="base", type="filepath")
@@ -463,5 +459,5 @@ def build(studio: Studio) -> None:
     assert PUBLIC_API <= registered, PUBLIC_API - registered  # noqa: S101  the list and the code agree
 
 
-def cell_summary(cell: cmp.CellResult) -> dict:
+def cell_summary(cell: CellResult) -> dict:
     return {"model": cell.model, "status": cell.status, "latency_s": round(cell.latency_s, 2), "error": cell.error}

@@ -11,9 +11,9 @@ import gradio as gr
 from starlette.datastructures import Headers
 from starlette.responses import PlainTextResponse
 
-from services.storage import visitors
+from services.caller import LOCAL_OWNER, Caller
 from services.config import Secret, Settings
-from services.storage.owners import LOCAL_OWNER
+from services.storage import visitors
 
 ANONYMOUS = "anonymous"
 VISITOR_COOKIE = "flux_studio_visitor"
@@ -54,6 +54,13 @@ def owner_for(request: gr.Request | None, settings: Settings) -> str:
     owner = vars(request).get("_studio_owner") or "nocookie-" + secrets.token_hex(16)
     request._studio_owner = owner
     return owner
+
+
+def caller_for(request: gr.Request | None, settings: Settings, key: Secret | None = None) -> Caller:
+    """Who ``request`` is for, built once per event and handed to ``Studio``: its owner, the visitor's own
+    CometAPI key (``key``, from the page's session), their Hugging Face sign-in and their address.
+    ``request`` is None only when a handler is called directly (tests, notebooks)."""
+    return Caller(owner_for(request, settings), key or None, hf_token_of(request), client_address(request, settings))
 
 
 def hf_username(request: gr.Request) -> str:

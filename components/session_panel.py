@@ -6,12 +6,14 @@ from collections.abc import Callable
 import gradio as gr
 
 from components import feedback
-from components.identity import owner_for
+from components.identity import caller_for
+from services.caller import Caller
 from services.config import Secret, Settings
 
 
-def build(settings: Settings, on_key: Callable[[str, Secret], None]) -> gr.State:
-    """Returns the per-session key state (None until a visitor enters a key).
+def build(settings: Settings, on_key: Callable[[Caller], None]) -> gr.State:
+    """Returns the per-session key state (None until a visitor enters a key). ``on_key`` is told of the
+    caller who just entered one (``Studio.adopt``: their jobs on it are tracked again).
 
     The key lives in gr.State, which stays on the server: it is never rendered, logged,
     written to disk or sent back to the page (the box is cleared as soon as it is used).
@@ -41,7 +43,7 @@ def build(settings: Settings, on_key: Callable[[str, Secret], None]) -> gr.State
             feedback.warning("That does not look like a CometAPI key (it has spaces or is too long). Paste it again.")
             return None, "", "No key set for this session."
         key = Secret(raw)
-        on_key(owner_for(request, settings), key)
+        on_key(caller_for(request, settings, key))
         return key, "", "✅ Your key is set for this browser session."
 
     use.click(on_use, [key_box], [key_state, key_box, status], show_progress="hidden")

@@ -1,29 +1,30 @@
-"""The Train tab: launch a fine-tune through a provider and track it until it is ready."""
+"""The Train tab: launch a fine-tune through a provider and track it until it is ready.
+
+``TrainPage`` is the page over ``Studio``: each handler builds the event's caller and asks Studio for the
+step; the launch settings arrive as one named form (``TrainForm``). The handlers can be called without a
+browser (``request=None`` is the local owner)."""
 from __future__ import annotations
 
 import datetime as dt
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import gradio as gr
 import pandas as pd
 
 from components import feedback
 from components.feedback import plain, shows_errors
-from components.identity import client_address, hf_token_of, owner_for
-from components.train_hardware import HARDWARE_INFO, estimate_markdown, hardware_choices
+from components.forms import Form
+from components.identity import caller_for
 from components.serving import servable_items
+from components.train_hardware import HARDWARE_INFO, estimate_markdown, hardware_choices
+from services.caller import Caller
+from services.config import Secret
+from services.errors import InputError, ProviderError
 from services.providers import base as P
-from services.providers import registry
-from services.providers.base import Provider
-from services.config import Secret, Settings
-from services.storage.datasets import DatasetStore
-from services.access import ProviderAccess
-from services.errors import InputError, ProviderError, StudioError
-from services.storage.jobs import Job
-from services.engine import memory
-from services.training import TrainingService
+from services.providers.base import Provider, TrainRequest
+from services.studio import Job, Studio, TrainingSlot
 
 JOB_COLUMNS = ["job", "name", "provider", "dataset", "status", "progress", "elapsed", "created"]
 TICK_SECONDS = 2.0
@@ -35,29 +36,24 @@ LOADING = "Loading your jobs…"
 
 
 @dataclass
-class TrainTab:
-    banner: gr.Markdown
-    provider: gr.Radio
-    dataset: gr.Dropdown
-    mode: gr.Radio
-    trigger: gr.Textbox
-    name: gr.Textbox
-    iterations: gr.Slider
-    learning_rate: gr.Textbox
-    lora_rank: gr.Radio
-    finetune_type: gr.Radio
-    priority: gr.Radio
-    captioning: gr.Checkbox
-    base_model: gr.Dropdown
-    launch: gr.Button
-    launch_result: gr.Markdown
-    jobs: gr.Dataframe
-    queue: gr.Markdown
-    detail: gr.Markdown
-    selected: gr.State
-    timer: gr.Timer
-    seen: gr.State
-    on_load: Callable
+class TrainForm(Form):
+    """What a launch reads, in the order a script calling the page's ``on_launch`` passes it."""
+
+    provider: Any
+    dataset: Any
+    mode: Any
+    trigger: Any
+    name: Any
+    iterations: Any
+    learning_rate: Any
+    lora_rank: Any
+    finetune_type: Any
+    priority: Any
+    captioning: Any
+    checkpointing: Any
+    base_model: Any
+    memory_preset: Any
+    hardware: Any
 
 
 # ---------------------------------------------------------------- views
@@ -123,25 +119,24 @@ def keep_polling(jobs: list[Job], now: float | None = None) -> bool:
     return any(j.is_active or now - j.updated_at < LINGER_SECONDS for j in jobs)
 
 
-def queue_markdown(service: TrainingService, owner: str, jobs: list[Job]) -> str:
+
+
+def queue_markdown(slots: list[TrainingSlot], jobs: list[Job]) -> str:
     """One line over the jobs table: how many jobs, and which job the local engine is busy with.
 
     The engine trains one job at a time for everyone on this server, so a queued job waits for
     whichever holds it; naming it (when it is the visitor's own) says what to cancel to go first."""
     moving = sum(1 for j in jobs if j.is_active)
     parts = [f"{len(jobs)} job(s), {moving} queued or running." if jobs else "No jobs yet."]
-    for key, provider in service.providers.items():
-        if not provider.queues_training:
-            continue
-        holder = provider.training_now()
+    for slot in slots:
+        holder, mine = slot.holder, slot.mine
         if holder is None:
-            parts.append(f"{provider.label}: idle.")
+            parts.append(f"{slot.label}: idle.")
             continue
-        mine = service.jobs.find_by_remote(owner, key, holder.remote_id)
         what = f"'{plain(mine.name)}'" if mine else "a job that is not in your list"
         doing = "stopping" if holder.cancelling else (
             f"step {holder.step} of {holder.total}" if holder.step is not None and holder.total else "preparing")
-        line = f"{provider.label}: busy with {what} ({doing})"
+        line = f"{slot.label}: busy with {what} ({doing})"
         if holder.waiting:
             line += f"; {holder.waiting} job(s) wait for it" + (", cancel it to start the next" if mine else "")
         parts.append(line + ".")
@@ -181,75 +176,29 @@ def sample_items(events: list[dict], limit: int = 12) -> list[tuple[str, str]]:
     return [(path, f"step {step}") for path, step in first_seen.items()][-limit:]
 
 
-def banner_markdown(service: TrainingService, provider_key: str, session_key=None, settings: Settings | None = None,
-                    calls_left: int | None = None, signed_in: Provider | None = None) -> str:
-    """The line over the Train tab: whether the provider can be used, and on whose key.
-    ``calls_left``: this visitor's shared-key budget for the hour, hosted; ``signed_in``: the
-    provider on the visitor's own Hugging Face sign-in, hosted."""
-    provider = service.providers.get(provider_key)
-    if provider is None:
-        return ""
-    if signed_in is not None and signed_in.key == provider_key:
-        return (f"✅ {provider.label}: on your own Hugging Face account (you are signed in). Its jobs and "
-                "generations are billed to you; this app never uses its owner's token for them.")
-    notice = service.notices.get(provider_key)
-    own_key = provider_key == "cometapi" and bool(session_key)
-    ready, why = (True, "") if own_key else provider.readiness()
-    if not ready:
-        if settings is not None and settings.hosted and provider_key == "cometapi":
-            why = "Enter your CometAPI key at the top of the page (kept for this session only), or use the local engine."
-        return f"⚠️ **{provider.label} can't be used yet.** {why}"
-    if notice:
-        return f"⚠️ **{provider.label}: {notice}**"
-    if own_key:
-        return f"✅ {provider.label}: using your own key for this session."
-    if settings is not None and settings.hosted and provider_key == "cometapi":
-        left = "" if calls_left is None else f" {calls_left} left for you this hour."
-        return (f"✅ {provider.label}: using this app's shared key, limited to {settings.shared_key_limit} paid "
-                f"calls per hour per visitor.{left} Enter your own key at the top for more.")
-    model = provider.model_label
-    if model:  # the local engine says which model it runs (the tiny test model makes noise, by design)
-        return f"✅ {provider.label}: {model}"
-    return f"✅ {provider.label} is configured."
-
-
 CHECKPOINTING = {"auto": None, "on": True, "off": False}  # the Train tab's choice -> TrainRequest
 BASE_MODEL_INFO = ("Local engine: what it fine-tunes. Real models are downloaded on first use (FLUX.1 [dev] and "
                    "[klein] 9B need an accepted licence); the tiny test models make noise, by design.")
-
-
-MEMORY_CHOICES = [("Auto (from the GPU)", "")] + [(p.label, name) for name, p in memory.PRESETS.items()]
-
-
-def memory_summary(local, base_model: str | None, preset: str, rank, priority: str, checkpointing: str) -> str:
-    """The preset, its estimated peak memory and the GPU, or why the base model can't be used."""
-    if local is None:
-        return ""
-    options = registry.train_options(local.key, base_model=base_model, memory_preset=preset,
-                                     gradient_checkpointing=CHECKPOINTING.get(checkpointing or "auto"))
-    request = P.TrainRequest(name="-", mode="general", lora_rank=int(rank or 32), priority=priority or "quality",
-                             options=options)
-    try:
-        plan = local.memory_plan(request)
-    except StudioError as exc:
-        return f"⚠️ {plain(exc.user_message())}"
-    fits = ""
-    if plan.preset is not None:
-        try:
-            plan.check()
-        except StudioError as exc:
-            fits = f"\n\n⚠️ {plain(exc.user_message())}"
-    return plain(plan.summary()) + fits
-
-
 NO_DATASET = "No dataset picked yet: save one on the Dataset tab, then pick it here."
 
 
-def hardware_request(provider_key: str, iterations, rank, priority: str | None, hardware: str | None) -> P.TrainRequest:
+def memory_summary(studio: Studio, provider_key: str | None, base_model: str | None, preset: str, rank,
+                   priority: str, checkpointing: str) -> str:
+    """The preset, its estimated peak memory and the GPU, or why the base model can't be used."""
+    if provider_key is None:
+        return ""
+    summary, problem = studio.memory_check(provider_key, base_model=base_model, memory_preset=preset, lora_rank=rank,
+                                           priority=priority,
+                                           gradient_checkpointing=CHECKPOINTING.get(checkpointing or "auto"))
+    return "\n\n".join(part for part in (plain(summary), problem and f"⚠️ {plain(problem)}") if part)
+
+
+def hardware_request(studio: Studio, provider_key: str, iterations, rank, priority: str | None,
+                     hardware: str | None) -> TrainRequest:
     """What the hardware row prices: the settings that change a job's time and memory."""
-    return P.TrainRequest(name="-", mode="general", iterations=int(iterations or P.PRESETS["general"]["iterations"]),
-                          lora_rank=int(rank or 32), priority=priority or "quality",
-                          options=registry.train_options(provider_key, hardware=hardware))
+    return studio.train_request("-", provider=provider_key, trigger_word="TOK",
+                                iterations=int(iterations or P.PRESETS["general"]["iterations"]),
+                                lora_rank=int(rank or 32), priority=priority or "quality", hardware=hardware or "")
 
 
 def suggest_name(dataset: str | None, mode: str, typed: str | None):
@@ -271,330 +220,339 @@ def parse_learning_rate(raw: str) -> float | None:
                          hint="Type a number such as 0.0001 or 1e-4, or leave it empty for the default.") from None
 
 
-# ---------------------------------------------------------------- build
 
 
-def build(service: TrainingService, datasets_for: Callable[[str], DatasetStore], settings: Settings,
-          default_provider: str, access: ProviderAccess, session_key: gr.State) -> TrainTab:
-    # Both Markdowns start with text so that filling them in later does not shift the Launch button
-    # under a user's (or a test's) pointer.
-    banner = gr.Markdown(banner_markdown(service, default_provider, None, settings), elem_id="train-banner")
-    with gr.Row():
-        provider = gr.Radio(
-            choices=[(p.label, key) for key, p in service.providers.items()], value=default_provider,
-            label="Provider", elem_id="train-provider", scale=1,
-        )
-        # allow_custom_value: a script names a dataset it made through the API (the page's choices are
-        # filled per visitor later); the name is checked against the caller's own datasets anyway.
-        dataset = gr.Dropdown(choices=[], value=None, label="Dataset", elem_id="train-dataset", scale=2,
-                              info="Saved on the Dataset tab.", allow_custom_value=True)
-        refresh = gr.Button("↻", size="sm", scale=0, min_width=40)
-    dataset_info = gr.Markdown(NO_DATASET, elem_id="train-dataset-info")
-    # The registry's models (and FLUX_LOCAL_MODEL); custom values reach the server, which checks them.
-    local = next((p for p in service.providers.values() if p.picks_base_model), None)
-    base_model = gr.Dropdown(
-        choices=local.model_choices() if local else [], value=local.default_model_choice() if local else None,
-        label="Base model", elem_id="train-base-model", info=BASE_MODEL_INFO, allow_custom_value=True,
-        visible=local is not None and local.key == default_provider,
-    )
-    with gr.Row(visible=local is not None and local.key == default_provider) as memory_row:
-        memory_preset = gr.Dropdown(MEMORY_CHOICES, value="", label="Memory preset", elem_id="train-memory-preset",
-                                    scale=1, info="Auto picks one from the GPU's memory.")
-        memory_info = gr.Markdown(memory_summary(local, None, "", 32, "quality", "auto"), elem_id="train-memory-info")
-    default_hw = service.providers.get(default_provider)
-    with gr.Row(visible=bool(default_hw and default_hw.picks_hardware)) as hardware_row:
-        hardware = gr.Dropdown([("Cheapest that fits", "")], value="", label="Hardware", elem_id="train-hardware",
-                               scale=1, info=HARDWARE_INFO)
-        hardware_info = gr.Markdown("💳 Pick the provider to see prices.", elem_id="train-hardware-info")
-    preset = P.PRESETS["character"]
-    with gr.Row():
-        mode = gr.Radio(list(P.MODES), value="character", label="Mode", elem_id="train-mode",
-                        info="Sets sensible defaults below.")
-        trigger = gr.Textbox(label="Trigger word", value="TOK", elem_id="train-trigger")
-        name = gr.Textbox(label="Fine-tune name", placeholder="my-product-v1", elem_id="train-name")
-    with gr.Row():
-        iterations = gr.Slider(*P.ITERATIONS_RANGE, value=preset["iterations"], step=10, label="Iterations",
-                               elem_id="train-iterations")
-        learning_rate = gr.Textbox(label="Learning rate", placeholder="empty = default (1e-4 LoRA, 1e-5 full)",
-                                   elem_id="train-lr")
-        checkpointing = gr.Radio(list(CHECKPOINTING), value="auto", label="Gradient checkpointing",
-                                 elem_id="train-checkpointing",
-                                 info="Local engine: much less GPU memory for slower steps. Auto: on for real models.")
-    with gr.Row():
-        lora_rank = gr.Radio(list(P.LORA_RANKS), value=preset["lora_rank"], label="LoRA rank")
-        finetune_type = gr.Radio(list(P.FINETUNE_TYPES), value=preset["finetune_type"], label="Fine-tune type",
-                                 info="The local engine always trains a LoRA.")
-        priority = gr.Radio(list(P.PRIORITIES), value=preset["priority"], label="Priority",
-                            info="CometAPI; the local engine reads high_res_only as 1024 px training.")
-        captioning = gr.Checkbox(value=preset["captioning"], label="Server-side captioning",
-                                 info="CometAPI only: let the service caption images that have no caption.")
-    launch = gr.Button("Launch fine-tune", variant="primary", elem_id="train-launch")
-    launch_result = gr.Markdown(elem_id="train-launch-result")
-    gr.Markdown("### Jobs")
-    # Starts with text, like the other lines, so that filling it in shifts nothing; its change from
-    # LOADING also tells that the visitor's lists have arrived.
-    queue = gr.Markdown(LOADING, elem_id="train-queue")
-    jobs = gr.Dataframe(value=jobs_frame([]), headers=JOB_COLUMNS, interactive=False, elem_id="train-jobs",
-                        label="History (click a row for details; click a header to sort)")
-    detail = gr.Markdown(job_markdown(None), elem_id="train-job-detail")
-    with gr.Row() as progress_row:
-        loss_plot = gr.LinePlot(None, x="step", y="loss", color="series", title="Training loss", height=240,
-                                color_map={RAW: "#c7d2fe", SMOOTHED: "#4338ca"}, color_title="",
-                                elem_id="train-loss", scale=1)
-        samples = gr.Gallery(label="Samples during training (fixed seed)", columns=4, height=240,
-                             elem_id="train-samples", scale=1)
-    with gr.Row():
-        resume = gr.Button("Resume from last checkpoint", size="sm", elem_id="train-resume")
-        cancel = gr.Button("Cancel", size="sm", elem_id="train-cancel")
-        delete = gr.Button("Delete selected job", variant="stop", size="sm", elem_id="train-delete")
-    with gr.Accordion("Publish a local LoRA to the Hugging Face Hub", open=False, elem_id="train-publish-box") as publish_box:
+# ---------------------------------------------------------------- the page
+
+
+class TrainPage:
+    """The Train tab over ``studio``; ``session_key`` is the session's own CometAPI key (hosted)."""
+
+    def __init__(self, studio: Studio, session_key: gr.State) -> None:
+        self.studio = studio
+        self.settings = studio.settings
+        self.session_key = session_key
+        self.choices = {key: studio.train_choices(key) for key in studio.providers}
+        # The provider whose base model and memory preset the page picks (the local engine).
+        self.picker = next((k for k, c in self.choices.items() if "base_model" in c.fields), None)
+        self._layout()
+        self._wire()
+
+    def caller(self, request: gr.Request | None, key: Secret | None = None) -> Caller:
+        return caller_for(request, self.settings, key)
+
+    def offers(self, provider_key: str, field: str) -> bool:
+        """Whether the Train tab shows ``field`` (a ``TrainChoices`` field) for the provider."""
+        choices = self.choices.get(provider_key)
+        return choices is not None and field in choices.fields
+
+    def _layout(self) -> None:
+        studio, default = self.studio, self.studio.default_provider
+        picker = self.choices.get(self.picker) if self.picker else None
+        # Both Markdowns start with text so that filling them in later does not shift the Launch button
+        # under a user's (or a test's) pointer.
+        self.banner = gr.Markdown(studio.banner(default), elem_id="train-banner")
         with gr.Row():
-            repo_id = gr.Textbox(label="Repository", placeholder="your-name/my-flux-lora", elem_id="train-publish-repo")
-            hf_token = gr.Textbox(label="Hugging Face token (write access)", type="password",
-                                  elem_id="train-publish-token",
-                                  info="Used for this upload only; never stored, logged or shown again.")
-            private = gr.Checkbox(value=True, label="Private repository")
-        publish = gr.Button("Publish selected job", size="sm", elem_id="train-publish")
-        publish_result = gr.Markdown(elem_id="train-publish-result")
-    selected = gr.State(None)
-    seen = gr.State({})
-    timer = gr.Timer(TICK_SECONDS, active=False)
+            provider = gr.Radio(choices=[(p.label, key) for key, p in studio.providers.items()], value=default,
+                                label="Provider", elem_id="train-provider", scale=1)
+            # allow_custom_value: a script names a dataset it made through the API (the page's choices are
+            # filled per visitor later); the name is checked against the caller's own datasets anyway.
+            dataset = gr.Dropdown(choices=[], value=None, label="Dataset", elem_id="train-dataset", scale=2,
+                                  info="Saved on the Dataset tab.", allow_custom_value=True)
+            self.refresh = gr.Button("↻", size="sm", scale=0, min_width=40)
+        self.dataset_info = gr.Markdown(NO_DATASET, elem_id="train-dataset-info")
+        # The registry's models (and FLUX_LOCAL_MODEL); custom values reach the server, which checks them.
+        picks = self.offers(default, "base_model")
+        base_model = gr.Dropdown(
+            choices=list(picker.base_models) if picker else [], value=picker.default_base_model if picker else None,
+            label="Base model", elem_id="train-base-model", info=BASE_MODEL_INFO, allow_custom_value=True,
+            visible=picks,
+        )
+        with gr.Row(visible=picks) as self.memory_row:
+            memory_preset = gr.Dropdown(list(picker.memory_presets) if picker else [], value="",
+                                        label="Memory preset", elem_id="train-memory-preset", scale=1,
+                                        info="Auto picks one from the GPU's memory.")
+            self.memory_info = gr.Markdown(memory_summary(studio, self.picker, None, "", 32, "quality", "auto"),
+                                           elem_id="train-memory-info")
+        with gr.Row(visible=self.offers(default, "hardware")) as self.hardware_row:
+            hardware = gr.Dropdown([("Cheapest that fits", "")], value="", label="Hardware", elem_id="train-hardware",
+                                   scale=1, info=HARDWARE_INFO)
+            self.hardware_info = gr.Markdown("💳 Pick the provider to see prices.", elem_id="train-hardware-info")
+        preset = P.PRESETS["character"]
+        with gr.Row():
+            mode = gr.Radio(list(P.MODES), value="character", label="Mode", elem_id="train-mode",
+                            info="Sets sensible defaults below.")
+            trigger = gr.Textbox(label="Trigger word", value="TOK", elem_id="train-trigger")
+            name = gr.Textbox(label="Fine-tune name", placeholder="my-product-v1", elem_id="train-name")
+        with gr.Row():
+            iterations = gr.Slider(*P.ITERATIONS_RANGE, value=preset["iterations"], step=10, label="Iterations",
+                                   elem_id="train-iterations")
+            learning_rate = gr.Textbox(label="Learning rate", placeholder="empty = default (1e-4 LoRA, 1e-5 full)",
+                                       elem_id="train-lr")
+            checkpointing = gr.Radio(list(CHECKPOINTING), value="auto", label="Gradient checkpointing",
+                                     elem_id="train-checkpointing",
+                                     info="Local engine: much less GPU memory for slower steps. Auto: on for real models.")
+        with gr.Row():
+            lora_rank = gr.Radio(list(P.LORA_RANKS), value=preset["lora_rank"], label="LoRA rank")
+            finetune_type = gr.Radio(list(P.FINETUNE_TYPES), value=preset["finetune_type"], label="Fine-tune type",
+                                     info="The local engine always trains a LoRA.")
+            priority = gr.Radio(list(P.PRIORITIES), value=preset["priority"], label="Priority",
+                                info="CometAPI; the local engine reads high_res_only as 1024 px training.")
+            captioning = gr.Checkbox(value=preset["captioning"], label="Server-side captioning",
+                                     info="CometAPI only: let the service caption images that have no caption.")
+        self.form = TrainForm(provider, dataset, mode, trigger, name, iterations, learning_rate, lora_rank,
+                              finetune_type, priority, captioning, checkpointing, base_model, memory_preset, hardware)
+        self.launch = gr.Button("Launch fine-tune", variant="primary", elem_id="train-launch")
+        self.launch_result = gr.Markdown(elem_id="train-launch-result")
+        gr.Markdown("### Jobs")
+        # Starts with text, like the other lines, so that filling it in shifts nothing; its change from
+        # LOADING also tells that the visitor's lists have arrived.
+        self.queue = gr.Markdown(LOADING, elem_id="train-queue")
+        self.jobs = gr.Dataframe(value=jobs_frame([]), headers=JOB_COLUMNS, interactive=False, elem_id="train-jobs",
+                                 label="History (click a row for details; click a header to sort)")
+        self.detail = gr.Markdown(job_markdown(None), elem_id="train-job-detail")
+        with gr.Row() as self.progress_row:
+            self.loss_plot = gr.LinePlot(None, x="step", y="loss", color="series", title="Training loss", height=240,
+                                         color_map={RAW: "#c7d2fe", SMOOTHED: "#4338ca"}, color_title="",
+                                         elem_id="train-loss", scale=1)
+            self.samples = gr.Gallery(label="Samples during training (fixed seed)", columns=4, height=240,
+                                      elem_id="train-samples", scale=1)
+        with gr.Row():
+            self.resume = gr.Button("Resume from last checkpoint", size="sm", elem_id="train-resume")
+            self.cancel = gr.Button("Cancel", size="sm", elem_id="train-cancel")
+            self.delete = gr.Button("Delete selected job", variant="stop", size="sm", elem_id="train-delete")
+        with gr.Accordion("Publish a local LoRA to the Hugging Face Hub", open=False,
+                          elem_id="train-publish-box") as self.publish_box:
+            with gr.Row():
+                self.repo_id = gr.Textbox(label="Repository", placeholder="your-name/my-flux-lora",
+                                          elem_id="train-publish-repo")
+                self.hf_token = gr.Textbox(label="Hugging Face token (write access)", type="password",
+                                           elem_id="train-publish-token",
+                                           info="Used for this upload only; never stored, logged or shown again.")
+                self.private = gr.Checkbox(value=True, label="Private repository")
+            self.publish = gr.Button("Publish selected job", size="sm", elem_id="train-publish")
+            self.publish_result = gr.Markdown(elem_id="train-publish-result")
+        self.selected = gr.State(None)
+        self.seen = gr.State({})
+        self.timer = gr.Timer(TICK_SECONDS, active=False)
 
-    def dataset_choices(owner: str, current: str | None):
-        names = datasets_for(owner).list_names()
+    def _wire(self) -> None:
+        f = self.form
+        selection = [self.loss_plot, self.samples, self.progress_row, self.resume, self.publish_box]
+        self.publish.click(self.on_publish, [self.selected, self.repo_id, self.hf_token, self.private],
+                           [self.publish_result, self.hf_token], concurrency_limit=2)
+        f.provider.change(self.on_provider, [f.provider, self.session_key, f.iterations, f.lora_rank, f.priority],
+                          [self.banner, f.base_model, self.memory_row, self.hardware_row, f.hardware,
+                           self.hardware_info])
+        gr.on([f.hardware.change, f.iterations.release, f.lora_rank.change, f.priority.change], self.on_hardware,
+              [f.provider, self.session_key, f.iterations, f.lora_rank, f.priority, f.hardware], [self.hardware_info],
+              show_progress="hidden")
+        gr.on([f.base_model.change, f.memory_preset.change, f.lora_rank.change, f.priority.change,
+               f.checkpointing.change], self.on_memory,
+              [f.base_model, f.memory_preset, f.lora_rank, f.priority, f.checkpointing], [self.memory_info],
+              show_progress="hidden")
+        self.refresh.click(self.on_refresh, [f.dataset], [f.dataset])
+        f.dataset.change(self.on_dataset, [f.dataset, f.mode, f.name], [f.trigger, f.name, self.dataset_info])
+        f.mode.change(self.on_mode, [f.mode, f.dataset, f.name],
+                      [f.iterations, f.lora_rank, f.finetune_type, f.priority, f.captioning, f.name])
+        self.launch.click(self.on_launch, f.inputs(self.seen, self.session_key),
+                          [self.launch_result, self.jobs, self.detail, self.selected, self.timer, self.seen,
+                           self.banner], concurrency_limit=4)
+        self.timer.tick(self.on_tick, [self.selected, self.seen, f.provider, self.session_key],
+                        [self.jobs, self.queue, self.detail, *selection, self.timer, self.seen, self.banner],
+                        concurrency_limit=None, show_progress="hidden")
+        self.jobs.select(self.on_select, [self.jobs], [self.selected, self.detail, *selection])
+        self.resume.click(self.on_resume, [self.selected], [self.jobs, self.detail, self.timer])
+        self.cancel.click(self.on_cancel, [self.selected], [self.jobs, self.detail])
+        self.delete.click(self.on_delete, [self.selected], [self.jobs, self.detail, self.selected],
+                          js="(s) => { if (!confirm('Delete this job? A finished fine-tune is deleted on the provider "
+                             "too.')) throw new Error('cancelled'); return s; }")
+
+    def load_on(self, *triggers) -> "TrainPage":
+        """Fill the page in for the visitor on each of ``triggers`` (the page's load, opening the tab):
+        a dataset made a moment ago, or a job that moved while they were elsewhere, shows up."""
+        gr.on(list(triggers), self.on_load, [self.form.provider, self.form.dataset, self.session_key],
+              [self.banner, self.form.dataset, self.jobs, self.queue, self.timer, self.seen], show_progress="hidden")
+        return self
+
+    # -- handlers
+
+    def dataset_choices(self, caller: Caller, current: str | None):
+        names = self.studio.list_datasets(caller=caller)
         return gr.update(choices=names, value=current if current in names else (names[0] if names else None))
 
-    def calls_left(owner: str, request: gr.Request | None) -> int:
-        return access.budget.remaining(owner, client_address(request, settings))
-
-    def signed_in(request: gr.Request | None) -> Provider | None:
-        """The provider on this visitor's own Hugging Face sign-in (hosted), None without one."""
-        return access.own_hf(hf_token_of(request))
-
-    def visitor_provider(provider_key: str, key, request: gr.Request | None) -> Provider | None:
-        """The provider this visitor's requests go to (their own key or sign-in, else the app's)."""
-        try:
-            return access.get(provider_key, owner_for(request, settings), key, hf_token=hf_token_of(request))
-        except StudioError:
-            return service.providers.get(provider_key)
-
-    def on_load(provider_key: str, current: str | None, key=None, request: gr.Request = None):
-        owner = owner_for(request, settings)
-        own_hf = signed_in(request)
-        if own_hf is not None:  # jobs launched on their account before a restart: tracked again from now
-            service.adopt(owner, own_hf)
-        owned = service.jobs.list(owner)
+    def on_load(self, provider_key: str, current: str | None, key=None, request: gr.Request = None):
+        caller = self.caller(request, key)
+        self.studio.adopt(caller)  # jobs launched on their own account before a restart: tracked again from now
+        owned = self.studio.list_jobs(caller=caller)
         return (
-            banner_markdown(service, provider_key, key, settings, calls_left(owner, request), own_hf),
-            dataset_choices(owner, current),
+            self.studio.banner(provider_key, caller),
+            self.dataset_choices(caller, current),
             jobs_frame(owned),
-            queue_markdown(service, owner, owned),
+            queue_markdown(self.studio.training_slots(caller), owned),
             gr.Timer(active=keep_polling(owned)),
             {j.id: j.status for j in owned},
         )
 
-    tab = TrainTab(banner, provider, dataset, mode, trigger, name, iterations, learning_rate, lora_rank,
-                   finetune_type, priority, captioning, base_model, launch, launch_result, jobs, queue, detail,
-                   selected, timer, seen, on_load=on_load)
-
-    # -- handlers
-
-    def on_provider(provider_key: str, key, iterations_, rank_, priority_, request: gr.Request = None):
-        left = calls_left(owner_for(request, settings), request)
-        chosen = service.providers.get(provider_key)
-        picks = chosen is not None and chosen.picks_base_model
-        hw = chosen is not None and chosen.picks_hardware
-        views = (banner_markdown(service, provider_key, key, settings, left, signed_in(request)),
-                 gr.update(visible=picks), gr.update(visible=picks), gr.update(visible=hw))
+    def on_provider(self, provider_key: str, key, iterations, rank, priority, request: gr.Request = None):
+        caller = self.caller(request, key)
+        picks, hw = self.offers(provider_key, "base_model"), self.offers(provider_key, "hardware")
+        views = (self.studio.banner(provider_key, caller), gr.update(visible=picks), gr.update(visible=picks),
+                 gr.update(visible=hw))
         if not hw:
             return (*views, gr.update(), gr.update())
-        provider_ = visitor_provider(provider_key, key, request)
-        req = hardware_request(provider_key, iterations_, rank_, priority_, "")
-        choices, note = hardware_choices(provider_, req)
-        return (*views, gr.update(choices=choices, value=""), estimate_markdown(provider_, req, note))
+        provider = self.studio.provider_for(provider_key, caller)
+        req = hardware_request(self.studio, provider_key, iterations, rank, priority, "")
+        choices, note = hardware_choices(provider, req)
+        return (*views, gr.update(choices=choices, value=""), estimate_markdown(provider, req, note))
 
-    def on_hardware(provider_key: str, key, iterations_, rank_, priority_, hardware_, request: gr.Request = None):
-        chosen = service.providers.get(provider_key)
-        if chosen is None or not chosen.picks_hardware:
+    def on_hardware(self, provider_key: str, key, iterations, rank, priority, hardware, request: gr.Request = None):
+        if not self.offers(provider_key, "hardware"):
             return gr.update()
-        return estimate_markdown(visitor_provider(provider_key, key, request),
-                                 hardware_request(provider_key, iterations_, rank_, priority_, hardware_))
+        return estimate_markdown(self.studio.provider_for(provider_key, self.caller(request, key)),
+                                 hardware_request(self.studio, provider_key, iterations, rank, priority, hardware))
 
-    def on_refresh(current: str | None, request: gr.Request = None):
-        return dataset_choices(owner_for(request, settings), current)
+    def on_memory(self, base_model: str | None, preset: str, rank, priority: str, checkpointing: str) -> str:
+        return memory_summary(self.studio, self.picker, base_model, preset, rank, priority, checkpointing)
+
+    def on_refresh(self, current: str | None, request: gr.Request = None):
+        return self.dataset_choices(self.caller(request), current)
 
     @shows_errors
-    def on_dataset(name_: str | None, mode_: str, typed: str, request: gr.Request = None):
-        if not name_:
+    def on_dataset(self, name: str | None, mode: str, typed: str, request: gr.Request = None):
+        if not name:
             return gr.update(), gr.update(), NO_DATASET
-        ds = datasets_for(owner_for(request, settings)).open(name_)
+        ds = self.studio.dataset(name, create=False, caller=self.caller(request)).info()
         captioned = sum(1 for i in ds.items if i.caption.strip())
         info = f"{len(ds.items)} image(s), {captioned} captioned, trigger word `{ds.trigger_word or '—'}`."
-        return (ds.trigger_word or gr.update()), suggest_name(ds.name, mode_, typed), info
+        return (ds.trigger_word or gr.update()), suggest_name(ds.name, mode, typed), info
 
-    def on_mode(mode_: str, dataset_: str | None, typed: str):
-        p = P.PRESETS.get(mode_, P.PRESETS["general"])
+    @staticmethod
+    def on_mode(mode: str, dataset: str | None, typed: str):
+        p = P.PRESETS.get(mode, P.PRESETS["general"])
         return (p["iterations"], p["lora_rank"], p["finetune_type"], p["priority"], p["captioning"],
-                suggest_name(dataset_, mode_, typed))
+                suggest_name(dataset, mode, typed))
 
     @shows_errors
-    def on_launch(provider_key, dataset_, mode_, trigger_, name_, iterations_, lr_, rank_, type_, priority_,
-                  captioning_, checkpointing_, base_model_, memory_preset_, hardware_, seen_, key,
-                  request: gr.Request = None, progress=gr.Progress()):
-        owner = owner_for(request, settings)
-        provider, charge = access.resolve(provider_key, owner, key, cost=1, address=client_address(request, settings),
-                                          hf_token=hf_token_of(request))
-        req = P.TrainRequest(
-            name=name_ or "", mode=mode_, trigger_word=(trigger_ or "").strip(), iterations=int(iterations_),
-            learning_rate=parse_learning_rate(lr_), lora_rank=int(rank_), finetune_type=type_,
-            priority=priority_, captioning=bool(captioning_),
-            options=registry.train_options(
-                provider_key, gradient_checkpointing=CHECKPOINTING.get(checkpointing_ or "auto"),
-                base_model=base_model_ if provider.picks_base_model else None,
-                memory_preset=memory_preset_ if provider.picks_base_model else "",
-                hardware=hardware_ if provider.picks_hardware else ""),
-        )
+    def on_launch(self, data: dict, request: gr.Request = None, progress=gr.Progress()):
+        """``data``: the values of ``form.inputs(seen, session_key)``, keyed by component."""
+        form, seen = self.form.read(data), data[self.seen]
+        caller = self.caller(request, data[self.session_key])
+        name = form.name or ""
+        settings = dict(
+            provider=form.provider, mode=form.mode, trigger_word=(form.trigger or "").strip(),
+            iterations=int(form.iterations), learning_rate=parse_learning_rate(form.learning_rate),
+            lora_rank=int(form.lora_rank), finetune_type=form.finetune_type, priority=form.priority,
+            captioning=bool(form.captioning), gradient_checkpointing=CHECKPOINTING.get(form.checkpointing or "auto"),
+            base_model=form.base_model, memory_preset=form.memory_preset or "", hardware=form.hardware or "")
+        # The whole form is checked first, and as typed: an empty trigger word is a mistake to fix here,
+        # not a cue to use the dataset's (as Studio does for a script).
+        self.studio.train_request(name, **settings)
         progress(0, desc="Exporting dataset")
 
         def uploaded(sent: int, total: int) -> None:
-            progress(sent / total if total else 1.0, desc=f"Uploading dataset ({sent / 2**20:.1f} of {total / 2**20:.1f} MB)")
+            progress(sent / total if total else 1.0,
+                     desc=f"Uploading dataset ({sent / 2**20:.1f} of {total / 2**20:.1f} MB)")
 
         try:
-            job = service.launch(owner, provider_key, dataset_, req, on_upload=uploaded, provider=provider,
-                                 charge=charge)
+            job = self.studio.launch(form.dataset, name, caller=caller, on_upload=uploaded, **settings).job
         except ProviderError as exc:
             # The job row records the failure; show it in place, not only as a toast.
             feedback.warning(exc.user_message())
-            owned = service.jobs.list(owner)
+            owned = self.studio.list_jobs(caller=caller)
             failed = owned[0] if owned and owned[0].status == "failed" else None
             return (f"❌ Launch failed: {plain(exc.user_message())}", jobs_frame(owned), job_markdown(failed),
-                    failed.id if failed else None, gr.Timer(), seen_,
-                    banner_markdown(service, provider_key, key, settings, calls_left(owner, request), signed_in(request)))
-        owned = service.jobs.list(owner)
+                    failed.id if failed else None, gr.Timer(), seen, self.studio.banner(form.provider, caller))
         if job.remote_id:
             msg = f"🚀 Launched **{plain(job.name)}** on {job.provider} (id `{job.remote_id}`). Tracking it below."
             feedback.info(f"Launched {job.name}.")
         else:
             msg = f"⏳ {plain(job.message)}"
-        return (msg, jobs_frame(owned), job_markdown(job), job.id, gr.Timer(active=True),
-                {**seen_, job.id: job.status},
-                banner_markdown(service, provider_key, key, settings, calls_left(owner, request), signed_in(request)))
+        return (msg, jobs_frame(self.studio.list_jobs(caller=caller)), job_markdown(job), job.id,
+                gr.Timer(active=True), {**seen, job.id: job.status}, self.studio.banner(form.provider, caller))
 
-    def on_tick(selected_: str | None, seen_: dict, provider_key: str, key=None, request: gr.Request = None):
-        owner = owner_for(request, settings)
-        owned = service.jobs.list(owner)
+    def on_tick(self, selected: str | None, seen: dict, provider_key: str, key=None, request: gr.Request = None):
+        caller = self.caller(request, key)
+        owned = self.studio.list_jobs(caller=caller)
         for j in owned:
-            before = seen_.get(j.id)
+            before = seen.get(j.id)
             if before is not None and before != j.status:
                 if j.status == "ready":
                     feedback.info(f"Fine-tune '{j.name}' is ready. Try it on the Compare tab.")
                 elif j.status == "failed":
                     feedback.warning(f"Fine-tune '{j.name}' failed: {j.error}")
-        current = next((j for j in owned if j.id == selected_), None)
+        current = next((j for j in owned if j.id == selected), None)
         return (
             jobs_frame(owned),
-            queue_markdown(service, owner, owned),
+            queue_markdown(self.studio.training_slots(caller), owned),
             job_markdown(current) if current else gr.update(),
-            *progress_views(owner, current),
+            *self.progress_views(caller, current),
             gr.Timer(active=keep_polling(owned)),
             {j.id: j.status for j in owned},
-            banner_markdown(service, provider_key, key, settings, calls_left(owner, request), signed_in(request)),
+            self.studio.banner(provider_key, caller),
         )
 
-    def progress_views(owner: str, job: Job | None):
+    def progress_views(self, caller: Caller, job: Job | None):
         """The selected job's plot and samples, and what applies to it: (plot, gallery, progress row,
         Resume, publish box)."""
-        controls = job_controls(service.providers.get(job.provider) if job else None, selected=job is not None)
+        controls = job_controls(self.studio.providers.get(job.provider) if job else None, selected=job is not None)
         if job is None:
             return gr.update(), gr.update(), *controls
-        events = service.jobs.events(owner, job.id, "step")
+        events = self.studio.jobs.events(caller.owner, job.id, "step")
         return loss_plot_value(events), servable_items(sample_items(events)), *controls
 
-    def on_select(table: pd.DataFrame, evt: gr.SelectData, request: gr.Request = None):
-        owner = owner_for(request, settings)
+    def on_select(self, table: pd.DataFrame, evt: gr.SelectData, request: gr.Request = None):
+        caller = self.caller(request)
         row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
         short = str(table.iloc[row]["job"]) if table is not None and 0 <= row < len(table) else ""
-        job = next((j for j in service.jobs.list(owner) if j.id.startswith(short)), None) if short else None
-        return (job.id if job else None), job_markdown(job), *progress_views(owner, job)
-
-    def require_selection(selected_: str | None) -> None:
-        if not selected_:
-            raise InputError("No job is selected.", hint="Click a row in the jobs table first.")
+        try:
+            job = self.studio.job(short, caller=caller).job if short else None
+        except InputError:  # gone since the table was drawn
+            job = None
+        return (job.id if job else None), job_markdown(job), *self.progress_views(caller, job)
 
     @shows_errors
-    def on_resume(selected_: str | None, request: gr.Request = None):
-        require_selection(selected_)
-        owner = owner_for(request, settings)
-        job = service.resume(owner, selected_)
+    def on_resume(self, selected: str | None, request: gr.Request = None):
+        caller = self.caller(request)
+        job = self.studio.resume(require_selection(selected), caller=caller)
         feedback.info(f"Resuming '{job.name}' from its last checkpoint.")
-        return jobs_frame(service.jobs.list(owner)), job_markdown(job), gr.Timer(active=True)
+        return jobs_frame(self.studio.list_jobs(caller=caller)), job_markdown(job), gr.Timer(active=True)
 
     @shows_errors
-    def on_cancel(selected_: str | None, request: gr.Request = None):
-        require_selection(selected_)
-        owner = owner_for(request, settings)
-        job = service.cancel(owner, selected_)
-        trained_on = service.providers.get(job.provider)
+    def on_cancel(self, selected: str | None, request: gr.Request = None):
+        caller = self.caller(request)
+        job = self.studio.cancel(require_selection(selected), caller=caller)
+        trained_on = self.studio.providers.get(job.provider)
         feedback.info(f"Cancelled '{job.name}'." + (" Its last checkpoint is kept: Resume continues from it."
-                                               if trained_on is not None and trained_on.can_resume else ""))
-        return jobs_frame(service.jobs.list(owner)), job_markdown(job)
+                                                   if trained_on is not None and trained_on.can_resume else ""))
+        return jobs_frame(self.studio.list_jobs(caller=caller)), job_markdown(job)
 
     @shows_errors
-    def on_delete(selected_: str | None, request: gr.Request = None):
-        require_selection(selected_)
-        owner = owner_for(request, settings)
-        job = service.delete(owner, selected_)
+    def on_delete(self, selected: str | None, request: gr.Request = None):
+        caller = self.caller(request)
+        job = self.studio.delete(require_selection(selected), caller=caller)
         feedback.info(f"Deleted '{job.name}'.")
-        return jobs_frame(service.jobs.list(owner)), job_markdown(None), None
+        return jobs_frame(self.studio.list_jobs(caller=caller)), job_markdown(None), None
 
-    def on_publish(selected_: str | None, repo: str, token: str, private_: bool, request: gr.Request = None):
+    def on_publish(self, selected: str | None, repo: str, token: str, private: bool, request: gr.Request = None):
         """Publish, and clear the token box whatever happens: a token must not wait in the page."""
         try:
-            return publish_selected(selected_, repo, token, private_, request), ""
+            handle = self.studio.job(require_selection(selected), caller=self.caller(request))
+            url = self.studio.publish(handle, repo, Secret(token), private=bool(private))
         except Exception as exc:
             msg = feedback.message_for(exc, "on_publish")
             feedback.warning(f"Publish failed: {msg}")
             return f"❌ Publish failed: {plain(msg)} Paste the token again to retry.", ""
+        feedback.info(f"Published '{handle.job.name}'.")
+        return f"✅ Published to [{repo.strip()}]({url}) ({'private' if private else 'public'}).", ""
 
-    def publish_selected(selected_: str | None, repo: str, token: str, private_: bool, request) -> str:
-        require_selection(selected_)
-        owner = owner_for(request, settings)
-        job = service.jobs.get(owner, selected_)
-        local = service.providers.get(job.provider)
-        if local is None or not local.can_publish:
-            raise InputError(f"'{job.name}' was trained on {job.provider}; only local LoRAs can be published from here.")
-        if job.status != "ready" or not job.remote_id:
-            raise InputError(f"'{job.name}' is {job.status}.", hint="Publish it once it is ready.")
-        if not (token or "").strip():
-            raise InputError("The token is empty.", hint="Paste a Hugging Face token with write access.")
-        url = local.publish(job.remote_id, repo.strip(), Secret(token), private=bool(private_))
-        feedback.info(f"Published '{job.name}'.")
-        return f"✅ Published to [{repo.strip()}]({url}) ({'private' if private_ else 'public'})."
 
-    publish.click(on_publish, [selected, repo_id, hf_token, private], [publish_result, hf_token], concurrency_limit=2)
-    provider.change(on_provider, [provider, session_key, iterations, lora_rank, priority],
-                    [banner, base_model, memory_row, hardware_row, hardware, hardware_info])
-    gr.on([hardware.change, iterations.release, lora_rank.change, priority.change], on_hardware,
-          [provider, session_key, iterations, lora_rank, priority, hardware], [hardware_info], show_progress="hidden")
-    gr.on([base_model.change, memory_preset.change, lora_rank.change, priority.change, checkpointing.change],
-          lambda *values: memory_summary(local, *values), [base_model, memory_preset, lora_rank, priority, checkpointing],
-          [memory_info], show_progress="hidden")
-    refresh.click(on_refresh, [dataset], [dataset])
-    dataset.change(on_dataset, [dataset, mode, name], [trigger, name, dataset_info])
-    mode.change(on_mode, [mode, dataset, name], [iterations, lora_rank, finetune_type, priority, captioning, name])
-    launch.click(
-        on_launch,
-        [provider, dataset, mode, trigger, name, iterations, learning_rate, lora_rank, finetune_type, priority,
-         captioning, checkpointing, base_model, memory_preset, hardware, seen, session_key],
-        [launch_result, jobs, detail, selected, timer, seen, banner],
-        concurrency_limit=4,
-    )
-    timer.tick(on_tick, [selected, seen, provider, session_key],
-               [jobs, queue, detail, loss_plot, samples, progress_row, resume, publish_box, timer, seen, banner],
-               concurrency_limit=None, show_progress="hidden")
-    jobs.select(on_select, [jobs], [selected, detail, loss_plot, samples, progress_row, resume, publish_box])
-    resume.click(on_resume, [selected], [jobs, detail, timer])
-    cancel.click(on_cancel, [selected], [jobs, detail])
-    delete.click(on_delete, [selected], [jobs, detail, selected],
-                 js="(s) => { if (!confirm('Delete this job? A finished fine-tune is deleted on the provider too.')) throw new Error('cancelled'); return s; }")
-    return tab
+def require_selection(selected: str | None) -> str:
+    if not selected:
+        raise InputError("No job is selected.", hint="Click a row in the jobs table first.")
+    return selected
+
+
+def build(studio: Studio, session_key: gr.State, demo: gr.Blocks, tab: gr.Tab) -> TrainPage:
+    """The Train tab, filled in for the visitor when the page loads and each time the tab is opened."""
+    return TrainPage(studio, session_key).load_on(demo.load, tab.select)

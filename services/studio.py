@@ -41,12 +41,20 @@ from services.storage.datasets import Dataset, DatasetStore, DatasetStores, Expo
 from services.storage.captions import add_affixes, find_replace, trigger_first
 from services.errors import InputError, StudioError
 from services.targets import Target, authorize_target, find_target, imported_target, ready_targets
+from services.storage import atomic
 from services.storage.database import DatabaseBackup
 from services.storage.jobs import Job, JobStore
 from services.storage.owners import LOCAL_OWNER, installation_secret, sweep_empty
 from services.providers.base import (PRESETS, GenerateRequest, Holder, ImportedLora, Provider, ProgressFn,
                                      TrainChoices, TrainRequest)
 from services.storage.results import ResultStore
+# Handed on to the pages (components/ import services through this module, the caller and base.py's
+# types): the records Studio hands out and the rules a page shows before it asks Studio for anything.
+from services.captioning import CAPTION_MODES  # noqa: F401
+from services.compare import (STRENGTH_RANGE, CellResult, GridResult, PairResult, failure_card,  # noqa: F401
+                              parse_strengths, plan_grid, random_seed)
+from services.storage.datasets import dataset_warnings  # noqa: F401
+from services.storage.results import ResultRecord  # noqa: F401
 from services.training import Tracker, TrainingService
 
 log = logging.getLogger(__name__)
@@ -174,6 +182,11 @@ class Studio:
             name = store.create(name).name
         return DatasetHandle(self, name, owner)
 
+    def new_dataset(self, name: str, *, caller: Caller | None = None) -> "DatasetHandle":
+        """A new, empty dataset called ``name``, or ``name-2`` (and so on) where the caller has one of that name."""
+        owner = self.caller(caller).owner
+        return DatasetHandle(self, self.store(owner).create(name).name, owner)
+
     def captioner(self, key: Secret | None, owner: str, address: str, images: int) -> Captioner | None:
         """The visitor's own key, else the shared one, charged one paid call per image when hosted;
         None when there is no key at all."""
@@ -287,6 +300,21 @@ class Studio:
             except StudioError as exc:
                 return plan.summary(), exc.user_message()
         return plan.summary(), ""
+
+    def generated(self, *, limit: int = 60, caller: Caller | None = None) -> list[tuple[Path, ResultRecord]]:
+        """The caller's images generated here that came out, newest first, with their settings."""
+        owner = self.caller(caller).owner
+        found = ((self.results.path_for(owner, r), r) for r in self.results.list(owner, limit=limit) if r.status == "ok")
+        return [(path, r) for path, r in found if path is not None]
+
+    def placeholder_tile(self) -> Path:
+        """A light grey tile a page shows in grid cells that are still rendering (in the data dir: pages
+        serve a copy of it)."""
+        path = self.settings.data_dir / ".assets" / "pending.png"
+        if not path.exists():
+            with atomic.replacing(path) as tmp:
+                Image.new("RGB", (64, 64), (236, 236, 240)).save(tmp, "PNG")
+        return path
 
     def tuned_models(self) -> list[str]:
         """The models a fine-tune can be generated with, where a provider offers several (the Compare tab)."""

@@ -633,14 +633,17 @@ def test_a_refused_launch_charges_nothing_to_the_shared_key(settings, fake_comet
                               shared_key_limit=3, shared_key_address_limit=100)
     fake_cometapi.finetune_pending_polls = 10**6
     photos = fx.good_set(tmp_path / "g", count=3, size=(640, 640))
-    form = ["cometapi", "cup", "product", "CUPX", "cup-v1", 300, "", 16, "lora", "quality", True, "auto", "", "", ""]
+    # The Train tab's launch form as its endpoint takes it: its components in the order the page shows them
+    # (provider, dataset, base model, memory preset, hardware, mode, trigger word, name, iterations,
+    # learning rate, checkpointing, rank, type, priority, captioning).
+    form = ["cometapi", "cup", "", "", "", "product", "CUPX", "cup-v1", 300, "", "auto", 16, "lora", "quality", True]
     refusals = []
     with launched(settings) as (demo, url):
         visitor = Client(url, verbose=False)
         try:
             visitor.predict("cup", [handle_file(str(p)) for p in photos], api_name="/add_images")
             owner = client_owner(settings, visitor)
-            for field, bad in ((6, "not-a-number"), (6, "not-a-number"), (6, "not-a-number"), (3, "two words")):
+            for field, bad in ((9, "not-a-number"), (9, "not-a-number"), (9, "not-a-number"), (6, "two words")):
                 try:
                     visitor.predict(*form[:field], bad, *form[field + 1:], api_name="/on_launch")
                 except AppError as exc:

@@ -209,6 +209,7 @@ def test_a_training_that_would_not_fit_the_gpu_is_refused_before_launch(settings
     """bf16 FLUX.1 [dev] needs about 25 GB: on a 16 GB card it is refused at launch, naming what fits, and
     nothing is recorded; Auto picks the 16 GB preset, whose estimate the Train tab shows."""
     from components.train_tab import memory_summary
+    from services.studio import Studio
 
     service, local, jobs = _service_on_a_gpu(settings, monkeypatch, 16.0)
     try:
@@ -221,10 +222,12 @@ def test_a_training_that_would_not_fit_the_gpu_is_refused_before_launch(settings
             service.launch("local", "local", "cups", request)
         assert "16gb" in refused.value.hint or "16 GB" in refused.value.hint
         assert jobs.list("local") == [] and not (settings.data_dir / "local_jobs").exists()
-        auto = memory_summary(local, "flux1-dev", "", 16, "quality", "auto")
-        assert auto.startswith("Memory preset 16 GB") and "(fits)" in auto and "Test GPU has 16.0 GB" in auto
-        assert "does NOT fit" in memory_summary(local, "flux1-dev", "bf16", 16, "quality", "auto")
-        assert memory_summary(local, "tiny-flux2-klein", "", 16, "quality", "auto").startswith("No CUDA GPU")
+        with Studio(settings, providers={"local": local}, background=False) as studio:  # what the Train tab asks
+            auto = memory_summary(studio, "local", "flux1-dev", "", 16, "quality", "auto")
+            assert auto.startswith("Memory preset 16 GB") and "(fits)" in auto and "Test GPU has 16.0 GB" in auto
+            assert "does NOT fit" in memory_summary(studio, "local", "flux1-dev", "bf16", 16, "quality", "auto")
+            assert memory_summary(studio, "local", "tiny-flux2-klein", "", 16, "quality", "auto").startswith(
+                "No CUDA GPU")
     finally:
         local.close()
         jobs.close()

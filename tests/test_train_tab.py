@@ -8,7 +8,8 @@ from services.providers.huggingface.provider import HuggingFaceProvider
 from services.providers.local.provider import LocalProvider
 from services.storage.jobs import Job, JobStore
 from services.providers.base import Holder, ProviderBase
-from services.training import TrainingService
+from services.caller import Caller
+from services.studio import Studio
 
 
 def _event(step, loss=None, samples=()):
@@ -74,24 +75,28 @@ class _Engine(ProviderBase):
         return self.holder
 
 
-def test_the_engine_line_names_the_job_that_holds_the_engine_only_to_its_owner(tmp_path):
-    jobs = JobStore(tmp_path / "jobs.sqlite3")
+def test_the_engine_line_names_the_job_that_holds_the_engine_only_to_its_owner(settings):
+    engine = _Engine(Holder("local-abc", step=120, total=600, cancelling=False, waiting=1))
+    studio = Studio(settings, providers={"local": engine}, background=False)
+    jobs = studio.jobs
     mine = jobs.create("ann", "local", "finetune", "cup-v1", "cup", "h", {})
     jobs.update("ann", mine.id, status="running", remote_id="local-abc")
-    engine = _Engine(Holder("local-abc", step=120, total=600, cancelling=False, waiting=1))
-    service = TrainingService(jobs, {"local": engine}, lambda owner: None)
-    ann = queue_markdown(service, "ann", jobs.list("ann"))
+
+    def line(owner: str, owned: list[Job]) -> str:
+        return queue_markdown(studio.training_slots(Caller(owner)), owned)
+
+    ann = line("ann", jobs.list("ann"))
     assert ann == ("1 job(s), 1 queued or running. Local engine: busy with 'cup-v1' (step 120 of 600); "
                    "1 job(s) wait for it, cancel it to start the next.")
-    bob = queue_markdown(service, "bob", [])
+    bob = line("bob", [])
     assert bob == "No jobs yet. Local engine: busy with a job that is not in your list (step 120 of 600); " \
                   "1 job(s) wait for it."
     assert "cup" not in bob
     engine.holder = Holder("local-abc", step=121, total=600, cancelling=True, waiting=0)
-    assert queue_markdown(service, "ann", []).endswith("busy with 'cup-v1' (stopping).")
+    assert line("ann", []).endswith("busy with 'cup-v1' (stopping).")
     engine.holder = None
-    assert queue_markdown(service, "ann", []) == "No jobs yet. Local engine: idle."
-    jobs.close()
+    assert line("ann", []) == "No jobs yet. Local engine: idle."
+    studio.close()
 
 
 def test_only_a_moving_job_shows_an_eta(tmp_path):
