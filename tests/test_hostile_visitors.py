@@ -24,6 +24,28 @@ def _file_url(url: str, path: Path | str) -> str:
     return f"{url.rstrip('/')}/gradio_api/file={quote(str(path))}"
 
 
+
+def compare_once_each(settings, clients, finetune: str, fields: list) -> list[str]:
+    """Give each client the same ready CometAPI fine-tune as its own job, then have each compare once
+    (two paid calls each); the refusals' messages, in order."""
+    from gradio_client.exceptions import AppError
+
+    from services.storage.jobs import JobStore
+
+    jobs = JobStore.from_settings(settings)
+    for client in clients:
+        owner = client_owner(settings, client)
+        job = jobs.create(owner, "cometapi", "finetune", "mine", "ds", "h", {})
+        jobs.update(owner, job.id, remote_id=finetune, status="ready", result={"finetune_id": finetune})
+    jobs.close()
+    refusals = []
+    for client in clients:
+        try:
+            client.predict(finetune, *fields, api_name="/compare")
+        except AppError as exc:
+            refusals.append(str(exc))
+    return refusals
+
 def test_no_file_of_the_data_dir_is_served_and_deep_links_are_blocked(settings, tmp_path):
     settings = settings.with_(hosted=True)
     photos = fx.good_set(tmp_path / "g", count=3, size=(640, 640))
@@ -238,17 +260,7 @@ def test_the_shared_key_budget_holds_against_cookie_churn_and_counts_captions_pe
     with running_app(settings) as url:
         churn = [Client(url, verbose=False) for _ in range(6)]  # six fresh cookies, one address
         try:
-            jobs = JobStore.from_settings(settings)
-            for client in churn:
-                owner = client_owner(settings, client)
-                job = jobs.create(owner, "cometapi", "finetune", "mine", "ds", "h", {})
-                jobs.update(owner, job.id, remote_id=finetune, status="ready", result={"finetune_id": finetune})
-            jobs.close()
-            for client in churn:  # each compare is 2 paid calls
-                try:
-                    client.predict(finetune, *fields, api_name="/compare")
-                except AppError as exc:
-                    refusals.append(str(exc))
+            refusals += compare_once_each(settings, churn, finetune, fields)
             generations = len(fake_cometapi.requests("/flux/v1/flux-pro-1.1-ultra")) + len(
                 fake_cometapi.requests("/flux/v1/flux-pro-1.1-ultra-finetuned"))
             assert generations == 6 and len(refusals) == 3
@@ -689,17 +701,7 @@ def test_made_up_forwarded_addresses_cannot_pass_the_per_address_limit(settings,
         forgers = [Client(url, verbose=False, headers={"x-forwarded-for": f"203.0.113.{n}, 10.{n}.0.1, 198.51.100.7"})
                    for n in range(5)]  # one network (198.51.100.7), five made-up addresses before it
         try:
-            jobs = JobStore.from_settings(settings)
-            for client in forgers:
-                owner = client_owner(settings, client)
-                job = jobs.create(owner, "cometapi", "finetune", "mine", "ds", "h", {})
-                jobs.update(owner, job.id, remote_id=finetune, status="ready", result={"finetune_id": finetune})
-            jobs.close()
-            for client in forgers:  # each compare is 2 paid calls
-                try:
-                    client.predict(finetune, *fields, api_name="/compare")
-                except AppError as exc:
-                    refusals.append(str(exc))
+            refusals += compare_once_each(settings, forgers, finetune, fields)
         finally:
             for client in forgers:
                 client.close()
