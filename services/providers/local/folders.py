@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import threading
 import time
-import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -30,17 +28,11 @@ from services.errors import ProviderError, StudioError, TaskNotFoundError
 from services.providers.base import ProgressFn
 from services.engine.train import LORA_FILE, latest_checkpoint
 from services.storage import atomic
-from services.storage.owners import LOCAL_OWNER, owner_dir
+from services.providers.local.ids import OwnedIds
 
 LOSSES_FILE = "losses.csv"
-# A job's id is ``local-<tag>``, or ``local-o<owner token>-<tag>`` for a hosted visitor's job: the token
-# is the name of the visitor's folder, so the folder is found from the id alone
-# (<data_dir>/owners/<token>/local_jobs/<id>). ``new_id`` makes ids from these same pieces and
-# ``_ID_RE`` checks them, so every id made is one that is found again (a visitor's id once outgrew
-# the check, and each of their jobs read as unknown while it trained).
-_TAG = r"[A-Za-z0-9_-]{1,64}"
-_TAG_RE = re.compile(_TAG)
-_ID_RE = re.compile(rf"local-(?:o(?P<owner>[0-9a-f]{{32}})-)?{_TAG}")
+# A job's id names its folder (ids.OwnedIds): <data_dir>/owners/<token>/local_jobs/<id> for a visitor's.
+JOB_IDS = OwnedIds("local", "local_jobs")
 
 LossPoints = Iterable[tuple[int, float]]
 
@@ -96,21 +88,15 @@ class JobFolders:
 
     def new_id(self, tag: str, owner: str | None) -> str:
         """A new job's id: ``local-<tag>``, or ``local-o<owner folder>-<tag>`` for a hosted visitor's."""
-        suffix = tag if tag and _TAG_RE.fullmatch(tag) else uuid.uuid4().hex[:16]
-        if owner and owner != LOCAL_OWNER:
-            return f"local-o{owner_dir(self.settings, owner).name}-{suffix}"
-        return f"local-{suffix}"
+        return JOB_IDS.new(self.settings, owner, tag)
 
     def folder(self, remote_id: str) -> Path:
         """Where a job's folder is (or goes): the local owner's jobs folder, or a visitor's own."""
-        valid = _ID_RE.fullmatch(remote_id or "")
-        if valid and valid["owner"]:
-            return Path(self.settings.data_dir) / "owners" / valid["owner"] / "local_jobs" / remote_id
-        return self.root / remote_id
+        return JOB_IDS.folder(self.settings, self.root, remote_id)
 
     def existing(self, remote_id: str) -> Path:
         """The folder of a job that exists (TaskNotFoundError otherwise)."""
-        if not remote_id or not _ID_RE.fullmatch(remote_id):
+        if not remote_id or not JOB_IDS.matches(remote_id):
             raise TaskNotFoundError(f"{remote_id!r} is not a local job id.")
         job = self.folder(remote_id)
         if not (job / "state.json").is_file():
@@ -125,7 +111,7 @@ class JobFolders:
         roots = [self.root, *Path(self.settings.data_dir).glob("owners/*/local_jobs")]
         jobs = []
         for d in (d for root in roots if root.is_dir() for d in root.iterdir()):
-            if d.is_dir() and _ID_RE.fullmatch(d.name) and self.folder(d.name) == d and (d / "state.json").is_file():
+            if d.is_dir() and JOB_IDS.matches(d.name) and self.folder(d.name) == d and (d / "state.json").is_file():
                 try:
                     created = float(json.loads((d / "state.json").read_text()).get("created_at") or 0)
                 except (OSError, ValueError):

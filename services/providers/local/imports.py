@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -26,19 +24,20 @@ from services.config import Settings
 from services.errors import InputError, ProviderError, TaskNotFoundError
 from services.providers.base import ImportedLora
 from services.storage import atomic
-from services.storage.owners import LOCAL_OWNER, owner_dir
+from services.providers.local.ids import OwnedIds
+from services.storage.owners import owner_dir
 
 LORA_NAME = "lora.safetensors"
 INFO_NAME = "lora.json"
 EXPORT_DIR = "export"
 FOLDER = "loras"
-_ID_RE = re.compile(r"lora-(?:o(?P<owner>[0-9a-f]{32})-)?[0-9a-f]{16}")
+IMPORT_IDS = OwnedIds("lora", FOLDER, tag=r"[0-9a-f]{16}")
 _COPY_CHUNK = 1 << 20
 
 
 def is_import_id(ref: str) -> bool:
     """Whether ``ref`` has the shape of an imported LoRA's id (``new_id``)."""
-    return bool(_ID_RE.fullmatch(ref or ""))
+    return IMPORT_IDS.matches(ref)
 
 
 class LoraImports:
@@ -49,16 +48,10 @@ class LoraImports:
         self.root = Path(settings.data_dir) / FOLDER
 
     def new_id(self, owner: str) -> str:
-        suffix = uuid.uuid4().hex[:16]
-        if owner and owner != LOCAL_OWNER:
-            return f"lora-o{owner_dir(self.settings, owner).name}-{suffix}"
-        return f"lora-{suffix}"
+        return IMPORT_IDS.new(self.settings, owner)
 
     def folder(self, lora_id: str) -> Path:
-        valid = _ID_RE.fullmatch(lora_id or "")
-        if valid and valid["owner"]:
-            return Path(self.settings.data_dir) / "owners" / valid["owner"] / FOLDER / lora_id
-        return self.root / lora_id
+        return IMPORT_IDS.folder(self.settings, self.root, lora_id)
 
     def existing(self, lora_id: str) -> Path:
         if not is_import_id(lora_id):

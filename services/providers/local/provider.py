@@ -248,12 +248,7 @@ class LocalProvider(ProviderBase):
         folder) when the run does not stop in time or the folder can't be removed."""
         self.folders.existing(remote_id)
         self.worker.stop(remote_id, wait_s)
-        try:
-            from services.engine import infer
-        except ImportError:  # the engine is not installed: no adapter can be loaded
-            infer = None
-        if infer is not None:
-            infer.drop_adapter(remote_id)
+        _drop_adapter(remote_id)
         self.folders.remove(remote_id)
 
     def generate(self, request: GenerateRequest, out_dir: Path, *, finetune: str | None = None,
@@ -374,12 +369,7 @@ class LocalProvider(ProviderBase):
 
     def delete_imported(self, lora_id: str) -> None:
         self.imports.existing(lora_id)
-        try:
-            from services.engine import infer
-        except ImportError:  # the engine is not installed: no adapter can be loaded
-            infer = None
-        if infer is not None:
-            infer.drop_adapter(lora_id)
+        _drop_adapter(lora_id)
         self.imports.remove(lora_id)
 
     def publish(self, remote_id: str, repo_id: str, token: Secret, private: bool = True) -> str:
@@ -408,3 +398,12 @@ INFO = ProviderInfo(
     # Hosted, the engine is one GPU shared by every visitor.
     hosted_job_cap=lambda settings: settings.visitor_max_local_jobs,
 )
+
+
+def _drop_adapter(ref: str) -> None:
+    """Unload a deleted job's or import's LoRA from the inference pipeline, where one can be loaded at all."""
+    try:
+        from services.engine import infer
+    except ImportError:  # the engine is not installed: no adapter can be loaded
+        return
+    infer.drop_adapter(ref)
