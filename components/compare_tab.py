@@ -79,7 +79,7 @@ def picker_update(targets: list[Target], value: str | None = None) -> dict:
     choices = target_choices(targets)
     values = [v for _, v in choices]
     return gr.update(choices=choices, value=value if value in values else (values[0] if values else None),
-                     info=finetunes_info(len(targets)))
+                     info=finetunes_info(sum(not t.imported for t in targets), sum(t.imported for t in targets)))
 
 
 def import_summary(lora: ImportedLora) -> str:
@@ -90,10 +90,11 @@ def import_summary(lora: ImportedLora) -> str:
             f"(`{plain(lora.base_model)}`) and is picked above.{trigger}")
 
 
-def finetunes_info(count: int) -> str:
-    if not count:
+def finetunes_info(count: int, imported: int = 0) -> str:
+    if not count + imported:
         return "None of yours is ready yet: train one on the Train tab, or paste a fine-tune id."
-    return f"{count} ready fine-tune(s) of yours, newest first, then the LoRAs you imported."
+    more = f", then {imported} LoRA(s) you imported" if imported else ""
+    return f"{count} ready fine-tune(s) of yours, newest first{more}."
 
 
 def finetune_ref(form: CompareForm) -> str:

@@ -125,6 +125,7 @@ def test_the_compare_page_imports_a_file_picks_it_renders_it_and_deletes_it(stud
     assert picker["value"] == lora.id and cleared is None
     assert [v for _, v in picker["choices"]] == [job_id, lora.id]  # the fine-tunes made here first
     assert "from comfy · imported FLUX.1 LoRA" in picker["choices"][1][0]
+    assert picker["info"] == "1 ready fine-tune(s) of yours, newest first, then 1 LoRA(s) you imported."
     assert "a FLUX.1 LoRA, kohya keys, rank" in summary and f"`{TINY_FLUX1}`" in summary
     assert "trigger word is `TOK`" in summary
     reloaded, _ = compare.on_load(None)  # the tab opened again: the import is still there, by its id
