@@ -393,16 +393,8 @@ def build(studio: Studio) -> None:
             the imported LoRA: id (give it to compare or grid as the finetune), name, family, base_model,
             layout (diffusers, kohya or bfl), rank, source
         """
-        who = caller(request)
-        if file and (repo or "").strip():
-            raise InputError("Both a file and a repo were given.", hint="Send one of them.")
-        if file:
-            lora = studio.import_lora_file(file, name=name, base_model=base_model or None, caller=who)
-        elif (repo or "").strip():
-            lora = studio.import_lora_repo(repo, name=name, base_model=base_model or None, caller=who)
-        else:
-            raise InputError("No LoRA was given.", hint="Send its .safetensors file, or a Hub repo (owner/name).")
-        return lora_summary(lora)
+        return lora_summary(studio.import_lora_from(file, repo, name=name, base_model=base_model or None,
+                                                    caller=caller(request)))
 
     @shows_errors
     def list_loras(request: gr.Request) -> list[dict]:

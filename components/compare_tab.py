@@ -22,12 +22,18 @@ from components.serving import servable, servable_items
 from services.caller import Caller
 from services.config import THREAD_PREFIX, Secret
 from services.errors import InputError
-from services.providers.base import ASPECT_RATIOS, OUTPUT_FORMATS, GenerateRequest, Provider
+from services.providers.base import ASPECT_RATIOS, OUTPUT_FORMATS, GenerateRequest, ImportedLora, Provider
 from services.studio import (CellResult, Comparison, Grid, PairResult, ResultRecord, Studio, Target, failure_card,
                              parse_strengths, plan_grid, random_seed)
 
 # The picker's hint starts as this; on_load replaces it, which also tells that the lists have arrived.
 LOADING_FINETUNES = "Loading your fine-tunes…"
+IMPORT_INFO = ("Render a FLUX.1 or FLUX.2 [klein] LoRA made elsewhere (another trainer, the Hub, Civitai, a "
+               "Hugging Face job) on the local engine, as a fine-tune made here: a `.safetensors` file with "
+               "diffusers, kohya / FluxGym / musubi or ComfyUI / BFL keys. Its family is read from the keys.")
+HUB_INFO_LOCAL = "owner/name. Downloaded into the Hugging Face cache; HF_TOKEN for a gated or private repo."
+HUB_INFO_HOSTED = ("owner/name. Needs your own sign-in: “Sign in with Hugging Face” at the top of the page "
+                   "(it also opens your gated or private repos).")
 
 
 @dataclass
@@ -58,15 +64,37 @@ class GridForm(CompareForm):
     include_base: Any = None
 
 
+def target_value(target: Target) -> str:
+    """The picker's value for ``target``: a fine-tune's job id, an imported LoRA's id (``Studio`` takes both)."""
+    return target.job_id or target.finetune_id
+
+
 def target_choices(targets: list[Target]) -> list[tuple[str, str]]:
-    """The picker's (label, value): a fine-tune is named by its job's id, as ``Studio`` looks it up."""
-    return [(t.label, t.job_id) for t in targets]
+    """The picker's (label, value), as ``Studio`` looks each one up."""
+    return [(t.label, target_value(t)) for t in targets]
 
 
-def finetunes_info(count: int) -> str:
-    if not count:
+def picker_update(targets: list[Target], value: str | None = None) -> dict:
+    """The refreshed picker, on ``value`` (else the newest fine-tune), with how many there are."""
+    choices = target_choices(targets)
+    values = [v for _, v in choices]
+    return gr.update(choices=choices, value=value if value in values else (values[0] if values else None),
+                     info=finetunes_info(sum(not t.imported for t in targets), sum(t.imported for t in targets)))
+
+
+def import_summary(lora: ImportedLora) -> str:
+    """What an import found in the file, and what it renders on."""
+    trigger = f" Its trigger word is `{plain(lora.trigger_word)}`." if lora.trigger_word else ""
+    return (f"✅ Imported **{plain(lora.name)}** from `{plain(lora.source)}`: a {plain(lora.family_label)} LoRA, "
+            f"{plain(lora.layout)} keys, rank {lora.rank}. It renders on {plain(lora.base_model_label)} "
+            f"(`{plain(lora.base_model)}`) and is picked above.{trigger}")
+
+
+def finetunes_info(count: int, imported: int = 0) -> str:
+    if not count + imported:
         return "None of yours is ready yet: train one on the Train tab, or paste a fine-tune id."
-    return f"{count} ready fine-tune(s) of yours, newest first."
+    more = f", then {imported} LoRA(s) you imported" if imported else ""
+    return f"{count} ready fine-tune(s) of yours, newest first{more}."
 
 
 def finetune_ref(form: CompareForm) -> str:
@@ -201,6 +229,7 @@ class ComparePage:
             self.tuned_img = gr.Image(label="Fine-tune", type="filepath", interactive=False, elem_id="compare-tuned",
                                       buttons=["download"])
         self.pair_info = gr.Markdown(elem_id="compare-pair-info")
+        self._import_layout()
 
         gr.Markdown("### Strength sweep and prompt list")
         with gr.Row():
@@ -227,8 +256,34 @@ class ComparePage:
         self.form = CompareForm(*settings)
         self.grid_form = GridForm(*settings, prompts, strengths, include_base)
 
+    def _import_layout(self) -> None:
+        """The "Use any LoRA" box: shown where a provider of this app renders LoRA files (the local engine)."""
+        imports = any(p.imports_loras for p in self.studio.providers.values())
+        with gr.Accordion("Use any LoRA", open=False, visible=imports, elem_id="compare-import-box"):
+            gr.Markdown(IMPORT_INFO)
+            with gr.Row():
+                self.import_file = gr.File(label="LoRA file (.safetensors)", file_types=[".safetensors"],
+                                           type="filepath", file_count="single", elem_id="compare-import-file",
+                                           scale=2)
+                with gr.Column(scale=2):
+                    self.import_repo = gr.Textbox(label="…or a Hugging Face model repo", elem_id="compare-import-repo",
+                                                  placeholder="owner/flux-lora",
+                                                  info=HUB_INFO_HOSTED if self.settings.hosted else HUB_INFO_LOCAL)
+                    self.import_name = gr.Textbox(label="Name (optional)", elem_id="compare-import-name",
+                                                  info="Empty: the file's or the repo's name.")
+            with gr.Row():
+                self.import_go = gr.Button("Import", variant="primary", size="sm", elem_id="compare-import-go")
+                self.import_delete = gr.Button("Delete the picked imported LoRA", variant="stop", size="sm",
+                                               elem_id="compare-import-delete")
+            self.import_info = gr.Markdown(elem_id="compare-import-info")
+
     def _wire(self) -> None:
         f = self.form
+        self.import_go.click(self.on_import, [self.import_file, self.import_repo, self.import_name],
+                             [f.finetune, self.import_info, self.import_file], concurrency_limit=2)
+        self.import_delete.click(self.on_delete_import, [f.finetune], [f.finetune, self.import_info],
+                                 js="(c) => { if (!confirm('Delete this imported LoRA? Its file is removed from this "
+                                    "app.')) throw new Error('cancelled'); return c; }")
         f.finetune.change(self.on_pick, [f.finetune], [f.prompt, f.tuned_model, self.base_img, self.tuned_img])
         self.dice.click(random_seed, None, [f.seed])
         self.go.click(self.on_compare, f.inputs(self.session_key),
@@ -251,13 +306,11 @@ class ComparePage:
 
     def on_load(self, request: gr.Request = None):
         caller = self.caller(request)
-        targets = self.studio.ready_finetunes(caller)
-        choices = target_choices(targets)
-        return (gr.update(choices=choices, value=choices[0][1] if targets else None,
-                          info=finetunes_info(len(targets))), self.history_of(caller))
+        return picker_update(self.studio.ready_finetunes(caller)), self.history_of(caller)
 
     def on_pick(self, choice: str | None, request: gr.Request = None):
-        target = next((t for t in self.studio.ready_finetunes(self.caller(request)) if t.job_id == choice), None)
+        target = next((t for t in self.studio.ready_finetunes(self.caller(request)) if target_value(t) == choice),
+                      None)
         views = provider_views(self.studio.providers.get(target.provider_key) if target else None)
         if target and target.trigger:
             return gr.update(info=f"Use the trigger word “{target.trigger}” so the fine-tune knows what to draw."), \
@@ -337,6 +390,33 @@ class ComparePage:
             raise outcome["error"]
         grid: Grid = outcome["grid"]
         yield list(cells), grid_summary(grid, columns, int(form.seed or 0)), grid, self.history_of(caller)
+
+    @shows_errors
+    def on_import(self, file: str | None, repo: str, name: str, request: gr.Request = None,
+                  progress=gr.Progress()):
+        """Import the uploaded file or the Hub repo, then pick it: (picker, summary, the emptied file box)."""
+        caller = self.caller(request)
+        progress(0, desc="Checking the LoRA")
+
+        def downloaded(done: int, total: int) -> None:
+            progress((done, total) if total else 1.0,
+                     desc=f"Downloading the LoRA ({done / 2**20:.1f} of {total / 2**20:.1f} MB)")
+
+        lora = self.studio.import_lora_from(file, repo, name=(name or "").strip(), caller=caller,
+                                            on_progress=downloaded)
+        feedback.info(f"Imported '{lora.name}'.")
+        return picker_update(self.studio.ready_finetunes(caller), lora.id), import_summary(lora), None
+
+    @shows_errors
+    def on_delete_import(self, choice: str | None, request: gr.Request = None):
+        caller = self.caller(request)
+        picked = next((t for t in self.studio.ready_finetunes(caller) if target_value(t) == choice), None)
+        if picked is None or not picked.imported:
+            raise InputError("The picked fine-tune is not a LoRA you imported.",
+                             hint="Pick the imported LoRA to delete in the list above.")
+        self.studio.delete_imported(picked.finetune_id, caller=caller)
+        feedback.info(f"Deleted '{picked.name}'.")
+        return picker_update(self.studio.ready_finetunes(caller)), f"Deleted the imported LoRA **{plain(picked.name)}**."
 
     @shows_errors
     def on_sheet(self, grid: Grid | None):

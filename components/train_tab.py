@@ -17,7 +17,7 @@ from components import feedback
 from components.feedback import plain, shows_errors
 from components.forms import Form
 from components.identity import caller_for
-from components.serving import servable_items
+from components.serving import servable, servable_items
 from components.train_hardware import HARDWARE_INFO, estimate_markdown, hardware_choices
 from services.caller import Caller
 from services.config import Secret
@@ -102,14 +102,17 @@ def job_markdown(job: Job | None, now: float | None = None) -> str:
     return "\n\n".join(lines)
 
 
-def job_controls(provider: Provider | None, selected: bool = True) -> tuple[dict, dict, dict]:
+def job_controls(provider: Provider | None, selected: bool = True, ready: bool = False,
+                 exports: bool = True) -> tuple[dict, dict, dict, dict]:
     """Visibility of what only some providers offer, for the selected job: its loss plot and samples
-    (``reports_steps``), Resume (``can_resume``) and publishing (``can_publish``). With no job
-    selected, all show: they say what the app can do."""
+    (``reports_steps``), Resume (``can_resume``), publishing (``can_publish``) and, once it is ``ready``,
+    the LoRA downloads (``can_export``). With no job selected, all show: they say what the app can do
+    (the downloads where a provider of this app ``exports``)."""
     if not selected:
-        return gr.update(visible=True), gr.update(visible=True), gr.update(visible=True)
+        return (gr.update(visible=True), gr.update(visible=True), gr.update(visible=True),
+                gr.update(visible=exports))
     offers = (provider is not None and provider.reports_steps, provider is not None and provider.can_resume,
-              provider is not None and provider.can_publish)
+              provider is not None and provider.can_publish, provider is not None and provider.can_export and ready)
     return tuple(gr.update(visible=bool(flag)) for flag in offers)
 
 
@@ -176,6 +179,11 @@ def sample_items(events: list[dict], limit: int = 12) -> list[tuple[str, str]]:
     return [(path, f"step {step}") for path, step in first_seen.items()][-limit:]
 
 
+# Which downloaded file goes where (services.engine.lora_formats writes them; the Studio's formats).
+EXPORT_INFO = ("**Use your LoRA elsewhere.** *ComfyUI / Forge*: for FLUX.1 the kohya `lora_unet_*` keys that "
+               "ComfyUI and Forge load; for FLUX.2 [klein] the original BFL `diffusion_model.*` keys that ComfyUI "
+               "and BFL's LoRA inference take. *diffusers*: the PEFT keys `load_lora_weights` reads. A strength "
+               "means the same in each; the base model and trigger word are in the file's metadata.")
 CHECKPOINTING = {"auto": None, "on": True, "off": False}  # the Train tab's choice -> TrainRequest
 BASE_MODEL_INFO = ("Local engine: what it fine-tunes. Real models are downloaded on first use (FLUX.1 [dev] and "
                    "[klein] 9B need an accepted licence); the tiny test models make noise, by design.")
@@ -321,6 +329,14 @@ class TrainPage:
             self.resume = gr.Button("Resume from last checkpoint", size="sm", elem_id="train-resume")
             self.cancel = gr.Button("Cancel", size="sm", elem_id="train-cancel")
             self.delete = gr.Button("Delete selected job", variant="stop", size="sm", elem_id="train-delete")
+        exports = any(p.can_export for p in self.studio.providers.values())
+        with gr.Column(visible=exports, elem_id="train-export-box") as self.export_box:
+            gr.Markdown(EXPORT_INFO)
+            with gr.Row():
+                self.export_comfyui = gr.Button("⬇ LoRA for ComfyUI / Forge", size="sm", elem_id="train-export-comfyui")
+                self.export_diffusers = gr.Button("⬇ LoRA for diffusers", size="sm", elem_id="train-export-diffusers")
+            self.export_file = gr.File(label="LoRA file of the selected job", interactive=False,
+                                       elem_id="train-export-file")
         with gr.Accordion("Publish a local LoRA to the Hugging Face Hub", open=False,
                           elem_id="train-publish-box") as self.publish_box:
             with gr.Row():
@@ -338,7 +354,10 @@ class TrainPage:
 
     def _wire(self) -> None:
         f = self.form
-        selection = [self.loss_plot, self.samples, self.progress_row, self.resume, self.publish_box]
+        selection = [self.loss_plot, self.samples, self.progress_row, self.resume, self.publish_box, self.export_box]
+        self.export_comfyui.click(self.on_export_comfyui, [self.selected], [self.export_file], concurrency_limit=2)
+        self.export_diffusers.click(self.on_export_diffusers, [self.selected], [self.export_file],
+                                    concurrency_limit=2)
         self.publish.click(self.on_publish, [self.selected, self.repo_id, self.hf_token, self.private],
                            [self.publish_result, self.hf_token], concurrency_limit=2)
         f.provider.change(self.on_provider, [f.provider, self.session_key, f.iterations, f.lora_rank, f.priority],
@@ -361,7 +380,7 @@ class TrainPage:
         self.timer.tick(self.on_tick, [self.selected, self.seen, f.provider, self.session_key],
                         [self.jobs, self.queue, self.detail, *selection, self.timer, self.seen, self.banner],
                         concurrency_limit=None, show_progress="hidden")
-        self.jobs.select(self.on_select, [self.jobs], [self.selected, self.detail, *selection])
+        self.jobs.select(self.on_select, [self.jobs], [self.selected, self.detail, *selection, self.export_file])
         self.resume.click(self.on_resume, [self.selected], [self.jobs, self.detail, self.timer])
         self.cancel.click(self.on_cancel, [self.selected], [self.jobs, self.detail])
         self.delete.click(self.on_delete, [self.selected], [self.jobs, self.detail, self.selected],
@@ -494,8 +513,10 @@ class TrainPage:
 
     def progress_views(self, caller: Caller, job: Job | None):
         """The selected job's plot and samples, and what applies to it: (plot, gallery, progress row,
-        Resume, publish box)."""
-        controls = job_controls(self.studio.providers.get(job.provider) if job else None, selected=job is not None)
+        Resume, publish box, downloads)."""
+        controls = job_controls(self.studio.providers.get(job.provider) if job else None, selected=job is not None,
+                                ready=job is not None and job.status == "ready",
+                                exports=any(p.can_export for p in self.studio.providers.values()))
         if job is None:
             return gr.update(), gr.update(), *controls
         events = self.studio.jobs.events(caller.owner, job.id, "step")
@@ -509,7 +530,8 @@ class TrainPage:
             job = self.studio.job(short, caller=caller).job if short else None
         except InputError:  # gone since the table was drawn
             job = None
-        return (job.id if job else None), job_markdown(job), *self.progress_views(caller, job)
+        # Another job's file must not stay beside this one's details.
+        return (job.id if job else None), job_markdown(job), *self.progress_views(caller, job), None
 
     @shows_errors
     def on_resume(self, selected: str | None, request: gr.Request = None):
@@ -533,6 +555,22 @@ class TrainPage:
         job = self.studio.delete(require_selection(selected), caller=caller)
         feedback.info(f"Deleted '{job.name}'.")
         return jobs_frame(self.studio.list_jobs(caller=caller)), job_markdown(None), None
+
+    def export(self, selected: str | None, fmt: P.ExportFormat, request: gr.Request | None) -> str | None:
+        """The selected job's LoRA in ``fmt``, as a file the page can serve."""
+        caller = self.caller(request)
+        handle = self.studio.job(require_selection(selected), caller=caller)
+        path = self.studio.export_lora(handle, fmt, caller=caller)
+        feedback.info(f"'{handle.job.name}': {path.name} is ready to download.")
+        return servable(path)
+
+    @shows_errors
+    def on_export_comfyui(self, selected: str | None, request: gr.Request = None):
+        return self.export(selected, "comfyui", request)
+
+    @shows_errors
+    def on_export_diffusers(self, selected: str | None, request: gr.Request = None):
+        return self.export(selected, "diffusers", request)
 
     def on_publish(self, selected: str | None, repo: str, token: str, private: bool, request: gr.Request = None):
         """Publish, and clear the token box whatever happens: a token must not wait in the page."""

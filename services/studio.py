@@ -560,6 +560,21 @@ class Studio:
         return self.import_lora_repo(str(source), name=name, base_model=base_model, filename=filename,
                                      caller=caller, on_progress=on_progress)
 
+    def import_lora_from(self, file: "str | Path | None" = None, repo: str = "", *, name: str = "",
+                         base_model: str | None = None, caller: Caller | None = None,
+                         on_progress: ProgressFn | None = None) -> ImportedLora:
+        """One of an uploaded ``file`` or a Hub ``repo`` (the Compare tab's and the HTTP API's form): both, or
+        neither, is refused with what to do."""
+        repo = (repo or "").strip()
+        if file and repo:
+            raise InputError("Both a file and a repo were given.", hint="Send one of them.")
+        if file:
+            return self.import_lora_file(file, name=name, base_model=base_model, caller=caller)
+        if repo:
+            return self.import_lora_repo(repo, name=name, base_model=base_model, caller=caller,
+                                         on_progress=on_progress)
+        raise InputError("No LoRA was given.", hint="Send its .safetensors file, or a Hub repo (owner/name).")
+
     def import_lora_file(self, path: "str | Path", *, name: str = "", base_model: str | None = None,
                          caller: Caller | None = None) -> ImportedLora:
         """Keep the LoRA file ``path`` for the caller, checked first (only ``.safetensors``, never a pickle;

@@ -187,15 +187,16 @@ def test_a_failed_publish_clears_the_token_box(settings):
 
 
 def test_a_selected_job_shows_only_the_controls_its_provider_offers(settings, fake_cometapi):
-    """A CometAPI job reports no loss or samples and can't be resumed or published from here: picking
-    it hides the plot, the gallery, Resume and the publish box; picking a local job shows them again."""
+    """A CometAPI job reports no loss or samples and can't be resumed, published or exported from here:
+    picking it hides the plot, the gallery, Resume, the publish box and the LoRA downloads; picking a
+    ready local job shows them again."""
     settings = settings.with_(cometapi_base_url=fake_cometapi.url, cometapi_key=Secret(FAKE_COMETAPI_KEY))
     jobs = JobStore.from_settings(settings)
     for provider, name in (("cometapi", "mug-hosted"), ("local", "mug-local")):
         job = jobs.create("local", provider, "finetune", name, "mug", "h", {"trigger_word": "MUG"})
         jobs.update("local", job.id, remote_id=f"{provider}-1", status="ready", result={"finetune_id": f"{provider}-1"})
     jobs.close()
-    controls = ("#train-loss", "#train-samples", "#train-resume", "#train-publish-box")
+    controls = ("#train-loss", "#train-samples", "#train-resume", "#train-publish-box", "#train-export-box")
     with chromium() as browser, running_app(settings) as url:
         page = browser.new_page()
         _open_train_tab(page, url)

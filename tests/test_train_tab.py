@@ -110,14 +110,18 @@ def test_only_a_moving_job_shows_an_eta(tmp_path):
 
 
 def test_the_selected_jobs_controls_are_what_its_provider_offers(settings):
-    """Plot and samples, Resume, Publish: shown for a job whose provider offers them, hidden for one
-    whose provider doesn't (a CometAPI job had an empty plot, an empty gallery, and Resume and Publish
-    buttons that could only fail); all shown while no job is selected."""
+    """Plot and samples, Resume, Publish, the LoRA downloads: shown for a job whose provider offers them
+    (the downloads once it is ready), hidden for one whose provider doesn't (a CometAPI job had an empty
+    plot, an empty gallery, and Resume and Publish buttons that could only fail); all shown while no job
+    is selected, the downloads where a provider of the app exports."""
     def shown(updates):
         return tuple(u["visible"] for u in updates)
 
-    assert shown(job_controls(CometAPIProvider(lambda: None, has_key=True))) == (False, False, False)
-    assert shown(job_controls(HuggingFaceProvider(settings))) == (True, True, False)
-    assert shown(job_controls(LocalProvider(settings))) == (True, True, True)
-    assert shown(job_controls(None)) == (False, False, False)  # a provider this app no longer has
-    assert shown(job_controls(None, selected=False)) == (True, True, True)
+    comet = CometAPIProvider(lambda: None, has_key=True)
+    assert shown(job_controls(comet)) == shown(job_controls(comet, ready=True)) == (False, False, False, False)
+    assert shown(job_controls(HuggingFaceProvider(settings), ready=True)) == (True, True, False, False)
+    assert shown(job_controls(LocalProvider(settings), ready=True)) == (True, True, True, True)
+    assert shown(job_controls(LocalProvider(settings))) == (True, True, True, False)  # not ready: nothing to export
+    assert shown(job_controls(None, ready=True)) == (False, False, False, False)  # a provider this app no longer has
+    assert shown(job_controls(None, selected=False)) == (True, True, True, True)
+    assert shown(job_controls(None, selected=False, exports=False)) == (True, True, True, False)
