@@ -30,6 +30,7 @@ from services.providers.local.provider import LocalProvider  # noqa: E402
 from services.storage.owners import LOCAL_OWNER  # noqa: E402
 from services.studio import Studio  # noqa: E402
 from tests.imagefactory import training_zip  # noqa: E402
+from tests.tiny_finetune import studio_with_a_finetune  # noqa: E402
 from tests.test_lora_formats import fake_hub, hf_job_repo, info, make_lora  # noqa: E402
 
 PROMPT = "TOK, a red ball"
@@ -62,21 +63,8 @@ def adapters_loaded() -> set[str]:
 def trained(tmp_path_factory):
     """A studio on the tiny FLUX.1 model with one ready local fine-tune (30 steps), recorded as Studio.launch
     records it (launch itself takes 100 steps at least: too slow for a test)."""
-    root = tmp_path_factory.mktemp("lora-import")
-    settings = Settings(data_dir=root / "data", workers=2)
-    local = LocalProvider(settings, steps_per_sample=30, checkpoint_every=30)
-    studio = Studio(settings, providers={"local": local, "huggingface": HuggingFaceProvider(settings)},
-                    background=False)
-    request = TrainRequest(name="cup-v1", mode="product", trigger_word="TOK", iterations=30, learning_rate=1e-2,
-                           lora_rank=16, options=LocalOptions())
-    remote_id = local.submit(training_zip(root / "ds.zip"), request, tag="cupjob")
-    assert local.join(remote_id, 120)
-    assert local.status(remote_id).state == "ready"
-    job = studio.jobs.create(LOCAL_OWNER, "local", "finetune", "cup-v1", "cups", "h", request.record())
-    studio.jobs.update(LOCAL_OWNER, job.id, remote_id=remote_id, status="ready",
-                       result={"finetune_id": remote_id})
-    yield studio, job.id, remote_id
-    studio.close()
+    with studio_with_a_finetune(tmp_path_factory.mktemp("lora-import"), "cupjob") as trained:
+        yield trained
 
 
 @pytest.fixture

@@ -34,13 +34,18 @@ def studio(settings, fake_cometapi):
         yield s
 
 
-@pytest.fixture
-def pages(studio):
+def build_pages(studio):
+    """The Train and Compare pages over ``studio``, built as the app builds them (no server, no browser)."""
     with gr.Blocks():
         session_key = gr.State(None)
         train = TrainPage(studio, session_key)
         compare = ComparePage(studio, studio.placeholder_tile(), session_key)
     return train, compare
+
+
+@pytest.fixture
+def pages(studio):
+    return build_pages(studio)
 
 
 def _mugs(studio: Studio, tmp_path) -> str:

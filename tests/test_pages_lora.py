@@ -17,15 +17,12 @@ from components.train_tab import TrainPage, jobs_frame  # noqa: E402
 from services.config import Settings  # noqa: E402
 from services.engine import lora_formats as lf  # noqa: E402
 from services.engine.models import FLUX1, TINY_FLUX1  # noqa: E402
-from services.providers.base import TrainRequest  # noqa: E402
-from services.providers.huggingface.provider import HuggingFaceProvider  # noqa: E402
-from services.providers.local.base_models import LocalOptions  # noqa: E402
 from services.providers.local.provider import LocalProvider  # noqa: E402
 from services.storage.owners import LOCAL_OWNER  # noqa: E402
 from services.studio import Studio  # noqa: E402
-from tests.imagefactory import training_zip  # noqa: E402
+from tests.tiny_finetune import studio_with_a_finetune  # noqa: E402
 from tests.test_lora_formats import fake_hub, info, make_lora  # noqa: E402
-from tests.test_pages import Progress  # noqa: E402
+from tests.test_pages import Progress, build_pages  # noqa: E402
 
 HF_REPO = "alice/flux-studio-cup-v1"
 
@@ -34,19 +31,8 @@ HF_REPO = "alice/flux-studio-cup-v1"
 def trained(tmp_path_factory):
     """A studio with the local engine (tiny FLUX.1) and Hugging Face, and one ready local fine-tune
     (30 steps, recorded as Studio.launch records it: launch itself takes 100 steps at least)."""
-    root = tmp_path_factory.mktemp("pages-lora")
-    settings = Settings(data_dir=root / "data", workers=2)
-    local = LocalProvider(settings, steps_per_sample=30, checkpoint_every=30)
-    studio = Studio(settings, providers={"local": local, "huggingface": HuggingFaceProvider(settings)},
-                    background=False)
-    request = TrainRequest(name="cup-v1", mode="product", trigger_word="TOK", iterations=30, learning_rate=1e-2,
-                           lora_rank=16, options=LocalOptions())
-    remote_id = local.submit(training_zip(root / "ds.zip"), request, tag="pagesjob")
-    assert local.join(remote_id, 120) and local.status(remote_id).state == "ready"
-    job = studio.jobs.create(LOCAL_OWNER, "local", "finetune", "cup-v1", "cups", "h", request.record())
-    studio.jobs.update(LOCAL_OWNER, job.id, remote_id=remote_id, status="ready", result={"finetune_id": remote_id})
-    yield studio, job.id
-    studio.close()
+    with studio_with_a_finetune(tmp_path_factory.mktemp("pages-lora"), "pagesjob") as trained:
+        yield trained
 
 
 @pytest.fixture
@@ -59,11 +45,7 @@ def studio(trained):
 
 @pytest.fixture
 def pages(studio):
-    with gr.Blocks():
-        session_key = gr.State(None)
-        train = TrainPage(studio, session_key)
-        compare = ComparePage(studio, studio.placeholder_tile(), session_key)
-    return train, compare
+    return build_pages(studio)
 
 
 def _select(train: TrainPage, studio: Studio, name: str):
@@ -78,7 +60,7 @@ def _select(train: TrainPage, studio: Studio, name: str):
 
 def test_the_train_page_downloads_the_selected_fine_tune_for_each_tool(studio, pages, trained):
     train, _ = pages
-    _, job_id = trained
+    _, job_id, _ = trained
     picked, box, file = _select(train, studio, "cup-v1")
     assert picked == job_id and box["visible"] is True and file is None
     comfy = train.on_export_comfyui(picked, None)
@@ -117,7 +99,7 @@ def test_the_train_page_offers_no_download_where_the_provider_does_not_export(st
 
 def test_the_compare_page_imports_a_file_picks_it_renders_it_and_deletes_it(studio, pages, trained, tmp_path):
     _, compare = pages
-    _, job_id = trained
+    _, job_id, _ = trained
     kohya = lf.export_lora(make_lora(FLUX1, tmp_path / "made"), tmp_path, lf.COMFYUI, info(FLUX1))
     picker, summary, cleared = compare.on_import(str(kohya), "  ", " from comfy ", None, Progress())
     (lora,) = studio.imported_loras()
