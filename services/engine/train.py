@@ -418,15 +418,12 @@ class Trainer:
         """One step from the cache: draw latents from the cached posteriors, no encoder runs."""
         import torch
 
-        self._step = step
-        with training_attention(self.cfg.attention):
-            items = [self.cache[i] for i in self.batch_indices(step)]
-            mean = torch.cat([c.mean for c in items])
-            std = torch.cat([c.std for c in items])
-            eps = torch.randn(mean.shape, generator=gen, device="cpu").to(self.device, mean.dtype)
-            latents = (mean + std * eps).float()
-            loss = self.flow_loss(latents, [c.embeds for c in items], self.latent_ids(items[0].bucket), gen)
-            return self._optimise(loss, preflight=step + 1 == self._first_step)
+        items = [self.cache[i] for i in self.batch_indices(step)]
+        mean = torch.cat([c.mean for c in items])
+        std = torch.cat([c.std for c in items])
+        eps = torch.randn(mean.shape, generator=gen, device="cpu").to(self.device, mean.dtype)
+        latents = (mean + std * eps).float()
+        return self._learn(step, latents, [c.embeds for c in items], items[0].bucket, gen)
 
     def step_plain(self, step: int, gen) -> float:
         """The baseline: re-encode this batch's images (VAE) and captions (text encoders) every step."""
@@ -441,9 +438,14 @@ class Trainer:
         std = torch.cat([s for _, s in packed])
         eps = torch.randn(mean.shape, generator=gen, device="cpu").to(self.device, mean.dtype)
         latents = (mean + std * eps).float()
+        return self._learn(step, latents, enc, items[0].bucket, gen)
+
+    def _learn(self, step: int, latents, embeds, bucket: tuple[int, int], gen) -> float:
+        """The flow-matching loss of ``latents`` and its update, under the training attention kernels
+        (forward, backward and any recomputation); the first step this process trains is preflighted."""
         self._step = step
         with training_attention(self.cfg.attention):
-            loss = self.flow_loss(latents, enc, self.latent_ids(items[0].bucket), gen)
+            loss = self.flow_loss(latents, embeds, self.latent_ids(bucket), gen)
             return self._optimise(loss, preflight=step + 1 == self._first_step)
 
     # ---------------------------------------------------------------- samples, checkpoints, output
@@ -588,8 +590,7 @@ class Trainer:
             recent = durations[-20:]
             eta = (sum(recent) / len(recent)) * (total - step)
             if not math.isfinite(loss):
-                raise divergence(step, "loss", loss, first=step == self._first_step, resumed=self._first_step > 1,
-                                 cfg=self.cfg)
+                raise self._diverged("loss", loss)
             if cb.on_step:
                 cb.on_step(step, total, loss, eta)
             if self.cfg.sample_every and step % self.cfg.sample_every == 0 and step < total:
