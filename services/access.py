@@ -11,7 +11,7 @@ from services.caller import Caller
 from services.config import Secret, Settings
 from services.errors import InputError, RateLimitedError
 from services.providers import registry
-from services.providers.base import CredentialKind, Provider
+from services.providers.base import Provider
 
 
 class RateLimiter:
@@ -121,26 +121,14 @@ class ProviderAccess:
     shared key is charged to ``SharedKeyBudget``, so no visitor can spend the owner's credits.
     """
 
-    def __init__(
-        self,
-        settings: Settings,
-        providers: dict[str, Provider],
-        with_key: Callable[[Secret], Provider] | None,
-        budget: SharedKeyBudget | None = None,
-        *,
-        with_hf_token: Callable[[Secret], Provider] | None = None,
-        own_makers: dict[str, Callable[[Secret], Provider]] | None = None,
-    ) -> None:
-        """``own_makers``: provider key -> a provider on a visitor's own credentials (their account pays).
-        ``with_key`` / ``with_hf_token`` give them by kind instead: for the providers that take a visitor's
-        own key, and a visitor's Hugging Face sign-in (``Credentials.kind``)."""
+    def __init__(self, settings: Settings, providers: dict[str, Provider],
+                 own_makers: dict[str, Callable[[Secret], Provider]] | None = None,
+                 budget: SharedKeyBudget | None = None) -> None:
+        """``own_makers``: provider key -> a provider on a visitor's own credentials (their account pays):
+        a pasted key or their Hugging Face sign-in, as the provider's ``Credentials.kind`` says."""
         self.settings = settings
         self.providers = providers
-        by_kind: dict[CredentialKind, Callable[[Secret], Provider] | None] = {"own_key": with_key,
-                                                                               "sign_in": with_hf_token}
-        self._makers: dict[str, Callable[[Secret], Provider]] = {
-            key: make for key in providers if (make := by_kind.get(registry.credentials(key).kind)) is not None}
-        self._makers.update(own_makers or {})
+        self._makers = {key: make for key, make in (own_makers or {}).items() if key in providers}
         self.budget = budget or SharedKeyBudget(settings)
         # A visitor's own key or token -> its provider (and so its pooled connections), kept while in use.
         # Keyed by a hash of the secret, in memory only; the least recently used is closed past the cap.

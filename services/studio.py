@@ -112,8 +112,7 @@ class Studio:
             max_images={key: p.max_images for key, p in self.providers.items()},
             max_active=registry.hosted_job_caps(settings, self.providers) if settings.hosted else None,
         )
-        self.access = ProviderAccess(settings, self.providers, None,
-                                     own_makers=registry.own_makers(settings, self.providers))
+        self.access = ProviderAccess(settings, self.providers, registry.own_makers(settings, self.providers))
         self.results = ResultStore(settings, jobs=self.jobs)
         self.tracker: Tracker | None = None
         self.backup: DatabaseBackup | None = None

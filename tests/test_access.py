@@ -38,7 +38,8 @@ def test_rate_limiter_sliding_window_per_owner():
 def test_own_key_gets_its_own_provider_and_is_not_limited(tmp_path):
     settings = Settings(data_dir=tmp_path, hosted=True, cometapi_key=Secret("sk-owner"), shared_key_limit=0)
     made = []
-    access = ProviderAccess(settings, {"cometapi": Named("shared")}, lambda k: made.append(k) or Named("own"))
+    access = ProviderAccess(settings, {"cometapi": Named("shared")},
+                            {"cometapi": lambda k: made.append(k) or Named("own")})
     provider = access.get("cometapi", "session-x", Secret("sk-visitor"), cost=1)
     assert provider.name == "own" and made == [Secret("sk-visitor")]
     with pytest.raises(RateLimitedError, match="own CometAPI key"):
@@ -47,12 +48,12 @@ def test_own_key_gets_its_own_provider_and_is_not_limited(tmp_path):
 
 def test_shared_key_unlimited_when_not_hosted(tmp_path):
     settings = Settings(data_dir=tmp_path, hosted=False, cometapi_key=Secret("sk-owner"), shared_key_limit=0)
-    access = ProviderAccess(settings, {"cometapi": Named("shared")}, None)
+    access = ProviderAccess(settings, {"cometapi": Named("shared")})
     assert access.get("cometapi", "local", None, cost=5).name == "shared"
 
 
 def test_unknown_provider(tmp_path):
-    access = ProviderAccess(Settings(data_dir=tmp_path), {"cometapi": Named("shared")}, None)
+    access = ProviderAccess(Settings(data_dir=tmp_path), {"cometapi": Named("shared")})
     with pytest.raises(InputError, match="not available"):
         access.get("nope", "local", None)
 
@@ -123,7 +124,8 @@ def test_one_provider_per_visitor_key_reused_and_closed_past_the_cap(tmp_path, m
         made.append(Own(key.reveal()))
         return made[-1]
 
-    access = ProviderAccess(Settings(data_dir=tmp_path, hosted=True), {"cometapi": Named("shared")}, with_key)
+    access = ProviderAccess(Settings(data_dir=tmp_path, hosted=True), {"cometapi": Named("shared")},
+                            {"cometapi": with_key})
     first = access.get("cometapi", "ann", Secret("sk-ann"))
     assert access.get("cometapi", "ann", Secret("sk-ann")) is first and len(made) == 1  # reused, not rebuilt
     access.get("cometapi", "bob", Secret("sk-bob"))
@@ -136,7 +138,7 @@ def test_one_provider_per_visitor_key_reused_and_closed_past_the_cap(tmp_path, m
 def test_resolve_chooses_the_provider_now_and_charges_only_when_asked(tmp_path):
     """A launch picks its provider before it checks its form, and charges after: resolve's charge."""
     settings = Settings(data_dir=tmp_path, hosted=True, cometapi_key=Secret("sk-owner"), shared_key_limit=1)
-    access = ProviderAccess(settings, {"cometapi": Named("shared")}, lambda k: Named("own"))
+    access = ProviderAccess(settings, {"cometapi": Named("shared")}, {"cometapi": lambda k: Named("own")})
     provider, charge = access.resolve("cometapi", "ann", None, cost=1, address="a")
     assert provider.name == "shared" and access.budget.visitor.used("ann") == 0  # chosen, not yet charged
     charge()

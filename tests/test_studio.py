@@ -196,7 +196,7 @@ def test_the_apis_caller_brings_the_visitors_hugging_face_sign_in(settings, tmp_
         return HuggingFaceProvider(settings, token=token, api=hub.api, log_every_s=0)
 
     with Studio(settings, background=False) as studio:
-        studio.access = ProviderAccess(settings, studio.providers, None, own_makers={"huggingface": visitors_own})
+        studio.access = ProviderAccess(settings, studio.providers, {"huggingface": visitors_own})
         with gr.Blocks() as demo:
             api.build(studio)
         request = _signed_in("hf_oauth_ann_visitor_token")
