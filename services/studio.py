@@ -524,12 +524,10 @@ class Studio:
         model and trigger word in its metadata). Written once beside the LoRA (a local job's output folder,
         whose model card then lists it) and reused. A Hugging Face job's LoRA is exported once it is on this
         machine: import its repo first (``import_lora``)."""
-        from services.engine.lora_formats import EXPORT_FORMATS
+        from services.engine.lora_formats import check_format
 
         caller = self.caller(caller)
-        if format not in EXPORT_FORMATS:
-            raise InputError(f"There is no export format {str(format)[:40]!r}.",
-                             hint=f"Pick one of {', '.join(EXPORT_FORMATS)}.")
+        check_format(format)
         target = self.target(finetune, caller=caller)
         if not (target.job_id or target.imported):
             raise InputError(f"{target.finetune_id[:80]} is not one of your fine-tunes.",

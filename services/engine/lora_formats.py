@@ -614,12 +614,19 @@ def export_metadata(info: ExportInfo, layout: str, alpha: str) -> dict[str, str]
     }
 
 
+def check_format(fmt: str) -> str:
+    """``fmt`` if it is an export format (``EXPORT_FORMATS``), else InputError naming them."""
+    if fmt not in EXPORT_FORMATS:
+        raise InputError(f"There is no export format {str(fmt)[:40]!r}.",
+                         hint=f"Pick one of {', '.join(EXPORT_FORMATS)}.")
+    return fmt
+
+
 def export_lora(src: Path, dest_dir: Path, fmt: str, info: ExportInfo) -> Path:
     """Write the LoRA file ``src`` (the trainer's diffusers file) in ``fmt`` under ``dest_dir``, atomically."""
     from safetensors.torch import load_file, save_file
 
-    if fmt not in EXPORT_FORMATS:
-        raise InputError(f"There is no export format {fmt!r}.", hint=f"Pick one of {', '.join(EXPORT_FORMATS)}.")
+    check_format(fmt)
     src = Path(src)
     layout = LAYOUTS[fmt][info.family]
     dest = Path(dest_dir) / export_filename(fmt, info.family, info.trigger_word)

@@ -305,8 +305,7 @@ class LocalProvider(ProviderBase):
         from services.engine.card import export_filename, with_files
         from services.engine.config import config_from_json, resolve_family
 
-        if fmt not in lf.EXPORT_FORMATS:
-            raise InputError(f"There is no export format {fmt!r}.", hint=f"Pick one of {', '.join(lf.EXPORT_FORMATS)}.")
+        lf.check_format(fmt)
         if is_import_id(finetune_id):
             record = self.imports.get(finetune_id)
             src, dest_dir = self.imports.lora_path(finetune_id), self.imports.export_dir(finetune_id)
