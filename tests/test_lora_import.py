@@ -30,7 +30,7 @@ from services.providers.local.provider import LocalProvider  # noqa: E402
 from services.storage.owners import LOCAL_OWNER  # noqa: E402
 from services.studio import Studio  # noqa: E402
 from tests.imagefactory import training_zip  # noqa: E402
-from tests.tiny_finetune import studio_with_a_finetune  # noqa: E402
+from tests.tiny_finetune import studio, trained  # noqa: E402,F401 (fixtures)
 from tests.test_lora_formats import fake_hub, hf_job_repo, info, make_lora  # noqa: E402
 
 PROMPT = "TOK, a red ball"
@@ -57,23 +57,6 @@ def adapters_loaded() -> set[str]:
     for entry in list(infer._PIPES.values()):
         names |= lf.adapters_of(entry.pipe) | set(entry.adapters)
     return names
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A studio on the tiny FLUX.1 model with one ready local fine-tune (30 steps), recorded as Studio.launch
-    records it (launch itself takes 100 steps at least: too slow for a test)."""
-    with studio_with_a_finetune(tmp_path_factory.mktemp("lora-import"), "cupjob") as trained:
-        yield trained
-
-
-@pytest.fixture
-def studio(trained):
-    """The trained studio, its imports removed after each test."""
-    studio = trained[0]
-    yield studio
-    for lora in studio.imported_loras():
-        studio.delete_imported(lora)
 
 
 # --------------------------------------------------------------------------- export, and the round trip

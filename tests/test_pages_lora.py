@@ -20,27 +20,11 @@ from services.engine.models import FLUX1, TINY_FLUX1  # noqa: E402
 from services.providers.local.provider import LocalProvider  # noqa: E402
 from services.storage.owners import LOCAL_OWNER  # noqa: E402
 from services.studio import Studio  # noqa: E402
-from tests.tiny_finetune import studio_with_a_finetune  # noqa: E402
+from tests.tiny_finetune import studio, trained  # noqa: E402,F401 (fixtures)
 from tests.test_lora_formats import fake_hub, info, make_lora  # noqa: E402
 from tests.test_pages import Progress, build_pages  # noqa: E402
 
 HF_REPO = "alice/flux-studio-cup-v1"
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A studio with the local engine (tiny FLUX.1) and Hugging Face, and one ready local fine-tune
-    (30 steps, recorded as Studio.launch records it: launch itself takes 100 steps at least)."""
-    with studio_with_a_finetune(tmp_path_factory.mktemp("pages-lora"), "pagesjob") as trained:
-        yield trained
-
-
-@pytest.fixture
-def studio(trained):
-    studio = trained[0]
-    yield studio
-    for lora in studio.imported_loras():
-        studio.delete_imported(lora)
 
 
 @pytest.fixture

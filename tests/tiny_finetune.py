@@ -1,11 +1,16 @@
 """A studio on the tiny FLUX.1 model with one ready local fine-tune, for the tests of what is done with one
 (export, import, the pages' downloads). The run is 30 steps, recorded as ``Studio.launch`` records a job
-(launch itself takes 100 steps at least: too slow for a test)."""
+(launch itself takes 100 steps at least: too slow for a test).
+
+A test module imports the fixtures ``trained`` (one run per module) and ``studio`` (the trained studio, its
+imported LoRAs removed after each test)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+import pytest
 
 from services.config import Settings
 from services.providers.base import TrainRequest
@@ -35,3 +40,21 @@ def studio_with_a_finetune(root: Path, tag: str) -> Iterator[tuple[Studio, str, 
         yield studio, job.id, remote_id
     finally:
         studio.close()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, request):
+    """(studio, job id, fine-tune id) of one ready tiny fine-tune, trained once for the requesting module."""
+    # The module's name as the job's tag: each module's fine-tune is a LoRA of its own in the shared pipelines.
+    tag = request.module.__name__.rpartition(".")[2]
+    with studio_with_a_finetune(tmp_path_factory.mktemp("finetune"), tag) as trained:
+        yield trained
+
+
+@pytest.fixture
+def studio(trained):
+    """The trained studio, its imported LoRAs removed after each test."""
+    studio = trained[0]
+    yield studio
+    for lora in studio.imported_loras():
+        studio.delete_imported(lora)
